@@ -1,0 +1,341 @@
+"""The optimisation loop: `stylize(request, progress) -> Result`. It never touches files."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import color, losses
+from .errors import StylekitError
+from .features import FeatureExtractor, backbone_spec
+from .request import (
+    COLOR_MODES,
+    DEVICES,
+    INITS,
+    OPTIMIZERS,
+    POOLINGS,
+    PRECISIONS,
+    TARGET_ENGINES,
+    Progress,
+    ProgressCallback,
+    Result,
+    StyleOptions,
+    StyleRequest,
+)
+from .weights import Weights, resolve_weights
+
+
+def validate(options: StyleOptions) -> None:
+    """Refuse impossible option values up front, with a message naming the option."""
+    choices = {"optimizer": OPTIMIZERS, "init": INITS, "preserve_color": COLOR_MODES,
+               "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS,
+               "targets": TARGET_ENGINES}
+    for name, allowed in choices.items():
+        if getattr(options, name) not in allowed:
+            raise StylekitError(f"bad {name} '{getattr(options, name)}' "
+                                f"(choose from {', '.join(allowed)})")
+    try:
+        spec = backbone_spec(options.backbone)
+    except ValueError as exc:
+        raise StylekitError(str(exc)) from None
+    positive = {"steps": options.steps, "style_scale": options.style_scale,
+                "min_scale": options.min_scale, "learning_rate": options.learning_rate}
+    if options.size is not None:
+        positive["size"] = options.size
+    if options.scales is not None:
+        positive["scales"] = options.scales
+    for name, value in positive.items():
+        if not value > 0:
+            raise StylekitError(f"bad {name} {value} (must be greater than 0)")
+    for name in ("content_weight", "style_weight", "tv_weight"):
+        value = getattr(options, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise StylekitError(f"bad {name} {value} (must be a finite number ≥ 0)")
+    for layer in (options.content_layers or ()) + (options.style_layers or ()):
+        if layer not in spec.layers:
+            raise StylekitError(f"unknown layer '{layer}' for {options.backbone} "
+                                f"(e.g. {', '.join(spec.style_layers)})")
+    style_layers = options.style_layers or spec.style_layers
+    if options.style_layer_weights and len(options.style_layer_weights) != len(style_layers):
+        raise StylekitError(f"{len(options.style_layer_weights)} style layer weights given for "
+                            f"{len(style_layers)} style layers")
+
+
+def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
+                min_scale: int) -> list[tuple[int, int]]:
+    """Coarse-to-fine (width, height) pairs, halving the long side down to about min_scale."""
+    if scales is None:
+        scales = 1 + int(math.log2(long_side / min_scale)) if long_side >= 2 * min_scale else 1
+    sizes = []
+    for index in reversed(range(scales)):
+        side = max(16, round(long_side / 2**index))
+        ratio = side / max(width, height)
+        sizes.append((max(1, round(width * ratio)), max(1, round(height * ratio))))
+    return sizes
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision the network runs."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def precision(self) -> str:
+        """The precision's user-facing name."""
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        """Convolutions in reduced precision when asked; losses stay fp32 (see losses.py)."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def pick_runtime(device: str, precision: str) -> Runtime:
+    """Resolve `auto` choices: CUDA, then MPS, then CPU; bf16 on GPUs that support it, else fp32."""
+    if device == "auto":
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if torch.backends.mps.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StylekitError("--device cuda asked for, but no CUDA GPU is available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise StylekitError("--device mps asked for, but Apple's MPS is not available")
+    if precision == "auto":
+        precision = ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if dtype == torch.float16 and device == "cpu":
+        raise StylekitError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return Runtime(torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _weights(spec: str, backbone: str, file_stamp: tuple[int, int] | None) -> Weights:
+    """Resolve weights once per process (the server and hot folder stay warm this way)."""
+    return resolve_weights(spec, backbone, progress=sys.stderr.isatty())
+
+
+def weights_key(spec: str, backbone: str) -> tuple[str, str, tuple[int, int] | None]:
+    """Cache key for weights: a file given by path is re-read when it changes on disk."""
+    stamp = None
+    if spec not in ("auto", "imagenet") and not spec.startswith("random") and os.path.exists(spec):
+        info = os.stat(spec)
+        stamp = (info.st_mtime_ns, info.st_size)
+    return spec, backbone, stamp
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(key: tuple[str, str, tuple[int, int] | None], layers: tuple[str, ...],
+               pooling: str, device: torch.device) -> FeatureExtractor:
+    """One network per (weights, layers, pooling, device), kept warm."""
+    weights = _weights(*key)
+    return FeatureExtractor(weights.backbone, weights.state_dict, layers, pooling).to(device)
+
+
+def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """H×W×3 float array → 1×3×H×W tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+
+
+def to_array(image: torch.Tensor) -> np.ndarray:
+    """1×3×H×W tensor → H×W×3 float32 array in [0, 1]."""
+    return image[0].detach().clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+
+
+def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Antialiased bicubic resize (a no-op at the same size)."""
+    if image.shape[-2:] == (height, width):
+        return image
+    return F.interpolate(image, size=(height, width), mode="bicubic", antialias=True,
+                         align_corners=False).clamp(0, 1)
+
+
+def _fit_long_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
+    """Resize keeping the aspect ratio so the longer side is long_side."""
+    h, w = image.shape[-2:]
+    ratio = long_side / max(h, w)
+    return resize(image, max(1, round(w * ratio)), max(1, round(h * ratio)))
+
+
+@dataclass
+class _Losses:
+    content: torch.Tensor
+    style: torch.Tensor
+    tv: torch.Tensor
+    total: torch.Tensor
+
+
+def _evaluate(image: torch.Tensor, extractor: FeatureExtractor, runtime: Runtime,
+              content_targets: dict[str, torch.Tensor], style_targets: dict[str, torch.Tensor],
+              layer_weights: dict[str, float], options: StyleOptions) -> _Losses:
+    """The canonical total loss of one image against its targets."""
+    with runtime.autocast():
+        features = extractor(image)
+    content = losses.content_loss(features, content_targets).sum()
+    style = losses.style_loss(features, style_targets, layer_weights).sum()
+    tv = losses.tv_loss(image).sum()
+    total = options.content_weight * content + options.style_weight * style \
+        + options.tv_weight * tv
+    return _Losses(content, style, tv, total)
+
+
+def _targets(extractor: FeatureExtractor, runtime: Runtime, image: torch.Tensor,
+             layers: tuple[str, ...], grams: bool) -> dict[str, torch.Tensor]:
+    """Features (or their Grams) of a fixed image, computed once per scale."""
+    with torch.no_grad(), runtime.autocast():
+        features = extractor(image)
+    return {name: (losses.gram(features[name]) if grams else features[name].float())
+            for name in layers}
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes: the CUDA allocator's high-water mark on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _initial_image(request: StyleRequest, content: torch.Tensor,
+                   styles: list[torch.Tensor]) -> torch.Tensor:
+    """The first scale's starting point: content, noise, the first style, or a given image."""
+    _, _, h, w = content.shape
+    if request.init_image is not None:
+        return resize(to_tensor(request.init_image, content.device), w, h)
+    if request.options.init == "noise":
+        gen = torch.Generator().manual_seed(request.options.seed)
+        return torch.rand(content.shape, generator=gen).to(content.device)
+    if request.options.init == "style":
+        return resize(styles[0], w, h)
+    return content.clone()
+
+
+def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
+              report) -> int:
+    """Run one scale's optimiser for `steps` loss evaluations; returns how many were made."""
+    image.requires_grad_(True)
+    count = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal count
+        with torch.no_grad():
+            image.clamp_(0, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss = evaluate(image).total
+        loss.backward()
+        count += 1
+        report(count, loss.detach())
+        return loss
+
+    if options.optimizer == "lbfgs":
+        optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=steps, max_eval=steps,
+                                      history_size=50, tolerance_grad=0.0, tolerance_change=0.0)
+        while count < steps:
+            before = count
+            optimizer.step(closure)
+            if count == before:
+                break
+    else:
+        optimizer = torch.optim.Adam([image], lr=options.learning_rate)
+        while count < steps:
+            optimizer.step(closure)
+    with torch.no_grad():
+        image.clamp_(0, 1)
+    image.requires_grad_(False)
+    return count
+
+
+def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> Result:
+    """Gatys et al. style transfer of request.content towards request.styles, coarse to fine.
+
+    `progress` gets a Progress after every loss evaluation; raising errors.Cancelled there stops.
+    """
+    options = request.options
+    validate(options)
+    if not request.styles:
+        raise StylekitError("at least one style image is needed")
+    blend = options.style_blend or tuple(1.0 for _ in request.styles)
+    if len(blend) != len(request.styles) or min(blend) < 0 or sum(blend) <= 0:
+        raise StylekitError(f"--style-blend needs {len(request.styles)} weights ≥ 0, not all 0")
+    started = time.perf_counter()
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    runtime = pick_runtime(options.device, options.precision)
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    key = weights_key(options.weights, options.backbone)
+    weights = _weights(*key)
+    spec = backbone_spec(options.backbone)
+    content_layers = options.content_layers or spec.content_layers
+    style_layers = options.style_layers or spec.style_layers
+    layer_weights = dict(zip(style_layers, options.style_layer_weights
+                             or [1.0] * len(style_layers), strict=True))
+    extractor = _extractor(key, tuple(dict.fromkeys(content_layers + style_layers)),
+                           options.pooling, runtime.device)
+
+    content_full = to_tensor(request.content, runtime.device)
+    height, width = content_full.shape[-2:]
+    long_side = options.size or max(height, width)
+    sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
+    style_full = [to_tensor(style, runtime.device) for style in request.styles]
+    if options.preserve_color == "histogram":
+        style_full = [color.match_color_statistics(s, content_full) for s in style_full]
+    total_steps = options.steps * len(sizes)
+    done = 0
+    last_loss: float | None = None
+
+    def emit(stage: str, scale: int, size: tuple[int, int]) -> None:
+        if progress:
+            progress(Progress(stage, scale, len(sizes), size[0], size[1], done, total_steps,
+                              last_loss, time.perf_counter() - started))
+
+    image: torch.Tensor | None = None
+    for scale, (w, h) in enumerate(sizes, start=1):
+        emit("prepare", scale, (w, h))
+        content = resize(content_full, w, h)
+        styles = [_fit_long_side(s, max(1, round(max(w, h) * options.style_scale)))
+                  for s in style_full]
+        content_targets = _targets(extractor, runtime, content, content_layers, grams=False)
+        style_targets = losses.blend_grams(
+            [_targets(extractor, runtime, s, style_layers, grams=True) for s in styles], blend)
+        image = _initial_image(request, content, styles) if image is None \
+            else resize(image, w, h)
+
+        def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets) -> _Losses:
+            return _evaluate(x, extractor, runtime, ct, st, layer_weights, options)
+
+        def report(count: int, loss: torch.Tensor, base=done, size=(w, h), index=scale) -> None:
+            nonlocal done, last_loss
+            done, last_loss = base + count, float(loss)
+            emit("optimise", index, size)
+
+        image = image.detach().clone()
+        base = done
+        done = base + _optimise(image, evaluate, options.steps, options, report)
+    assert image is not None
+    with torch.no_grad():
+        final = evaluate(image)
+    output = image
+    if options.preserve_color == "luminance":
+        output = color.keep_content_chroma(image, resize(content_full, *sizes[-1]))
+    emit("done", len(sizes), sizes[-1])
+    warnings = (weights.warning,) if weights.warning else ()
+    return Result(
+        image=to_array(output), seconds=time.perf_counter() - started, iterations=done,
+        content_loss=float(final.content), style_loss=float(final.style),
+        tv_loss=float(final.tv), total_loss=float(final.total), device=str(runtime.device),
+        precision=runtime.precision, width=sizes[-1][0], height=sizes[-1][1],
+        peak_memory_bytes=_peak_memory(runtime.device), weights=weights.description,
+        targets=options.targets, options=options, warnings=warnings)
+

@@ -1,0 +1,142 @@
+"""Backbone networks as named-layer feature extractors (VGG19, VGG16, ResNet-50 from torchvision).
+
+This module knows networks and tensors only: no files, no downloads (see weights.py for those).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the engine needs to know about a backbone: its layer names and default layer sets."""
+
+    name: str
+    layers: tuple[str, ...]
+    content_layers: tuple[str, ...]
+    style_layers: tuple[str, ...]
+
+
+def _vgg_layer_names(cfg: list) -> list[str]:
+    """Name every module of torchvision's VGG `features` the way the style-transfer papers do."""
+    names: list[str] = []
+    block, index = 1, 1
+    for item in cfg:
+        if item == "M":
+            names.append(f"pool{block}")
+            block, index = block + 1, 1
+        else:
+            names += [f"conv{block}_{index}", f"relu{block}_{index}"]
+            index += 1
+    return names
+
+
+_VGG_CFG = {"vgg19": torchvision.models.vgg.cfgs["E"], "vgg16": torchvision.models.vgg.cfgs["D"]}
+_RESNET_LAYERS = ("conv1", "relu", "pool", "layer1", "layer2", "layer3", "layer4")
+_GATYS_STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg19": BackboneSpec("vgg19", tuple(_vgg_layer_names(_VGG_CFG["vgg19"])), ("relu4_2",),
+                          _GATYS_STYLE),
+    "vgg16": BackboneSpec("vgg16", tuple(_vgg_layer_names(_VGG_CFG["vgg16"])), ("relu4_2",),
+                          _GATYS_STYLE),
+    "resnet50": BackboneSpec("resnet50", _RESNET_LAYERS, ("layer2",),
+                             ("relu", "layer1", "layer2", "layer3")),
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """Look a backbone up by name, with the list of valid names in the error."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})") from None
+
+
+def build_network(backbone: str) -> nn.Module:
+    """The torchvision definition without its classifier (saves ~500 MiB for VGG), untrained."""
+    if backbone in _VGG_CFG:
+        model = nn.Module()
+        model.features = torchvision.models.vgg.make_layers(_VGG_CFG[backbone], batch_norm=False)
+        return model
+    if backbone == "resnet50":
+        model = torchvision.models.resnet50(weights=None)
+        model.fc = nn.Identity()
+        return model
+    backbone_spec(backbone)
+    raise AssertionError("unreachable")
+
+
+def network_state_keys(backbone: str) -> dict[str, torch.Size]:
+    """The parameter and buffer names and shapes a weights file must provide for `backbone`."""
+    return {k: v.shape for k, v in build_network(backbone).state_dict().items()}
+
+
+def _named_stages(model: nn.Module, backbone: str) -> list[tuple[str, nn.Module]]:
+    """The network as an ordered list of (layer name, module) pairs."""
+    if backbone in _VGG_CFG:
+        return list(zip(BACKBONES[backbone].layers, model.features, strict=True))
+    stem = nn.Sequential(model.conv1, model.bn1)
+    return [("conv1", stem), ("relu", model.relu), ("pool", model.maxpool),
+            ("layer1", model.layer1), ("layer2", model.layer2), ("layer3", model.layer3),
+            ("layer4", model.layer4)]
+
+
+class FeatureExtractor(nn.Module):
+    """Maps images in [0, 1] (N×3×H×W, RGB) to a dict of raw activations at the named layers.
+
+    ImageNet normalisation happens inside so callers never have to remember it, and the network is
+    cut after the deepest requested layer so no work is wasted on layers nobody reads.
+    """
+
+    def __init__(self, backbone: str, state_dict: dict[str, torch.Tensor],
+                 layers: Iterable[str], pooling: str = "max") -> None:
+        super().__init__()
+        spec = backbone_spec(backbone)
+        self.layers = tuple(dict.fromkeys(layers))
+        unknown = [name for name in self.layers if name not in spec.layers]
+        if unknown:
+            raise ValueError(f"unknown layer '{unknown[0]}' for {backbone} "
+                             f"(valid: {', '.join(spec.layers)})")
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"unknown pooling '{pooling}' (choose max or avg)")
+        model = build_network(backbone)
+        model.load_state_dict(state_dict, strict=True)
+        cut = max(spec.layers.index(name) for name in self.layers) + 1
+        stages = _named_stages(model, backbone)[:cut]
+        self.names = [name for name, _ in stages]
+        self.stages = nn.ModuleList(_with_pooling(module, pooling) for _, module in stages)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+        for module in self.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the network once and keep only the requested activations."""
+        x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        wanted = set(self.layers)
+        out: dict[str, torch.Tensor] = {}
+        for name, stage in zip(self.names, self.stages, strict=True):
+            x = stage(x)
+            if name in wanted:
+                out[name] = x
+        return out
+
+
+def _with_pooling(module: nn.Module, pooling: str) -> nn.Module:
+    """Swap max pooling for average pooling (Gatys found it gives smoother results)."""
+    if pooling == "avg" and isinstance(module, nn.MaxPool2d):
+        return nn.AvgPool2d(module.kernel_size, module.stride, module.padding,
+                            ceil_mode=module.ceil_mode)
+    return module

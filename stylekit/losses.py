@@ -1,0 +1,48 @@
+"""The canonical Gatys et al. loss terms, each a small function of tensors.
+
+Grams and losses are always computed in float32, whatever precision produced the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """G = F Fᵀ / (C·H·W) per image (N×C×C), so Grams compare across layer sizes."""
+    n, c, h, w = features.shape
+    flat = features.float().reshape(n, c, h * w)
+    return flat @ flat.transpose(1, 2) / (c * h * w)
+
+
+def content_loss(features: Mapping[str, torch.Tensor],
+                 targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared feature difference, summed over the content layers (per image: N values)."""
+    terms = [(features[name].float() - target.float()).pow(2).flatten(1).mean(1)
+             for name, target in targets.items()]
+    return torch.stack(terms).sum(0)
+
+
+def style_loss(features: Mapping[str, torch.Tensor], target_grams: Mapping[str, torch.Tensor],
+               layer_weights: Mapping[str, float]) -> torch.Tensor:
+    """Weighted sum over style layers of the mean squared Gram difference (per image: N values)."""
+    terms = [layer_weights[name] * (gram(features[name]) - target.float()).pow(2).flatten(1).mean(1)
+             for name, target in target_grams.items()]
+    return torch.stack(terms).sum(0)
+
+
+def tv_loss(image: torch.Tensor) -> torch.Tensor:
+    """Total variation: mean squared difference of neighbouring pixels (per image: N values)."""
+    dy = (image[:, :, 1:, :] - image[:, :, :-1, :]).float().pow(2).flatten(1).mean(1)
+    dx = (image[:, :, :, 1:] - image[:, :, :, :-1]).float().pow(2).flatten(1).mean(1)
+    return dx + dy
+
+
+def blend_grams(grams: Sequence[Mapping[str, torch.Tensor]],
+                blend: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of several styles' Grams: same gradient as the weighted sum of their losses."""
+    total = float(sum(blend))
+    return {name: sum(w / total * g[name] for w, g in zip(blend, grams, strict=True))
+            for name in grams[0]}

@@ -1,0 +1,123 @@
+"""The one request/result vocabulary shared by the CLI, presets, server, GIMP plug-in and hot folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+OPTIMIZERS = ("lbfgs", "adam")
+INITS = ("content", "noise", "style")
+COLOR_MODES = ("none", "luminance", "histogram")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+POOLINGS = ("max", "avg")
+TARGET_ENGINES = ("onnx", "torch")
+
+
+@dataclass(frozen=True)
+class StyleOptions:
+    """Every engine knob, with the defaults a user gets; presets and CLI flags override by name."""
+
+    size: int | None = 512  # long side of the output in pixels; None keeps the content's size
+    steps: int = 200  # loss evaluations at the finest scale (coarser scales get the same budget)
+    optimizer: str = "lbfgs"
+    init: str = "content"  # content | noise | style (an init image goes in StyleRequest.init_image)
+    content_weight: float = 1.0
+    style_weight: float = 1e6
+    tv_weight: float = 10.0
+    content_layers: tuple[str, ...] | None = None  # None: the backbone's default
+    style_layers: tuple[str, ...] | None = None
+    style_layer_weights: tuple[float, ...] | None = None  # None: 1 for every style layer
+    style_blend: tuple[float, ...] | None = None  # None: equal weights over the style images
+    style_scale: float = 1.0  # style image long side relative to the output's
+    preserve_color: str = "none"
+    scales: int | None = None  # number of coarse-to-fine scales; None picks from the size
+    min_scale: int = 128  # long side of the coarsest scale when scales is None
+    learning_rate: float = 0.02  # Adam only, in pixel units of a [0, 1] image
+    weights: str = "auto"
+    backbone: str = "vgg19"
+    pooling: str = "max"
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    targets: str = "torch"
+
+    def replace(self, **changes: object) -> StyleOptions:
+        """A copy with some options changed, refusing unknown names."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown option '{unknown[0]}'")
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain values for JSON reports and image metadata."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class StyleRequest:
+    """Pixels in, options set: images are float32 H×W×3 arrays in [0, 1] (see image.load_image)."""
+
+    content: np.ndarray
+    styles: Sequence[np.ndarray]
+    options: StyleOptions = field(default_factory=StyleOptions)
+    init_image: np.ndarray | None = None
+    style_key: str | None = None  # a stable name for the styles (a preset) to key target caches
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot handed to the progress callback after each loss evaluation."""
+
+    stage: str  # "prepare", "optimise" or "done"
+    scale: int  # 1-based index of the current scale
+    scales: int
+    width: int
+    height: int
+    iteration: int  # loss evaluations done so far, all scales
+    total: int  # loss evaluations planned, all scales
+    loss: float | None
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of the planned work done, 0–1, for progress bars."""
+        return min(1.0, self.iteration / self.total) if self.total else 0.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Result:
+    """The stylised pixels plus what a report, a log line or image metadata needs to say."""
+
+    image: np.ndarray  # float32 H×W×3 in [0, 1]
+    seconds: float
+    iterations: int
+    content_loss: float
+    style_loss: float
+    tv_loss: float
+    total_loss: float
+    device: str
+    precision: str
+    width: int
+    height: int
+    peak_memory_bytes: int
+    weights: str
+    targets: str
+    options: StyleOptions
+    warnings: tuple[str, ...] = ()
+
+    def report(self) -> dict[str, object]:
+        """The JSON-ready summary that `--report` writes and the server returns."""
+        return {"seconds": round(self.seconds, 4), "iterations": self.iterations,
+                "content_loss": self.content_loss, "style_loss": self.style_loss,
+                "tv_loss": self.tv_loss, "total_loss": self.total_loss, "device": self.device,
+                "precision": self.precision, "size": [self.width, self.height],
+                "peak_memory_bytes": self.peak_memory_bytes, "weights": self.weights,
+                "targets": self.targets, "warnings": list(self.warnings),
+                "options": self.options.as_dict()}

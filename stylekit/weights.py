@@ -1,0 +1,287 @@
+"""Where a backbone's weights come from: torchvision's ImageNet files, a user's file, or seeded random.
+
+`--weights auto|imagenet|random|random:SEED|PATH` is resolved here into a plain state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import torch
+import torchvision
+
+from .errors import StylekitError
+from .features import FeatureExtractor, backbone_spec, build_network, network_state_keys
+
+IMAGENET_WEIGHTS = {
+    "vgg19": torchvision.models.VGG19_Weights.IMAGENET1K_V1,
+    "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+}
+RANDOM_FLOOR = 0.1  # dead random channels are floored at this share of the layer's median
+RANDOM_TARGET_MEAN = 1.0  # Gatys: every channel's mean activation over natural images is 1
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A resolved weights choice: the tensors plus what to tell the user about where they came from."""
+
+    backbone: str
+    state_dict: dict[str, torch.Tensor]
+    source: str  # "imagenet", "random" or "file"
+    description: str
+    sha256: str | None = None
+    warning: str | None = None
+
+
+def cache_dir() -> Path:
+    """stylekit's own cache folder (STYLEKIT_CACHE_DIR overrides the platform default)."""
+    return Path(os.environ.get("STYLEKIT_CACHE_DIR") or platformdirs.user_cache_dir("stylekit"))
+
+
+def imagenet_file_name(backbone: str) -> str:
+    """torchvision's file name, whose hash prefix torch.hub verifies on download."""
+    return os.path.basename(IMAGENET_WEIGHTS[backbone].url)
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where torch's normal hub cache keeps the ImageNet file (TORCH_HOME is honoured)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_file_name(backbone)
+
+
+def imported_path(backbone: str) -> Path:
+    """Where `stylekit weights import` keeps a user-supplied file that is not torchvision's own."""
+    return cache_dir() / "weights" / f"imported-{backbone}.pth"
+
+
+def sha256_of(path: Path) -> str:
+    """Stream a file through SHA-256 (weights files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .pth file safely (tensors only, no pickled code)."""
+    if not path.is_file():
+        raise StylekitError(f"weights file '{path}' not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StylekitError(f"'{path}' is not a torchvision weights file ({reason[:120]})") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise StylekitError(f"'{path}' is not a torchvision weights file (no state dict inside)")
+    return data
+
+
+def check_state_dict(data: dict[str, torch.Tensor], backbone: str, origin: str) -> dict:
+    """Keep the backbone's keys, refusing a file with a missing key or a wrong shape."""
+    checked = {}
+    for key, shape in network_state_keys(backbone).items():
+        if key not in data:
+            raise StylekitError(f"'{origin}' is not a {backbone} weights file (no key '{key}')")
+        if data[key].shape != shape:
+            raise StylekitError(f"'{origin}' is not a {backbone} weights file ('{key}' has shape "
+                                f"{tuple(data[key].shape)}, expected {tuple(shape)})")
+        checked[key] = data[key].float()
+    return checked
+
+
+def detect_backbone(data: dict[str, torch.Tensor], origin: str) -> str:
+    """Tell which backbone a state dict belongs to, by its keys and shapes."""
+    for name in IMAGENET_WEIGHTS:
+        try:
+            check_state_dict(data, name, origin)
+        except StylekitError:
+            continue
+        return name
+    raise StylekitError(f"'{origin}' is not a VGG19, VGG16 or ResNet-50 weights file in "
+                        "torchvision's format (features.N.weight/bias keys)")
+
+
+def load_weights_file(path: str | os.PathLike, backbone: str) -> Weights:
+    """A user's file, used exactly as given: no rescaling, so the loss stays canonical."""
+    path = Path(path)
+    state = check_state_dict(_read_state_dict(path), backbone, str(path))
+    return Weights(backbone, state, "file", f"file {path}", sha256_of(path))
+
+
+def download_imagenet(backbone: str, progress: bool = True) -> Path:
+    """Fetch torchvision's file into torch's cache with a progress bar and its checksum verified."""
+    url = IMAGENET_WEIGHTS[backbone].url
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True,
+                                           map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise StylekitError(
+            f"ImageNet {backbone} weights are not cached and could not be downloaded ({reason}); "
+            f"copy {imagenet_file_name(backbone)} here and run `stylekit weights import FILE`, "
+            "or use --weights random") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+    return imagenet_cache_path(backbone)
+
+
+def _cached_imagenet(backbone: str) -> Weights | None:
+    """The ImageNet weights from torch's cache or from an earlier `weights import`, if present."""
+    for path in (imagenet_cache_path(backbone), imported_path(backbone)):
+        if path.is_file():
+            digest = sha256_of(path)
+            expected = _expected_digest(path)
+            if expected and not digest.startswith(expected):
+                raise StylekitError(f"cached weights '{path}' are corrupt (checksum {digest[:12]} "
+                                    f"does not match {expected[:12]}); delete it and try again")
+            state = check_state_dict(_read_state_dict(path), backbone, str(path))
+            return Weights(backbone, state, "imagenet", f"imagenet ({path})", digest)
+    return None
+
+
+def _expected_digest(path: Path) -> str | None:
+    """The checksum a cached file must have: torchvision's name prefix, or the one saved on import."""
+    sidecar = path.with_suffix(".sha256")
+    if sidecar.is_file():
+        return sidecar.read_text().strip()
+    stem = path.stem.rsplit("-", 1)
+    return stem[1] if len(stem) == 2 and stem[0] != "imported" else None
+
+
+def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
+    """Check a torchvision-format file and copy it into the cache so `imagenet` finds it offline."""
+    source = Path(file)
+    backbone = detect_backbone(_read_state_dict(source), str(source))
+    digest = sha256_of(source)
+    official = imagenet_file_name(backbone).rsplit("-", 1)[1].split(".")[0]
+    target = imagenet_cache_path(backbone) if digest.startswith(official) else imported_path(backbone)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".import-", delete=False) as tmp:
+        with open(source, "rb") as handle:
+            shutil.copyfileobj(handle, tmp)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, target)
+    if target == imported_path(backbone):
+        target.with_suffix(".sha256").write_text(digest + "\n")
+    return backbone, target
+
+
+def weights_status() -> list[dict[str, str]]:
+    """One row per backbone: where its ImageNet weights are, or that they are missing."""
+    rows = []
+    for backbone in IMAGENET_WEIGHTS:
+        found = [p for p in (imagenet_cache_path(backbone), imported_path(backbone)) if p.is_file()]
+        rows.append({"backbone": backbone, "state": "cached" if found else "missing",
+                     "path": str(found[0] if found else imagenet_cache_path(backbone))})
+    return rows
+
+
+def calibration_images(count: int = 8, size: int = 96, seed: int = 0) -> torch.Tensor:
+    """Synthetic natural-looking images (smooth colour fields, edges, texture) to calibrate on."""
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    images = []
+    for _ in range(count):
+        image = torch.zeros(3, size, size)
+        for _ in range(4):  # low-frequency colour waves
+            freq, phase = torch.rand(2, generator=gen) * torch.tensor([8.0, 6.28])
+            angle = torch.rand(1, generator=gen) * 3.1416
+            wave = torch.sin(freq * (xs * torch.cos(angle) + ys * torch.sin(angle)) * 6.28 + phase)
+            image += torch.rand(3, 1, 1, generator=gen) * wave
+        for _ in range(6):  # flat rectangles give hard edges
+            x0, y0 = (torch.rand(2, generator=gen) * size * 0.8).long().tolist()
+            w, h = (torch.rand(2, generator=gen) * size * 0.4 + 4).long().tolist()
+            image[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=gen) * 2 - 1
+        image += 0.15 * torch.randn(3, size, size, generator=gen)  # fine texture
+        image = (image - image.amin()) / (image.amax() - image.amin())
+        images.append(image)
+    return torch.stack(images)
+
+
+def random_state_dict(backbone: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded untrained network in torchvision's format, rescaled to be usable for style transfer.
+
+    Convolutions get Kaiming (fan-in) normal weights and zero biases, the variant measured most robust
+    here. For VGG, each ReLU channel is then rescaled to mean activation RANDOM_TARGET_MEAN over
+    calibration images (Gatys' normalisation), with near-dead channels floored at RANDOM_FLOOR × the
+    layer median so they cannot dominate the Gram loss; the inverse scale is folded into the next
+    convolution's inputs, so deeper layers compute the same function up to their own scale.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    network = build_network(backbone)
+    state = network.state_dict()
+    for key, tensor in state.items():
+        if key.endswith("weight") and tensor.dim() == 4:
+            fan_in = tensor[0].numel()
+            state[key] = torch.randn(tensor.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        elif key.endswith("bias") and key.startswith("features."):
+            state[key] = torch.zeros_like(tensor)
+    if backbone.startswith("vgg"):
+        _normalise_vgg(backbone, state)
+    return state
+
+
+def _normalise_vgg(backbone: str, state: dict[str, torch.Tensor]) -> None:
+    """Rescale every VGG ReLU channel to the target mean activation (in place, function-preserving)."""
+    relus = [name for name in backbone_spec(backbone).layers if name.startswith("relu")]
+    extractor = FeatureExtractor(backbone, state, relus)
+    with torch.no_grad():
+        features = extractor(calibration_images())
+    conv_keys = [key[:-len(".weight")] for key, t in state.items()
+                 if key.endswith(".weight") and t.dim() == 4]
+    previous = None
+    for relu, conv in zip(relus, conv_keys, strict=True):
+        means = features[relu].mean(dim=(0, 2, 3)).double()
+        scale = RANDOM_TARGET_MEAN / means.clamp_min(RANDOM_FLOOR * means.median())
+        weight = state[f"{conv}.weight"].double() * scale.view(-1, 1, 1, 1)
+        if previous is not None:
+            weight /= previous.view(1, -1, 1, 1)
+        state[f"{conv}.weight"] = weight.float()
+        state[f"{conv}.bias"] = (state[f"{conv}.bias"].double() * scale).float()
+        previous = scale
+
+
+def resolve_weights(spec: str, backbone: str = "vgg19", *, progress: bool = True) -> Weights:
+    """Turn a `--weights` value into tensors, downloading only when `imagenet` or `auto` allows it."""
+    backbone_spec(backbone)
+    if spec == "random" or spec.startswith("random:"):
+        seed_text = spec.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise StylekitError(f"bad --weights '{spec}' (random:SEED needs a whole number)")
+        seed = int(seed_text)
+        return Weights(backbone, random_state_dict(backbone, seed), "random",
+                       f"random (seed {seed})")
+    if spec in ("imagenet", "auto"):
+        cached = _cached_imagenet(backbone)
+        if cached:
+            return cached
+        try:
+            download_imagenet(backbone, progress=progress)
+        except StylekitError as exc:
+            if spec == "imagenet":
+                raise
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fallback = resolve_weights("random", backbone)
+            note = (f"ImageNet weights unavailable ({str(exc).split('(')[1].split(')')[0]}); "
+                    "using seeded random weights: results are mostly colour and fine texture. "
+                    "Run `stylekit weights download` or `stylekit weights import FILE`.")
+            return Weights(backbone, fallback.state_dict, "random", fallback.description,
+                           warning=note)
+        cached = _cached_imagenet(backbone)
+        assert cached is not None
+        return cached
+    return load_weights_file(spec, backbone)
