@@ -1,0 +1,13 @@
+"""stylekit: neural style transfer (Gatys et al.) as everyday software.
+
+The one entry point is `stylize(request, progress=callback) -> Result`; everything else is a shell.
+"""
+
+__version__ = "0.1.0"
+
+from .engine import stylize
+from .errors import Cancelled, StylekitError
+from .request import Progress, Result, StyleOptions, StyleRequest
+
+__all__ = ["Cancelled", "Progress", "Result", "StyleOptions", "StyleRequest", "StylekitError",
+           "__version__", "stylize"]

@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from .request import (
     StyleRequest,
 )
 from .weights import Weights, resolve_weights
+
+DEFAULT_LONG_SIDE = 512  # without --size, larger images are scaled down to this; smaller ones kept
 
 
 def validate(options: StyleOptions) -> None:
@@ -145,7 +148,7 @@ def _extractor(key: tuple[str, str, tuple[int, int] | None], layers: tuple[str, 
 
 def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """H×W×3 float array → 1×3×H×W tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device).contiguous()
 
 
 def to_array(image: torch.Tensor) -> np.ndarray:
@@ -190,13 +193,21 @@ def _evaluate(image: torch.Tensor, extractor: FeatureExtractor, runtime: Runtime
     return _Losses(content, style, tv, total)
 
 
-def _targets(extractor: FeatureExtractor, runtime: Runtime, image: torch.Tensor,
-             layers: tuple[str, ...], grams: bool) -> dict[str, torch.Tensor]:
-    """Features (or their Grams) of a fixed image, computed once per scale."""
-    with torch.no_grad(), runtime.autocast():
-        features = extractor(image)
-    return {name: (losses.gram(features[name]) if grams else features[name].float())
-            for name in layers}
+TargetFn = Callable[[torch.Tensor, tuple[str, ...], tuple[str, ...]], dict[str, torch.Tensor]]
+"""Forward-only pass for fixed images: (image, feature layers, Gram layers) → {layer: features,
+"gram_<layer>": Gram}, float32 on the image's device. Implemented by torch here and by ONNX."""
+
+
+def torch_targets(extractor: FeatureExtractor, runtime: Runtime) -> TargetFn:
+    """Targets from the torch extractor itself (the reference the ONNX path is tested against)."""
+    def compute(image: torch.Tensor, feature_layers: tuple[str, ...],
+                gram_layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), runtime.autocast():
+            features = extractor(image)
+        out = {name: features[name].float() for name in feature_layers}
+        out.update({f"gram_{name}": losses.gram(features[name]) for name in gram_layers})
+        return out
+    return compute
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -284,9 +295,10 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
     extractor = _extractor(key, tuple(dict.fromkeys(content_layers + style_layers)),
                            options.pooling, runtime.device)
 
+    compute_targets = torch_targets(extractor, runtime)
     content_full = to_tensor(request.content, runtime.device)
     height, width = content_full.shape[-2:]
-    long_side = options.size or max(height, width)
+    long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
     style_full = [to_tensor(style, runtime.device) for style in request.styles]
     if options.preserve_color == "histogram":
@@ -306,9 +318,10 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
         content = resize(content_full, w, h)
         styles = [_fit_long_side(s, max(1, round(max(w, h) * options.style_scale)))
                   for s in style_full]
-        content_targets = _targets(extractor, runtime, content, content_layers, grams=False)
+        content_targets = compute_targets(content, content_layers, ())
         style_targets = losses.blend_grams(
-            [_targets(extractor, runtime, s, style_layers, grams=True) for s in styles], blend)
+            [{name: grams[f"gram_{name}"] for name in style_layers}
+             for grams in (compute_targets(s, (), style_layers) for s in styles)], blend)
         image = _initial_image(request, content, styles) if image is None \
             else resize(image, w, h)
 

@@ -174,7 +174,7 @@ def _open_image(source: str | os.PathLike[str] | bytes, label: str) -> Iterator[
                 with Image.open(stream) as im:
                     yield im
         except UnidentifiedImageError:
-            raise ImageError(f"{label} is not an image in a format Pillow can read") from None
+            raise ImageError(f"{label} is not an image stylekit can read") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError(f"image {label} is too large to decode safely ({e})") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -182,7 +182,7 @@ def _open_image(source: str | os.PathLike[str] | bytes, label: str) -> Iterator[
 
 
 def _split_alpha(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
-    """Separate transparency (alpha band or transparent colour) from colour so each converts alone."""
+    """Split transparency (alpha band or transparent colour) from colour so each converts alone."""
     if "transparency" in im.info and im.mode in _GREY16_MODES:
         alpha = np.asarray(im) != im.info["transparency"]
         return im, alpha.astype(np.float32)
@@ -215,7 +215,7 @@ def _rgb_array(im: Image.Image, icc: bytes | None, label: str) -> np.ndarray:
 
 
 def _icc_to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
-    """Apply an embedded RGB/grey/CMYK profile; a broken or mismatched one leaves values as they are."""
+    """Apply an embedded RGB/grey/CMYK profile; a broken or mismatched one changes nothing."""
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if profile.profile.xcolor_space != _ICC_SPACES[im.mode]:

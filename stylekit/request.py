@@ -20,7 +20,7 @@ TARGET_ENGINES = ("onnx", "torch")
 class StyleOptions:
     """Every engine knob, with the defaults a user gets; presets and CLI flags override by name."""
 
-    size: int | None = 512  # long side of the output in pixels; None keeps the content's size
+    size: int | None = None  # long side of the output; None: the content's, at most 512
     steps: int = 200  # loss evaluations at the finest scale (coarser scales get the same budget)
     optimizer: str = "lbfgs"
     init: str = "content"  # content | noise | style (an init image goes in StyleRequest.init_image)

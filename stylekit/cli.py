@@ -1,0 +1,229 @@
+"""The `stylekit` command line: a thin shell over image.load_image → engine.stylize → image.save_image."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .engine import stylize
+from .errors import StylekitError
+from .image import load_image, output_format, save_image
+from .progress import json_lines, progress_bar
+from .request import COLOR_MODES, DEVICES, OPTIMIZERS, POOLINGS, PRECISIONS, StyleOptions, StyleRequest
+from .weights import download_imagenet, import_weights, weights_status
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """Parse '0.7,0.3' into floats, with an error naming the option."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers",
+                                 param_hint=what) from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """Parse 'relu1_1,relu2_1' into a tuple of layer names."""
+    return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def engine_options(function):
+    """The engine flags shared by every command that runs stylize() (apply, watch, batch)."""
+    decorators = [
+        click.option("--size", type=click.IntRange(min=16), help="Long side of the output in pixels."),
+        click.option("--steps", type=click.IntRange(min=1), help="Loss evaluations per scale."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
+        click.option("--init", "init", metavar="content|noise|style|FILE",
+                     help="Starting image (default: content)."),
+        click.option("--content-weight", type=click.FloatRange(min=0)),
+        click.option("--style-weight", type=click.FloatRange(min=0)),
+        click.option("--tv-weight", type=click.FloatRange(min=0)),
+        click.option("--content-layers", help="Comma-separated layer names, e.g. relu4_2."),
+        click.option("--style-layers", help="Comma-separated, e.g. relu1_1,relu2_1,relu3_1."),
+        click.option("--style-layer-weights", help="One weight per style layer, comma-separated."),
+        click.option("--style-blend", help="One weight per --style image, e.g. 0.7,0.3."),
+        click.option("--style-scale", type=click.FloatRange(min=0.05, max=8)),
+        click.option("--preserve-color", type=click.Choice(COLOR_MODES)),
+        click.option("--scales", type=click.IntRange(min=1), help="Coarse-to-fine scales (default by size)."),
+        click.option("--weights", metavar="auto|imagenet|random|PATH", help="Weights (default auto)."),
+        click.option("--backbone", type=click.Choice(["vgg19", "vgg16", "resnet50"])),
+        click.option("--pooling", type=click.Choice(POOLINGS)),
+        click.option("--device", type=click.Choice(DEVICES)),
+        click.option("--precision", type=click.Choice(PRECISIONS)),
+        click.option("--seed", type=int, help="Seed for noise init and random weights (default 0)."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def options_from_flags(base: StyleOptions, flags: dict) -> tuple[StyleOptions, str | None]:
+    """Apply the flags the user gave (None = not given) over base; returns options and an init file."""
+    init = flags.pop("init", None)
+    init_file = None
+    if init is not None and init not in ("content", "noise", "style"):
+        init_file, init = init, "content"
+    changes = {k: v for k, v in flags.items() if v is not None}
+    for key in ("content_layers", "style_layers"):
+        if key in changes:
+            changes[key] = _names(changes[key])
+    for key in ("style_layer_weights", "style_blend"):
+        if key in changes:
+            changes[key] = _floats(changes[key], "--" + key.replace("_", "-"))
+    if init is not None:
+        changes["init"] = init
+    return base.replace(**changes), init_file
+
+
+def _check_output(output: Path, inputs: list[str]) -> None:
+    """Refuse an output that cannot be written or would overwrite an input, before any work."""
+    output_format(output)
+    if not output.parent.is_dir():
+        raise StylekitError(f"output folder '{output.parent}' does not exist")
+    for source in inputs:
+        if output.exists() and os.path.exists(source) and os.path.samefile(output, source):
+            raise StylekitError(f"output '{output}' is the input '{source}'; choose another name")
+
+
+def _warn(message: str) -> None:
+    click.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    """Write JSON to a temporary name and rename it, so a report is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="stylekit")
+def cli() -> None:
+    """stylekit: neural style transfer (Gatys et al.) for people who edit images."""
+
+
+@cli.command()
+@click.argument("content", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--style", "styles", multiple=True, type=click.Path(dir_okay=False),
+              help="Style image; repeat for several (see --style-blend).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file: .png, .jpg, .webp or .tif.")
+@engine_options
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]),
+              default="auto", show_default=True, help="auto: a bar on a terminal, nothing otherwise.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a JSON report (time, iterations, losses, device, memory).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def apply(content: Path, styles: tuple[str, ...], output: Path, progress_mode: str,
+          report: Path | None, debug: bool, **flags: object) -> None:
+    """Stylise CONTENT with one or more --style images and write -o OUTPUT.
+
+    Example: stylekit apply photo.jpg --style painting.jpg -o out.png
+    """
+    if not styles:
+        raise click.UsageError("give at least one --style image")
+    options, init_file = options_from_flags(StyleOptions(), flags)
+    _check_output(output, [str(content), *styles, *([init_file] if init_file else [])])
+    if report is not None and not report.parent.is_dir():
+        raise StylekitError(f"report folder '{report.parent}' does not exist")
+    picture = load_image(content)
+    request = StyleRequest(
+        content=picture.rgb, styles=[load_image(s).rgb for s in styles], options=options,
+        init_image=load_image(init_file).rgb if init_file else None)
+    if progress_mode == "auto":
+        progress_mode = "bar" if sys.stderr.isatty() else "none"
+    if progress_mode == "json":
+        result = stylize(request, progress=json_lines(sys.stdout))
+    else:
+        with progress_bar() if progress_mode == "bar" else nullcontext(None) as bar:
+            result = stylize(request, progress=bar)
+    for message in result.warnings:
+        _warn(message)
+    metadata = {"software": f"stylekit {__version__}", "content": content.name,
+                "styles": [Path(s).name for s in styles], **result.report()}
+    save_image(output, result.image, picture.alpha, metadata=metadata)
+    if report is not None:
+        _write_json_atomically(report, {"output": str(output), **result.report()})
+    if progress_mode == "json":
+        click.echo(json.dumps({"event": "done", "output": str(output), **result.report()}))
+    else:
+        click.echo(f"wrote {output} ({result.width}×{result.height}, {result.iterations} iterations, "
+                   f"{result.seconds:.1f} s on {result.device})", err=True)
+
+
+@cli.group()
+def weights() -> None:
+    """Manage the network weights (ImageNet VGG19 and friends)."""
+
+
+@weights.command("status")
+def weights_status_command() -> None:
+    """Show which ImageNet weights are cached and where."""
+    for row in weights_status():
+        click.echo(f"{row['backbone']:9} {row['state']:8} {row['path']}")
+
+
+@weights.command("download")
+@click.option("--backbone", type=click.Choice(["vgg19", "vgg16", "resnet50"]), default="vgg19",
+              show_default=True)
+def weights_download(backbone: str) -> None:
+    """Download torchvision's ImageNet weights into torch's cache (checksum verified)."""
+    path = download_imagenet(backbone, progress=True)
+    click.echo(f"{backbone} weights cached at {path}")
+
+
+@weights.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def weights_import(file: Path) -> None:
+    """Check a torchvision-format weights FILE and copy it into the cache for offline use."""
+    backbone, target = import_weights(file)
+    click.echo(f"imported {backbone} weights from {file} to {target}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI so every failure is one line on stderr and a non-zero exit (--debug: traceback)."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or bool(os.environ.get("STYLEKIT_DEBUG"))
+    try:
+        cli.main(args=args, prog_name="stylekit", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("stylekit: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            traceback.print_exc()
+        context = f" {exc.ctx.command_path.split(' ', 1)[-1]}" if getattr(exc, "ctx", None) else ""
+        where = context if context.strip() != "stylekit" else ""
+        message = exc.format_message().replace("\n", " ")
+        click.echo(f"stylekit{where}: error: {message}", err=True)
+        return exc.exit_code
+    except StylekitError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"stylekit: error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("stylekit: interrupted", err=True)
+        return 130
+    except Exception as exc:  # the last line of defence: never a traceback without --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"stylekit: error: {type(exc).__name__}: {exc} (run with --debug for details)",
+                   err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Tests for stylekit.image: decoding every input we promise, and safe, faithful writing."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from stylekit import image
+from stylekit.errors import StylekitError
+from stylekit.image import (
+    ImageError,
+    LoadedImage,
+    encode_png,
+    load_image,
+    output_format,
+    read_metadata,
+    save_image,
+)
+
+# Adobe RGB (1998) colorants adapted to D50, and lcms' built-in sRGB colorants (also D50).
+ADOBE_COLORANTS = [
+    (0.60974, 0.31111, 0.01947),
+    (0.20528, 0.62567, 0.06087),
+    (0.14919, 0.06322, 0.74457),
+]
+ADOBE_GAMMA = 563 / 256
+SRGB_COLORANTS = [
+    (0.436066, 0.222488, 0.013916),
+    (0.385147, 0.716873, 0.097076),
+    (0.143066, 0.060608, 0.714096),
+]
+D50 = (0.9642, 1.0, 0.8249)
+METADATA = {"style": "Sternennacht ★", "weights": [1.0, 0.5], "steps": 300, "extra": {"seed": None}}
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _xyz_tag(xyz: tuple[float, float, float]) -> bytes:
+    return b"XYZ " + bytes(4) + b"".join(_s15(c) for c in xyz)
+
+
+def _matrix_trc_profile(colorants: list[tuple[float, float, float]], gamma: float) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix + single-gamma curves)."""
+    text = b"stylekit test profile\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = [(b"desc", desc), (b"wtpt", _xyz_tag(D50))]
+    tags += [
+        (sig, _xyz_tag(c)) for sig, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants, strict=True)
+    ]
+    tags += [(sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000)
+    header += b"mntrRGB XYZ " + bytes(12) + b"acsp" + bytes(28) + b"".join(_s15(c) for c in D50)
+    return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
+
+
+def _gradient(height: int = 32, width: int = 48) -> np.ndarray:
+    """A smooth float RGB test image that lossy codecs reproduce closely."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / (width - 1), y / (height - 1), 1 - x / (width - 1) * 0.5], axis=2)
+    return np.ascontiguousarray(rgb, dtype=np.float32)
+
+
+def _png_bytes(im: Image.Image, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format="PNG", **params)
+    return buffer.getvalue()
+
+
+def _random_rgb8(height: int = 32, width: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def test_loaded_rgb_matches_source_pixels(tmp_path: Path) -> None:
+    pixels = _random_rgb8()
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(path)
+    loaded = load_image(path)
+    assert isinstance(loaded, LoadedImage)
+    assert loaded.rgb.dtype == np.float32
+    assert loaded.rgb.flags.c_contiguous
+    assert loaded.rgb.shape == (32, 32, 3)
+    np.testing.assert_allclose(loaded.rgb, pixels / 255.0, atol=1e-6)
+    assert loaded.alpha is None
+    assert loaded.name == "photo.png"
+
+
+def test_loading_from_str_path_gives_same_pixels(tmp_path: Path) -> None:
+    path = tmp_path / "photo.png"
+    Image.fromarray(_random_rgb8()).save(path)
+    np.testing.assert_array_equal(load_image(str(path)).rgb, load_image(path).rgb)
+
+
+def test_alpha_kept_from_rgba(tmp_path: Path) -> None:
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = np.arange(32, dtype=np.uint8)[None, :] * 8
+    path = tmp_path / "cutout.png"
+    Image.fromarray(rgba).save(path)
+    loaded = load_image(path)
+    assert loaded.alpha is not None
+    assert loaded.alpha.dtype == np.float32
+    assert loaded.alpha.shape == (32, 32)
+    np.testing.assert_allclose(loaded.alpha, rgba[..., 3] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(loaded.rgb[..., 0], 200 / 255.0, atol=1e-6)
+
+
+def test_alpha_kept_from_palette_with_transparency(tmp_path: Path) -> None:
+    im = Image.new("P", (32, 32), 1)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    im.paste(0, (0, 0, 16, 32))
+    path = tmp_path / "sprite.png"
+    im.save(path, transparency=0)
+    loaded = load_image(path)
+    assert loaded.alpha is not None
+    assert np.all(loaded.alpha[:, :16] == 0.0)
+    assert np.all(loaded.alpha[:, 16:] == 1.0)
+    np.testing.assert_allclose(loaded.rgb[0, 20], [1.0, 0.0, 0.0])
+
+
+def test_palette_without_transparency_has_no_alpha(tmp_path: Path) -> None:
+    path = tmp_path / "palette.png"
+    Image.fromarray(_random_rgb8()).convert("P").save(path)
+    assert load_image(path).alpha is None
+
+
+def test_grey_becomes_three_equal_channels(tmp_path: Path) -> None:
+    grey = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)
+    path = tmp_path / "grey.png"
+    Image.fromarray(grey).save(path)
+    rgb = load_image(path).rgb
+    assert rgb.shape == (32, 32, 3)
+    for channel in range(3):
+        np.testing.assert_allclose(rgb[..., channel], grey / 255.0, atol=1e-6)
+
+
+def test_grey_with_alpha_keeps_alpha(tmp_path: Path) -> None:
+    path = tmp_path / "grey_alpha.png"
+    Image.new("LA", (32, 32), (100, 50)).save(path)
+    loaded = load_image(path)
+    np.testing.assert_allclose(loaded.rgb, 100 / 255.0, atol=1e-6)
+    assert loaded.alpha is not None
+    np.testing.assert_allclose(loaded.alpha, 50 / 255.0, atol=1e-6)
+
+
+def test_sixteen_bit_grey_keeps_values_beyond_8_bit_precision(tmp_path: Path) -> None:
+    values = (np.arange(32 * 32, dtype=np.uint16) + 30000).reshape(32, 32)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    rgb = load_image(path).rgb
+    np.testing.assert_allclose(rgb[..., 0], values / 65535.0, atol=1e-7)
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+    # neighbouring 16-bit values stay distinct, which 8-bit decoding would merge
+    assert rgb[0, 1, 0] > rgb[0, 0, 0]
+
+
+def test_sixteen_bit_grey_transparent_colour_becomes_alpha(tmp_path: Path) -> None:
+    values = np.full((32, 32), 40000, dtype=np.uint16)
+    values[:, :8] = 1234
+    path = tmp_path / "deep_trns.png"
+    Image.fromarray(values).save(path, transparency=1234)
+    loaded = load_image(path)
+    assert loaded.alpha is not None
+    assert np.all(loaded.alpha[:, :8] == 0.0)
+    assert np.all(loaded.alpha[:, 8:] == 1.0)
+
+
+def test_cmyk_jpeg_loads_as_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(path, quality=95)
+    loaded = load_image(path)
+    assert loaded.rgb.shape == (32, 32, 3)
+    np.testing.assert_allclose(loaded.rgb[16, 16], [1.0, 0.0, 0.0], atol=0.03)
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix"),
+    [
+        ("1", ".png"),
+        ("L", ".png"),
+        ("I", ".tif"),
+        ("F", ".tif"),
+        ("YCbCr", ".tif"),
+        ("CMYK", ".tif"),
+        ("I;16B", ".tif"),
+        ("RGB", ".webp"),
+    ],
+)
+def test_every_supported_mode_loads_as_float_rgb_in_unit_range(
+    tmp_path: Path, mode: str, suffix: str
+) -> None:
+    path = tmp_path / f"mode{suffix}"
+    Image.new(mode, (32, 32)).save(path)
+    rgb = load_image(path).rgb
+    assert rgb.shape == (32, 32, 3)
+    assert rgb.dtype == np.float32
+    assert 0.0 <= rgb.min() <= rgb.max() <= 1.0
+
+
+def test_exif_orientation_6_rotates(tmp_path: Path) -> None:
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[:4, :4] = (255, 0, 0)  # stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    path = tmp_path / "phone.png"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    rgb = load_image(path).rgb
+    assert rgb.shape == (64, 32, 3)
+    np.testing.assert_allclose(rgb[0, 31], [1.0, 0.0, 0.0])  # now the top-right corner
+    np.testing.assert_allclose(rgb[0, 0], [0.0, 0.0, 0.0])
+
+
+def test_embedded_srgb_profile_leaves_values_unchanged(tmp_path: Path) -> None:
+    pixels = _random_rgb8()
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    path = tmp_path / "tagged.png"
+    Image.fromarray(pixels).save(path, icc_profile=srgb)
+    np.testing.assert_allclose(load_image(path).rgb, pixels / 255.0, atol=1.5 / 255)
+
+
+def test_embedded_adobe_rgb_profile_is_converted_to_srgb(tmp_path: Path) -> None:
+    source = np.array([180, 120, 90])
+    path = tmp_path / "adobe.png"
+    icc = _matrix_trc_profile(ADOBE_COLORANTS, ADOBE_GAMMA)
+    Image.new("RGB", (32, 32), tuple(int(v) for v in source)).save(path, icc_profile=icc)
+    # reference: Adobe RGB -> XYZ(D50) -> linear sRGB -> sRGB transfer curve
+    linear = np.linalg.solve(
+        np.array(SRGB_COLORANTS).T, np.array(ADOBE_COLORANTS).T @ (source / 255.0) ** ADOBE_GAMMA
+    )
+    expected = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    got = load_image(path).rgb[0, 0]
+    np.testing.assert_allclose(got, expected, atol=1.5 / 255)
+    assert abs(got[0] - source[0] / 255.0) > 10 / 255  # really converted, not passed through
+
+
+def test_broken_icc_profile_falls_back_to_plain_values(tmp_path: Path) -> None:
+    pixels = _random_rgb8()
+    path = tmp_path / "broken_icc.png"
+    Image.fromarray(pixels).save(path, icc_profile=b"definitely not a profile")
+    np.testing.assert_allclose(load_image(path).rgb, pixels / 255.0, atol=1e-6)
+
+
+def test_load_from_bytes_uses_placeholder_name() -> None:
+    loaded = load_image(_png_bytes(Image.new("RGB", (32, 32), (0, 0, 255))))
+    assert loaded.name == "<bytes>"
+    np.testing.assert_allclose(loaded.rgb[0, 0], [0.0, 0.0, 1.0])
+
+
+def test_load_from_bytes_uses_given_name() -> None:
+    loaded = load_image(_png_bytes(Image.new("RGB", (32, 32))), name="upload.png")
+    assert loaded.name == "upload.png"
+
+
+# --- loading failures ---------------------------------------------------------------------
+
+
+def _assert_image_error(source: object, expected: str, **kwargs: object) -> str:
+    with pytest.raises(ImageError) as info:
+        load_image(source, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    return message
+
+
+def test_image_error_is_a_stylekit_error() -> None:
+    assert issubclass(ImageError, StylekitError)
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    message = _assert_image_error(tmp_path / "nope.png", "nope.png")
+    assert "not found" in message
+
+
+def test_directory_is_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    message = _assert_image_error(folder, "folder.png")
+    assert "folder" in message
+
+
+def test_empty_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    message = _assert_image_error(path, "empty.png")
+    assert "empty" in message
+
+
+def test_text_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not an image\n")
+    message = _assert_image_error(path, "notes.jpg")
+    assert "not an image" in message
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image_is_reported(tmp_path: Path, fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(_random_rgb8(64, 64)).save(buffer, format=fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    _assert_image_error(path, path.name)
+
+
+def test_pixel_limit_is_enforced_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (32, 32)).save(path)
+    message = _assert_image_error(path, "big.png", max_pixels=100)
+    assert "1,024" in message
+
+
+@pytest.mark.parametrize("pillow_limit", [100, 600])  # Pillow's error (>2×limit) and its warning
+def test_pillow_decompression_bomb_check_becomes_image_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pillow_limit: int
+) -> None:
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (32, 32)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
+    _assert_image_error(path, "bomb.png")
+
+
+def test_bad_bytes_are_reported_with_name() -> None:
+    _assert_image_error(b"", "<bytes>")
+    _assert_image_error(b"GIF89a garbage", "upload.gif", name="upload.gif")
+
+
+def test_bytes_obey_pixel_limit() -> None:
+    _assert_image_error(_png_bytes(Image.new("RGB", (32, 32))), "<bytes>", max_pixels=100)
+
+
+# --- output format ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("a.png", "PNG"),
+        ("a.jpg", "JPEG"),
+        ("a.JPEG", "JPEG"),
+        ("a.webp", "WEBP"),
+        ("a.tif", "TIFF"),
+        ("a.tiff", "TIFF"),
+    ],
+)
+def test_output_format_follows_extension(name: str, fmt: str) -> None:
+    assert output_format(name) == fmt
+
+
+def test_unsupported_output_extension_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"unsupported output extension '\.bmp'"):
+        save_image(tmp_path / "out.bmp", _gradient())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_extension_is_refused() -> None:
+    with pytest.raises(ImageError, match="no extension"):
+        output_format("result")
+
+
+# --- saving -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("suffix", "tolerance"),
+    [(".png", 0.5 / 255), (".tif", 0.5 / 255), (".jpg", 0.03), (".webp", 0.03)],
+)
+def test_save_load_round_trip(tmp_path: Path, suffix: str, tolerance: float) -> None:
+    rgb = _gradient()
+    path = tmp_path / f"out{suffix}"
+    save_image(path, rgb)
+    loaded = load_image(path)
+    assert loaded.rgb.shape == rgb.shape
+    assert np.abs(loaded.rgb - rgb).mean() <= tolerance
+
+
+def test_save_rounds_and_clips(tmp_path: Path) -> None:
+    rgb = np.zeros((32, 32, 3), dtype=np.float32)
+    rgb[..., 0] = 1.7
+    rgb[..., 1] = -0.3
+    rgb[..., 2] = 100.6 / 255
+    path = tmp_path / "clip.png"
+    save_image(path, rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(path))[0, 0], [255, 0, 101])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".tif"])
+def test_alpha_survives_round_trip(tmp_path: Path, suffix: str) -> None:
+    alpha = np.tile(np.linspace(0, 1, 48, dtype=np.float32), (32, 1))
+    path = tmp_path / f"cutout{suffix}"
+    save_image(path, _gradient(), alpha)
+    loaded = load_image(path)
+    assert loaded.alpha is not None
+    np.testing.assert_allclose(loaded.alpha, alpha, atol=0.5 / 255)
+
+
+def test_jpeg_drops_alpha(tmp_path: Path) -> None:
+    path = tmp_path / "flat.jpg"
+    save_image(path, _gradient(), np.zeros((32, 48), dtype=np.float32))
+    assert load_image(path).alpha is None
+
+
+def test_alpha_of_different_size_is_resized(tmp_path: Path) -> None:
+    path = tmp_path / "resized.png"
+    save_image(path, _gradient(32, 48), np.full((8, 12), 0.5, dtype=np.float32))
+    loaded = load_image(path)
+    assert loaded.alpha is not None
+    assert loaded.alpha.shape == (32, 48)
+    np.testing.assert_allclose(loaded.alpha, 128 / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+def test_metadata_round_trips(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"meta{suffix}"
+    save_image(path, _gradient(), metadata=METADATA)
+    assert read_metadata(path) == METADATA
+    assert read_metadata(path.read_bytes()) == METADATA
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+def test_software_tag_is_stylekit(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"soft{suffix}"
+    save_image(path, _gradient())
+    with Image.open(path) as im:
+        software = im.info.get("Software") or im.getexif().get(0x0131)
+    assert software == "stylekit"
+
+
+def test_read_metadata_without_metadata_is_empty(tmp_path: Path) -> None:
+    path = tmp_path / "plain.jpg"
+    Image.new("RGB", (32, 32)).save(path)
+    assert read_metadata(path) == {}
+
+
+def test_read_metadata_ignores_foreign_description(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x010E] = "OLYMPUS DIGITAL CAMERA"
+    path = tmp_path / "camera.jpg"
+    Image.new("RGB", (32, 32)).save(path, exif=exif.tobytes())
+    assert read_metadata(path) == {}
+
+
+def test_read_metadata_reports_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"gone\.png"):
+        read_metadata(tmp_path / "gone.png")
+
+
+def test_save_leaves_only_the_target(tmp_path: Path) -> None:
+    path = tmp_path / "only.png"
+    save_image(path, _gradient())
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_missing_parent_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="does not exist"):
+        save_image(tmp_path / "no" / "such" / "out.png", _gradient())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_pixels_fail_without_leaving_files(tmp_path: Path) -> None:
+    rgb = _gradient()
+    rgb[3, 3, 1] = np.nan
+    with pytest.raises(ImageError, match="NaN"):
+        save_image(tmp_path / "nan.png", rgb)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_shape_fails_without_leaving_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="H×W×3"):
+        save_image(tmp_path / "flat.png", np.zeros((32, 32), dtype=np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_encoder_failure_leaves_no_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_save(*args: object, **kwargs: object) -> None:
+        raise OSError("encoder exploded")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(ImageError, match="encoder exploded"):
+        save_image(tmp_path / "out.png", _gradient())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_failure_removes_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    replaced: list[Path] = []
+
+    def broken_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        replaced.append(Path(src))
+        assert Path(src).exists()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(image.os, "replace", broken_replace)
+    with pytest.raises(ImageError, match="No space left"):
+        save_image(tmp_path / "out.png", _gradient())
+    [temp] = replaced
+    assert temp.parent == tmp_path
+    assert temp.name.startswith(".")
+    assert temp.name.endswith(".tmp")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_file_kept_when_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keep.png"
+    path.write_bytes(b"previous result")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(image.os, "fsync", broken_fsync)
+    with pytest.raises(ImageError, match=r"keep\.png"):
+        save_image(path, _gradient())
+    assert path.read_bytes() == b"previous result"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_existing_file_replaced_when_write_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "replace.png"
+    path.write_bytes(b"previous result")
+    save_image(path, _gradient())
+    assert load_image(path).rgb.shape == (32, 48, 3)
+    assert list(tmp_path.iterdir()) == [path]
+
+
+# --- in-memory PNG ------------------------------------------------------------------------
+
+
+def test_encode_png_bytes_load_back() -> None:
+    rgb = _gradient()
+    alpha = np.full((32, 48), 0.25, dtype=np.float32)
+    data = encode_png(rgb, alpha, metadata=METADATA)
+    assert data.startswith(b"\x89PNG")
+    loaded = load_image(data)
+    np.testing.assert_allclose(loaded.rgb, rgb, atol=0.5 / 255)
+    assert loaded.alpha is not None
+    np.testing.assert_allclose(loaded.alpha, 64 / 255, atol=1e-6)
+    assert read_metadata(data) == METADATA
+
+
+def test_encode_png_matches_save_image(tmp_path: Path) -> None:
+    path = tmp_path / "same.png"
+    save_image(path, _gradient(), metadata=METADATA)
+    assert encode_png(_gradient(), metadata=METADATA) == path.read_bytes()
