@@ -1,0 +1,1 @@
+"""The hot-folder pipeline: watched inboxes whose images come out styled with a preset."""
