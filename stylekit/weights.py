@@ -26,6 +26,7 @@ IMAGENET_WEIGHTS = {
     "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
     "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
 }
+IMAGENET_URLS = {name: weights.url for name, weights in IMAGENET_WEIGHTS.items()}
 RANDOM_FLOOR = 0.1  # dead random channels are floored at this share of the layer's median
 RANDOM_TARGET_MEAN = 1.0  # Gatys: every channel's mean activation over natural images is 1
 DOWNLOAD_TIMEOUT_S = 20.0
@@ -50,7 +51,7 @@ def cache_dir() -> Path:
 
 def imagenet_file_name(backbone: str) -> str:
     """torchvision's file name, whose hash prefix torch.hub verifies on download."""
-    return os.path.basename(IMAGENET_WEIGHTS[backbone].url)
+    return os.path.basename(IMAGENET_URLS[backbone])
 
 
 def imagenet_cache_path(backbone: str) -> Path:
@@ -120,7 +121,7 @@ def load_weights_file(path: str | os.PathLike, backbone: str) -> Weights:
 
 def download_imagenet(backbone: str, progress: bool = True) -> Path:
     """Fetch torchvision's file into torch's cache with a progress bar and its checksum verified."""
-    url = IMAGENET_WEIGHTS[backbone].url
+    url = IMAGENET_URLS[backbone]
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:

@@ -1,0 +1,36 @@
+# stylekit — `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stylekit-installed
+OUT    ?= out
+
+.PHONY: install demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: install, then stylise a built-in photo with a built-in painting and say where it went
+demo: install
+	$(BIN)/python -m stylekit.examples $(OUT)
+	$(BIN)/stylekit apply $(OUT)/example-photo.png --style $(OUT)/example-painting.png \
+		-o $(OUT)/demo.png --size 256 --progress bar
+	@echo "demo result: $(abspath $(OUT))/demo.png"
+
+## test: install, then run the whole test suite (CPU, no network)
+test: install
+	$(BIN)/python -m pytest -q
+
+## bench: side-by-side benchmarks; results go to docs/benchmarks.md and bench/results/
+bench: install
+	$(BIN)/python -m bench.run
+
+lint: install
+	$(BIN)/ruff check stylekit pipeline tests bench
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,228 @@
+"""`stylekit apply`: the main job, its options, and how it treats bad input."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_painting, make_photo, save_png
+from PIL import Image
+
+from stylekit.cli import main
+from stylekit.image import load_image, read_metadata
+
+
+@pytest.fixture
+def apply(tmp_path, photo_path, painting_path, weights_file, capsys):
+    """Run `stylekit apply` in-process; returns (exit code, stdout, stderr, output path)."""
+    def go(*extra, output="out.png", content=None):
+        out = tmp_path / output
+        args = ["apply", str(content or photo_path), "--style", str(painting_path), "-o", str(out),
+                "--weights", str(weights_file), "--steps", "3", *extra]
+        code = main(args)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err, out
+    return go
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_apply_writes_a_stylised_image(apply, photo_path):
+    code, _, err, out = apply()
+    assert code == 0 and "wrote" in err
+    assert pixels(out).shape == pixels(photo_path).shape
+    assert np.abs(pixels(out) - pixels(photo_path)).mean() > 1
+
+
+def test_apply_records_its_parameters_in_the_output(apply):
+    _, _, _, out = apply("--style-weight", "5000")
+    metadata = read_metadata(out)
+    assert metadata["options"]["style_weight"] == 5000 and metadata["content"] == "photo.png"
+
+
+def test_report_has_the_promised_fields(apply, tmp_path):
+    report = tmp_path / "report.json"
+    apply("--report", str(report))
+    data = json.loads(report.read_text())
+    for key in ("seconds", "iterations", "content_loss", "style_loss", "total_loss", "device", "size",
+                "peak_memory_bytes"):
+        assert key in data
+    assert data["iterations"] == 3 and data["size"] == [48, 40]
+
+
+def test_json_progress_prints_one_event_per_line(apply):
+    _, out, _, _ = apply("--progress", "json")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["iteration"] for e in events if e["event"] == "progress" and e["stage"] == "optimise"] == [1, 2, 3]
+    assert events[-1]["event"] == "done" and events[-1]["iterations"] == 3
+
+
+@pytest.mark.parametrize("option", [
+    ["--size", "32"], ["--steps", "6"], ["--optimizer", "adam"], ["--init", "content"],
+    ["--content-weight", "1e5"], ["--style-weight", "10"], ["--tv-weight", "1000"],
+    ["--content-layers", "relu2_2"], ["--style-layers", "relu1_1,relu3_1"],
+    ["--style-layer-weights", "10,0,0,0,1"], ["--style-scale", "0.5"], ["--preserve-color", "luminance"],
+    ["--preserve-color", "histogram"], ["--weights", "random"], ["--backbone", "vgg16"],
+    ["--pooling", "avg"], ["--scales", "2"], ["--precision", "bf16"], ["--init", "style"],
+], ids=lambda option: " ".join(option))
+def test_each_option_changes_the_result(apply, option):
+    """From a noise start, so that every loss term already pulls on the first step."""
+    _, _, _, baseline = apply("--init", "noise", output="baseline.png")
+    if option[0] == "--backbone":  # a vgg16 run needs vgg16 weights
+        option = [*option, "--weights", "random"]
+    code, _, err, out = apply("--init", "noise", *option, output="changed.png")
+    assert code == 0, err
+    a, b = pixels(baseline), pixels(out)
+    assert a.shape != b.shape or np.abs(a - b).max() > 0
+
+
+def test_seed_changes_a_noise_start(apply):
+    _, _, _, first = apply("--init", "noise", "--seed", "1", output="a.png")
+    _, _, _, second = apply("--init", "noise", "--seed", "2", output="b.png")
+    assert np.abs(pixels(first) - pixels(second)).max() > 0
+
+
+def test_same_seed_gives_identical_files(apply):
+    _, _, _, first = apply("--init", "noise", "--seed", "3", output="a.png")
+    _, _, _, second = apply("--init", "noise", "--seed", "3", output="b.png")
+    assert np.array_equal(pixels(first), pixels(second))
+
+
+def test_two_styles_with_blend(apply, tmp_path):
+    second = save_png(tmp_path / "second.png", make_photo(40, 40, seed=5))
+    results = []
+    for blend in ("1,0", "0,1"):
+        code, _, err, out = apply("--style", str(second), "--style-blend", blend, output=f"b{blend[0]}.png")
+        assert code == 0, err
+        results.append(pixels(out))
+    assert np.abs(results[0] - results[1]).max() > 0
+
+
+def test_init_from_an_image_file(apply, tmp_path):
+    start = save_png(tmp_path / "start.png", np.full((40, 48, 3), 0.5, dtype=np.float32))
+    _, _, _, baseline = apply("--steps", "1", output="baseline.png")
+    code, _, err, out = apply("--steps", "1", "--init", str(start), output="changed.png")
+    assert code == 0, err
+    assert np.abs(pixels(baseline) - pixels(out)).max() > 0
+
+
+def test_device_cpu_is_reported(apply, tmp_path):
+    report = tmp_path / "r.json"
+    apply("--device", "cpu", "--report", str(report))
+    assert json.loads(report.read_text())["device"] == "cpu"
+
+
+def test_alpha_is_kept(apply, tmp_path):
+    rgba = np.dstack([make_photo(), np.linspace(0, 1, 48)[None, :].repeat(40, 0)])
+    source = tmp_path / "alpha.png"
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(source)
+    _, _, _, out = apply(content=source)
+    loaded = load_image(out)
+    assert loaded.alpha is not None
+    assert np.abs(loaded.alpha - load_image(source).alpha).max() < 1 / 255 + 1e-6
+
+
+def test_exif_orientation_is_honoured(apply, tmp_path):
+    source = tmp_path / "rotated.jpg"
+    image = Image.fromarray((make_photo() * 255).astype(np.uint8))  # 48 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when shown
+    image.save(source, exif=exif.tobytes())
+    _, _, _, out = apply(content=source)
+    assert Image.open(out).size == (40, 48)
+
+
+@pytest.mark.parametrize("extension", ["jpg", "webp", "tif"])
+def test_output_format_follows_the_extension(apply, extension):
+    _, _, _, out = apply(output=f"out.{extension}")
+    assert Image.open(out).format == {"jpg": "JPEG", "webp": "WEBP", "tif": "TIFF"}[extension]
+
+
+def bad_content(tmp_path, kind):
+    path = tmp_path / f"bad-{kind}.png"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("this is not an image\n")
+    elif kind == "truncated":
+        save_png(path, make_photo(64, 64))
+        path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated"])
+def test_bad_content_is_one_line_and_leaves_no_output(apply, tmp_path, kind):
+    content = bad_content(tmp_path, kind)
+    before = digest(content) if content.exists() else None
+    code, _, err, out = apply(content=content)
+    assert code != 0 and err.count("\n") == 1 and "Traceback" not in err
+    assert content.name in err
+    assert not out.exists()
+    assert (digest(content) if content.exists() else None) == before
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--steps", "0"], "--steps"), (["--optimizer", "sgd"], "--optimizer"),
+    (["--style-blend", "abc"], "--style-blend"), (["--size", "-3"], "--size"),
+    (["--style-layers", "relu9_9"], "relu9_9"), (["--device", "toaster"], "--device"),
+], ids=lambda v: v[0] if isinstance(v, list) else v)
+def test_bad_option_values_are_one_line_errors(apply, args, needle):
+    code, _, err, out = apply(*args)
+    assert code != 0 and err.count("\n") == 1 and needle in err and not out.exists()
+
+
+def test_bad_weights_file_is_one_line_error(apply, tmp_path):
+    bogus = tmp_path / "weights.pth"
+    bogus.write_bytes(b"not a checkpoint")
+    code, _, err, out = apply("--weights", str(bogus))
+    assert code == 1 and "not a torchvision weights file" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_unknown_output_extension_is_refused_before_work(apply):
+    code, _, err, out = apply(output="out.xyz")
+    assert code == 1 and ".xyz" in err and not out.exists()
+
+
+def test_output_that_is_the_input_is_refused(apply, photo_path):
+    before = digest(photo_path)
+    code, _, err, _ = apply(output=photo_path.name)
+    assert code == 1 and "is the input" in err and digest(photo_path) == before
+
+
+def test_installed_command_prints_no_traceback(tmp_path, painting_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "stylekit.cli", "apply", str(tmp_path / "nope.jpg"), "--style",
+         str(painting_path), "-o", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"stylekit: error: image '{tmp_path / 'nope.jpg'}' not found"]
+
+
+def test_debug_shows_the_traceback(tmp_path, painting_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "stylekit.cli", "apply", str(tmp_path / "nope.jpg"), "--style",
+         str(painting_path), "-o", str(tmp_path / "o.png"), "--debug"], capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_weights_import_then_imagenet_gives_the_same_pixels(apply, weights_file, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["weights", "import", str(weights_file)]) == 0
+    assert "imported vgg19" in capsys.readouterr().out
+    _, _, _, by_path = apply(output="by-path.png")
+    code, _, err, by_name = apply("--weights", "imagenet", output="by-name.png")
+    assert code == 0, err
+    assert np.array_equal(pixels(by_path), pixels(by_name))
+    main(["weights", "status"])
+    assert "vgg19     cached" in capsys.readouterr().out

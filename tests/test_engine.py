@@ -1,0 +1,131 @@
+"""stylize(): the optimisation loop, its options, progress and cancellation."""
+
+import numpy as np
+import pytest
+from conftest import make_painting, make_photo
+
+from stylekit import Cancelled, StyleOptions, StyleRequest, StylekitError, stylize
+from stylekit.engine import scale_sizes
+
+
+@pytest.fixture
+def run(weights_file):
+    """Stylise the tiny photo with the tiny painting; options override small, fast defaults."""
+    def go(progress=None, styles=None, init_image=None, **changes):
+        options = StyleOptions(weights=str(weights_file), steps=4, targets="torch").replace(**changes)
+        request = StyleRequest(make_photo(), styles or [make_painting()], options, init_image=init_image)
+        return stylize(request, progress=progress)
+    return go
+
+
+def test_optimiser_lowers_the_total_loss_substantially(run):
+    before = run(steps=1)
+    after = run(steps=30)
+    assert after.total_loss < 0.5 * before.total_loss
+
+
+def test_adam_also_lowers_the_loss(run):
+    assert run(optimizer="adam", steps=20).total_loss < run(optimizer="adam", steps=1).total_loss
+
+
+def test_same_seed_gives_the_same_pixels(run):
+    assert np.array_equal(run(init="noise", seed=7).image, run(init="noise", seed=7).image)
+
+
+def test_different_seed_gives_different_pixels_from_noise(run):
+    assert not np.array_equal(run(init="noise", seed=7).image, run(init="noise", seed=8).image)
+
+
+def test_output_keeps_the_content_size_by_default(run):
+    result = run()
+    assert result.image.shape == (40, 48, 3) and (result.width, result.height) == (48, 40)
+
+
+def test_size_sets_the_long_side(run):
+    assert run(size=32).image.shape == (27, 32, 3)
+
+
+def test_result_reports_losses_iterations_and_memory(run):
+    result = run(steps=3)
+    assert result.iterations == 3 and result.device == "cpu" and result.peak_memory_bytes > 0
+    assert result.total_loss == pytest.approx(
+        result.content_loss + 1e6 * result.style_loss + 10 * result.tv_loss, rel=1e-4)
+
+
+def test_weights_of_the_loss_are_applied_as_given(run):
+    result = run(content_weight=2.0, style_weight=3.0, tv_weight=0.0, steps=2)
+    assert result.total_loss == pytest.approx(2 * result.content_loss + 3 * result.style_loss, rel=1e-4)
+
+
+def test_style_init_starts_from_the_style_image(run):
+    assert not np.allclose(run(init="style", steps=1).image, run(init="content", steps=1).image)
+
+
+def test_init_image_is_used_as_the_start(run):
+    start = np.full((40, 48, 3), 0.5, dtype=np.float32)
+    assert not np.allclose(run(init_image=start, steps=1).image, run(steps=1).image)
+
+
+def test_style_blend_weights_change_the_result(run):
+    styles = [make_painting(seed=1), make_photo(40, 40, seed=9)]
+    first = run(styles=styles, style_blend=(1.0, 0.0))
+    second = run(styles=styles, style_blend=(0.0, 1.0))
+    assert not np.allclose(first.image, second.image)
+
+
+def test_luminance_mode_keeps_the_content_colours(run):
+    plain, kept = run(steps=8), run(steps=8, preserve_color="luminance")
+    content = make_photo()
+    assert np.abs(kept.image - content).mean() < np.abs(plain.image - content).mean()
+
+
+def test_histogram_mode_changes_the_result(run):
+    assert not np.allclose(run(preserve_color="histogram").image, run().image)
+
+
+def test_coarse_to_fine_scales_double_up_to_the_size():
+    assert scale_sizes(400, 300, 512, None, 128) == [(128, 96), (256, 192), (512, 384)]
+    assert scale_sizes(48, 40, 48, None, 128) == [(48, 40)]
+
+
+def test_every_scale_is_optimised(run):
+    result = run(scales=2, steps=2)
+    assert result.iterations == 4
+
+
+def test_progress_reports_every_evaluation_in_order(run):
+    seen = []
+    run(progress=seen.append, steps=3)
+    iterations = [p.iteration for p in seen if p.stage == "optimise"]
+    assert iterations == [1, 2, 3] and seen[-1].stage == "done" and seen[-1].fraction == 1.0
+
+
+def test_cancelling_from_the_callback_stops_the_run(run):
+    def cancel_at_two(progress):
+        if progress.iteration >= 2:
+            raise Cancelled
+    with pytest.raises(Cancelled):
+        run(progress=cancel_at_two, steps=50)
+
+
+def test_bf16_precision_runs_on_cpu(run):
+    result = run(precision="bf16", steps=2)
+    assert result.precision == "bf16" and np.isfinite(result.total_loss)
+
+
+def test_missing_gpu_is_a_clear_error(run):
+    pytest.importorskip("torch")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(StylekitError, match="no CUDA GPU"):
+        run(device="cuda")
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("steps", 0, "steps"), ("style_weight", -1.0, "style_weight"), ("optimizer", "sgd", "optimizer"),
+    ("content_layers", ("relu9_1",), "relu9_1"), ("style_layer_weights", (1.0,), "style layer weights"),
+])
+def test_bad_options_are_refused_with_their_name(run, option, value, message):
+    with pytest.raises(StylekitError, match=message):
+        run(**{option: value})

@@ -1,0 +1,56 @@
+"""The backbones as named-layer feature extractors."""
+
+import pytest
+import torch
+
+from stylekit.features import BACKBONES, FeatureExtractor
+from stylekit.weights import random_state_dict
+
+
+@pytest.fixture(scope="module")
+def vgg19_state():
+    return random_state_dict("vgg19", seed=3)
+
+
+def test_vgg19_layers_are_named_as_in_the_papers():
+    relus = [name for name in BACKBONES["vgg19"].layers if name.startswith("relu")]
+    assert relus[0] == "relu1_1" and relus[-1] == "relu5_4" and len(relus) == 16
+    assert "relu4_2" in relus and "pool5" in BACKBONES["vgg19"].layers
+
+
+def test_extractor_returns_exactly_the_requested_layers(vgg19_state):
+    extractor = FeatureExtractor("vgg19", vgg19_state, ["relu1_1", "relu4_2"])
+    out = extractor(torch.rand(1, 3, 32, 32))
+    assert set(out) == {"relu1_1", "relu4_2"}
+    assert out["relu1_1"].shape == (1, 64, 32, 32) and out["relu4_2"].shape == (1, 512, 4, 4)
+
+
+def test_extractor_stops_at_the_deepest_requested_layer(vgg19_state):
+    extractor = FeatureExtractor("vgg19", vgg19_state, ["relu2_1"])
+    assert extractor.names[-1] == "relu2_1"
+
+
+def test_average_pooling_replaces_max_pooling(vgg19_state):
+    extractor = FeatureExtractor("vgg19", vgg19_state, ["relu3_1"], pooling="avg")
+    kinds = {type(stage).__name__ for stage in extractor.stages}
+    assert "AvgPool2d" in kinds and "MaxPool2d" not in kinds
+
+
+def test_normalisation_happens_inside_the_extractor(vgg19_state):
+    extractor = FeatureExtractor("vgg19", vgg19_state, ["conv1_1"])
+    mean_image = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
+    assert extractor(mean_image)["conv1_1"].abs().max() < 1e-5  # zero biases, zero input
+
+
+def test_unknown_layer_is_refused(vgg19_state):
+    with pytest.raises(ValueError, match="relu9_9"):
+        FeatureExtractor("vgg19", vgg19_state, ["relu9_9"])
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50"])
+def test_other_backbones_give_their_default_layers(backbone):
+    spec = BACKBONES[backbone]
+    extractor = FeatureExtractor(backbone, random_state_dict(backbone, seed=0),
+                                 spec.content_layers + spec.style_layers)
+    out = extractor(torch.rand(1, 3, 32, 32))
+    assert set(out) == set(spec.content_layers + spec.style_layers)

@@ -1,0 +1,116 @@
+"""Where weights come from: random (seeded, rescaled), a user's file, torchvision's cache, `weights import`."""
+
+import pytest
+import torch
+
+from stylekit import weights as w
+from stylekit.errors import StylekitError
+from stylekit.features import FeatureExtractor
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Point the ImageNet download at a closed loopback port and an empty cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(w.IMAGENET_URLS, "vgg19", "http://127.0.0.1:9/vgg19-dcbb9e9d.pth")
+
+
+def test_random_weights_are_deterministic_for_a_seed():
+    first, second = w.random_state_dict("vgg19", seed=5), w.random_state_dict("vgg19", seed=5)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_random_weights_differ_between_seeds():
+    first, second = w.random_state_dict("vgg19", seed=5), w.random_state_dict("vgg19", seed=6)
+    assert not torch.equal(first["features.0.weight"], second["features.0.weight"])
+
+
+def test_random_weights_have_torchvision_keys():
+    assert set(w.random_state_dict("vgg19")) == set(w.network_state_keys("vgg19"))
+
+
+def test_random_vgg_channels_are_rescaled_to_mean_activation_one():
+    state = w.random_state_dict("vgg19", seed=0)
+    extractor = FeatureExtractor("vgg19", state, ["relu1_1", "relu3_1", "relu5_1"])
+    with torch.no_grad():
+        features = extractor(w.calibration_images(seed=0))
+    for name, value in features.items():
+        means = value.mean(dim=(0, 2, 3))
+        assert means.median().item() == pytest.approx(1.0, rel=1e-3), name
+
+
+def test_weights_file_is_used_exactly_as_given(weights_file):
+    loaded = w.resolve_weights(str(weights_file), "vgg19")
+    saved = torch.load(weights_file, weights_only=True)
+    assert loaded.source == "file"
+    assert torch.equal(loaded.state_dict["features.0.weight"], saved["features.0.weight"])
+
+
+def test_weights_file_without_classifier_is_accepted(tmp_path):
+    path = tmp_path / "features-only.pth"
+    torch.save(w.random_state_dict("vgg19", seed=2), path)
+    assert w.resolve_weights(str(path), "vgg19").source == "file"
+
+
+def test_file_that_is_not_weights_is_refused(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hello")
+    with pytest.raises(StylekitError, match="not a torchvision weights file"):
+        w.resolve_weights(str(path), "vgg19")
+
+
+def test_weights_of_the_wrong_shape_are_refused(tmp_path):
+    state = w.random_state_dict("vgg19", seed=2)
+    state["features.0.weight"] = torch.zeros(8, 3, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(StylekitError, match=r"features\.0\.weight"):
+        w.resolve_weights(str(path), "vgg19")
+
+
+def test_vgg16_file_is_refused_for_vgg19(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save(w.random_state_dict("vgg16", seed=2), path)
+    with pytest.raises(StylekitError, match="not a vgg19 weights file"):
+        w.resolve_weights(str(path), "vgg19")
+
+
+def test_imagenet_offline_and_uncached_names_the_ways_out(offline):
+    with pytest.raises(StylekitError) as error:
+        w.resolve_weights("imagenet", "vgg19")
+    message = str(error.value)
+    assert "stylekit weights import FILE" in message and "--weights random" in message
+    assert "\n" not in message
+
+
+def test_auto_falls_back_to_random_with_a_warning_when_offline(offline):
+    resolved = w.resolve_weights("auto", "vgg19")
+    assert resolved.source == "random"
+    assert "random" in resolved.warning and "weights import" in resolved.warning
+
+
+def test_import_makes_the_file_the_cached_imagenet_weights(offline, weights_file):
+    backbone, target = w.import_weights(weights_file)
+    assert backbone == "vgg19" and target.is_file()
+    resolved = w.resolve_weights("imagenet", "vgg19")
+    direct = w.resolve_weights(str(weights_file), "vgg19")
+    assert resolved.source == "imagenet"
+    assert all(torch.equal(resolved.state_dict[k], direct.state_dict[k]) for k in direct.state_dict)
+    assert {row["backbone"]: row["state"] for row in w.weights_status()}["vgg19"] == "cached"
+
+
+def test_corrupted_imported_file_is_detected(offline, weights_file):
+    _, target = w.import_weights(weights_file)
+    with open(target, "r+b") as handle:
+        handle.seek(2000)
+        handle.write(b"\x00corrupt\x00")
+    with pytest.raises(StylekitError, match="corrupt"):
+        w.resolve_weights("imagenet", "vgg19")
+
+
+def test_import_refuses_a_file_that_is_not_weights(offline, tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"\xff\xd8\xff not really")
+    with pytest.raises(StylekitError, match="photo.jpg"):
+        w.import_weights(path)
