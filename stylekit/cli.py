@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -14,10 +15,23 @@ import click
 from . import __version__
 from .engine import stylize
 from .errors import StylekitError
+from .features import backbone_spec
+from .gimp_install import gimp
 from .image import load_image, output_format, save_image
+from .onnx_features import OPSET, checked_layers, export_onnx
+from .presets import add_preset, get_preset, list_presets, load_preset_file, preset_request, remove_preset
 from .progress import json_lines, progress_bar
-from .request import COLOR_MODES, DEVICES, OPTIMIZERS, POOLINGS, PRECISIONS, StyleOptions, StyleRequest
-from .weights import download_imagenet, import_weights, weights_status
+from .request import (
+    COLOR_MODES,
+    DEVICES,
+    OPTIMIZERS,
+    POOLINGS,
+    PRECISIONS,
+    TARGET_ENGINES,
+    StyleOptions,
+    StyleRequest,
+)
+from .weights import download_imagenet, import_weights, resolve_weights, weights_status
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -60,14 +74,16 @@ def engine_options(function):
         click.option("--device", type=click.Choice(DEVICES)),
         click.option("--precision", type=click.Choice(PRECISIONS)),
         click.option("--seed", type=int, help="Seed for noise init and random weights (default 0)."),
+        click.option("--targets", type=click.Choice(TARGET_ENGINES),
+                     help="What computes the fixed content/style targets (default onnx)."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
     return function
 
 
-def options_from_flags(base: StyleOptions, flags: dict) -> tuple[StyleOptions, str | None]:
-    """Apply the flags the user gave (None = not given) over base; returns options and an init file."""
+def flag_changes(flags: dict) -> tuple[dict[str, object], str | None]:
+    """The options the user gave (None = not given), parsed; returns them and an init file."""
     init = flags.pop("init", None)
     init_file = None
     if init is not None and init not in ("content", "noise", "style"):
@@ -81,6 +97,12 @@ def options_from_flags(base: StyleOptions, flags: dict) -> tuple[StyleOptions, s
             changes[key] = _floats(changes[key], "--" + key.replace("_", "-"))
     if init is not None:
         changes["init"] = init
+    return changes, init_file
+
+
+def options_from_flags(base: StyleOptions, flags: dict) -> tuple[StyleOptions, str | None]:
+    """Apply the flags the user gave (None = not given) over base; returns options and an init file."""
+    changes, init_file = flag_changes(flags)
     return base.replace(**changes), init_file
 
 
@@ -115,6 +137,8 @@ def cli() -> None:
 @click.argument("content", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--style", "styles", multiple=True, type=click.Path(dir_okay=False),
               help="Style image; repeat for several (see --style-blend).")
+@click.option("--preset", help="A named preset instead of --style (see `stylekit presets list`); "
+                               "flags override its options.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output file: .png, .jpg, .webp or .tif.")
 @engine_options
@@ -123,22 +147,28 @@ def cli() -> None:
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a JSON report (time, iterations, losses, device, memory).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def apply(content: Path, styles: tuple[str, ...], output: Path, progress_mode: str,
+def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Path, progress_mode: str,
           report: Path | None, debug: bool, **flags: object) -> None:
-    """Stylise CONTENT with one or more --style images and write -o OUTPUT.
+    """Stylise CONTENT with one or more --style images, or a --preset, and write -o OUTPUT.
 
-    Example: stylekit apply photo.jpg --style painting.jpg -o out.png
+    Examples: stylekit apply photo.jpg --style painting.jpg -o out.png;
+    stylekit apply photo.jpg --preset ink-wash --steps 100 -o out.png
     """
-    if not styles:
-        raise click.UsageError("give at least one --style image")
-    options, init_file = options_from_flags(StyleOptions(), flags)
-    _check_output(output, [str(content), *styles, *([init_file] if init_file else [])])
+    if bool(styles) == bool(preset):
+        raise click.UsageError("give either --preset NAME or at least one --style image")
+    changes, init_file = flag_changes(flags)
+    chosen = get_preset(preset) if preset else None
+    style_files = [str(path) for path in chosen.style_paths] if chosen else list(styles)
+    _check_output(output, [str(content), *style_files, *([init_file] if init_file else [])])
     if report is not None and not report.parent.is_dir():
         raise StylekitError(f"report folder '{report.parent}' does not exist")
     picture = load_image(content)
-    request = StyleRequest(
-        content=picture.rgb, styles=[load_image(s).rgb for s in styles], options=options,
-        init_image=load_image(init_file).rgb if init_file else None)
+    init_image = load_image(init_file).rgb if init_file else None
+    if chosen:
+        request = replace(preset_request(chosen, picture.rgb, changes), init_image=init_image)
+    else:
+        request = StyleRequest(content=picture.rgb, styles=[load_image(s).rgb for s in styles],
+                               options=StyleOptions().replace(**changes), init_image=init_image)
     if progress_mode == "auto":
         progress_mode = "bar" if sys.stderr.isatty() else "none"
     if progress_mode == "json":
@@ -149,7 +179,7 @@ def apply(content: Path, styles: tuple[str, ...], output: Path, progress_mode: s
     for message in result.warnings:
         _warn(message)
     metadata = {"software": f"stylekit {__version__}", "content": content.name,
-                "styles": [Path(s).name for s in styles], **result.report()}
+                "preset": preset, "styles": [Path(s).name for s in style_files], **result.report()}
     save_image(output, result.image, picture.alpha, metadata=metadata)
     if report is not None:
         _write_json_atomically(report, {"output": str(output), **result.report()})
@@ -188,6 +218,53 @@ def weights_import(file: Path) -> None:
     backbone, target = import_weights(file)
     click.echo(f"imported {backbone} weights from {file} to {target}")
 
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; any but loopback needs the bearer token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port (0: any free one).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Bearer token file (default: server-token in stylekit's config folder, created "
+                   "with mode 0600 when missing).")
+@click.option("--require-token", is_flag=True, help="Ask for the token on loopback too.")
+@click.option("--weights", default="auto", show_default=True, metavar="auto|imagenet|random|PATH",
+              help="Network weights for every job.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.01), default=25.0, show_default=True,
+              help="Largest request body (image plus style image).")
+@click.option("--max-pixels", type=click.IntRange(min=256), default=16_000_000, show_default=True,
+              help="Largest image, in and out.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Jobs waiting at most; more get HTTP 429.")
+def serve(host: str, port: int, token_file: Path | None, require_token: bool, weights: str,
+          device: str, max_upload_mb: float, max_pixels: int, max_queue: int) -> None:
+    """Run the HTTP server the GIMP plug-in talks to (API at /v1, schema at /openapi.json).
+
+    Example: stylekit serve --weights imagenet
+    """
+    from . import server  # FastAPI and uvicorn load only for this command
+
+    token = None
+    if require_token or token_file or not server.is_loopback(host):
+        token_path = token_file or server.default_token_file()
+        token = server.load_or_create_token(token_path)
+        click.echo(f"clients must send 'Authorization: Bearer <token>' (token in {token_path})", err=True)
+    sock = server.listen(host, port)
+    settings = server.ServerSettings(weights=weights, device=device,
+                                     max_upload_bytes=round(max_upload_mb * 2**20),
+                                     max_pixels=max_pixels, max_queue=max_queue, token=token)
+    click.echo(f"loading the network ({weights} weights, device {device})...", err=True)
+    warm = server.warm_up(settings)
+    for message in warm.warnings:
+        _warn(message)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"stylekit server listening on http://{shown}:{sock.getsockname()[1]} "
+               f"({warm.device}, {warm.weights}); Ctrl-C stops it", err=True)
+    server.serve(settings, sock, warm)
+
+
+cli.add_command(gimp)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI so every failure is one line on stderr and a non-zero exit (--debug: traceback)."""

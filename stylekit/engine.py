@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import color, losses
+from . import color, gram_cache, losses
 from .errors import StylekitError
 from .features import FeatureExtractor, backbone_spec
+from .onnx_features import onnx_targets
 from .request import (
     COLOR_MODES,
     DEVICES,
@@ -210,6 +211,36 @@ def torch_targets(extractor: FeatureExtractor, runtime: Runtime) -> TargetFn:
     return compute
 
 
+@dataclass(frozen=True)
+class _Targets:
+    """How one run computes its fixed targets, and what to report about it."""
+
+    content: TargetFn
+    style: TargetFn  # the same function, behind the Gram cache when the styles have a style_key
+    name: str  # "torch" or "onnx:<execution provider>"
+    warnings: tuple[str, ...]
+
+
+def _pick_targets(request: StyleRequest, weights: Weights, layers: tuple[str, ...],
+                  style_layers: tuple[str, ...], extractor: FeatureExtractor, runtime: Runtime) -> _Targets:
+    """ONNX targets unless torch is asked for (or ONNX cannot start: then torch, with a warning)."""
+    options = request.options
+    compute, name, notes = torch_targets(extractor, runtime), "torch", ()
+    if options.targets == "onnx":
+        try:
+            compute, provider = onnx_targets(weights, layers, style_layers, options.pooling,
+                                             use_gpu=runtime.device.type == "cuda")
+            name = f"onnx:{provider}"
+        except Exception as exc:  # an exporter or onnxruntime failure must not cost the user the image
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            notes = (f"ONNX feature extractor unavailable ({reason}); targets computed with torch",)
+    style = compute
+    if request.style_key and options.preserve_color != "histogram":  # histogram styles follow the content
+        context = f"{weights.sha256}|{options.backbone}|{options.pooling}|{name}|{runtime.precision}"
+        style = gram_cache.cached_targets(compute, context, request.style_key)
+    return _Targets(compute, style, name, notes)
+
+
 def _peak_memory(device: torch.device) -> int:
     """Peak bytes: the CUDA allocator's high-water mark on a GPU, the process's peak RSS on a CPU."""
     if device.type == "cuda":
@@ -250,7 +281,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         return loss
 
     if options.optimizer == "lbfgs":
-        optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=steps, max_eval=steps,
+        optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=steps, max_eval=steps + 1,
                                       history_size=50, tolerance_grad=0.0, tolerance_change=0.0)
         while count < steps:
             before = count
@@ -292,10 +323,10 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
     style_layers = options.style_layers or spec.style_layers
     layer_weights = dict(zip(style_layers, options.style_layer_weights
                              or [1.0] * len(style_layers), strict=True))
-    extractor = _extractor(key, tuple(dict.fromkeys(content_layers + style_layers)),
-                           options.pooling, runtime.device)
+    layers = tuple(dict.fromkeys(content_layers + style_layers))
+    extractor = _extractor(key, layers, options.pooling, runtime.device)
 
-    compute_targets = torch_targets(extractor, runtime)
+    targets = _pick_targets(request, weights, layers, style_layers, extractor, runtime)
     content_full = to_tensor(request.content, runtime.device)
     height, width = content_full.shape[-2:]
     long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
@@ -318,10 +349,10 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
         content = resize(content_full, w, h)
         styles = [_fit_long_side(s, max(1, round(max(w, h) * options.style_scale)))
                   for s in style_full]
-        content_targets = compute_targets(content, content_layers, ())
+        content_targets = targets.content(content, content_layers, ())
         style_targets = losses.blend_grams(
             [{name: grams[f"gram_{name}"] for name in style_layers}
-             for grams in (compute_targets(s, (), style_layers) for s in styles)], blend)
+             for grams in (targets.style(s, (), style_layers) for s in styles)], blend)
         image = _initial_image(request, content, styles) if image is None \
             else resize(image, w, h)
 
@@ -343,12 +374,12 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
     if options.preserve_color == "luminance":
         output = color.keep_content_chroma(image, resize(content_full, *sizes[-1]))
     emit("done", len(sizes), sizes[-1])
-    warnings = (weights.warning,) if weights.warning else ()
+    warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings
     return Result(
         image=to_array(output), seconds=time.perf_counter() - started, iterations=done,
         content_loss=float(final.content), style_loss=float(final.style),
         tv_loss=float(final.tv), total_loss=float(final.total), device=str(runtime.device),
         precision=runtime.precision, width=sizes[-1][0], height=sizes[-1][1],
         peak_memory_bytes=_peak_memory(runtime.device), weights=weights.description,
-        targets=options.targets, options=options, warnings=warnings)
+        targets=targets.name, options=options, warnings=warnings)
 

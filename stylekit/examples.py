@@ -15,13 +15,19 @@ import skimage.data
 from .image import save_image
 
 
+def example_pair() -> tuple[np.ndarray, np.ndarray]:
+    """The example photo and painting as float images, from installed packages only."""
+    photo = skimage.data.astronaut().astype(np.float32) / 255
+    painting = skimage.data.coffee().astype(np.float32) / 255
+    return photo, painting
+
+
 def write_examples(folder: Path) -> tuple[Path, Path]:
     """Write example-photo.png and example-painting.png into folder; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    photo = folder / "example-photo.png"
-    save_image(photo, skimage.data.astronaut().astype(np.float32) / 255)
-    painting = folder / "example-painting.png"
-    save_image(painting, skimage.data.coffee().astype(np.float32) / 255)
+    photo, painting = folder / "example-photo.png", folder / "example-painting.png"
+    for path, pixels in zip((photo, painting), example_pair(), strict=True):
+        save_image(path, pixels)
     return photo, painting
 
 

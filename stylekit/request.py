@@ -42,7 +42,7 @@ class StyleOptions:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
-    targets: str = "torch"
+    targets: str = "onnx"  # fixed targets computed by: onnx (onnxruntime, see onnx_features) | torch
 
     def replace(self, **changes: object) -> StyleOptions:
         """A copy with some options changed, refusing unknown names."""

@@ -73,6 +73,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and values: a checksum for weights that have no file (random)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a .pth file safely (tensors only, no pickled code)."""
     if not path.is_file():
@@ -263,8 +273,8 @@ def resolve_weights(spec: str, backbone: str = "vgg19", *, progress: bool = True
         if not seed_text.isdigit():
             raise StylekitError(f"bad --weights '{spec}' (random:SEED needs a whole number)")
         seed = int(seed_text)
-        return Weights(backbone, random_state_dict(backbone, seed), "random",
-                       f"random (seed {seed})")
+        state = random_state_dict(backbone, seed)
+        return Weights(backbone, state, "random", f"random (seed {seed})", state_dict_sha256(state))
     if spec in ("imagenet", "auto"):
         cached = _cached_imagenet(backbone)
         if cached:
@@ -281,7 +291,7 @@ def resolve_weights(spec: str, backbone: str = "vgg19", *, progress: bool = True
                     "using seeded random weights: results are mostly colour and fine texture. "
                     "Run `stylekit weights download` or `stylekit weights import FILE`.")
             return Weights(backbone, fallback.state_dict, "random", fallback.description,
-                           warning=note)
+                           fallback.sha256, warning=note)
         cached = _cached_imagenet(backbone)
         assert cached is not None
         return cached

@@ -1,0 +1,1 @@
+"""Benchmarks: stylekit side by side with a textbook reference loop (`make bench`)."""

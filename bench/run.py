@@ -1,0 +1,222 @@
+"""`make bench`: stylekit and the textbook reference loop side by side, in one process run.
+
+Per size it reports time-to-quality (seconds until stylekit's total loss reaches the reference's final
+loss), loss evaluations per second, final losses scored by the reference's own code at full size, peak
+memory, and on a GPU the achieved TFLOP/s. Results: bench/results/*.json and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import stylekit
+from bench.reference import run_reference, score
+from stylekit import StyleOptions, StyleRequest, stylize
+from stylekit.engine import _fit_long_side, pick_runtime, to_array, to_tensor
+from stylekit.examples import example_pair
+from stylekit.image import load_image
+from stylekit.weights import resolve_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_IMAGES = ROOT.parent / "shared" / "images"
+DOC = ROOT / "docs" / "benchmarks.md"
+# Dense peak TFLOP/s by device-name fragment and precision, for the "share of peak" column.
+PEAK_TFLOPS = {"H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
+               "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0}}
+
+
+def images() -> tuple[np.ndarray, np.ndarray, str]:
+    """The classic pair from ../shared when present, else the built-in example pair."""
+    content, style = SHARED_IMAGES / "tubingen.jpg", SHARED_IMAGES / "starry_night.jpg"
+    if content.is_file() and style.is_file():
+        return load_image(content).rgb, load_image(style).rgb, "tubingen.jpg × starry_night.jpg"
+    photo, painting = example_pair()
+    return photo, painting, "built-in example pair"
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[Callable[[], int]]:
+    """Peak bytes during the block: CUDA allocator high-water mark, or sampled RSS on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        yield lambda: int(torch.cuda.max_memory_allocated(device))
+        return
+    page = 4096
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            with open("/proc/self/statm") as handle:
+                peak[0] = max(peak[0], int(handle.read().split()[1]) * page)
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def vgg_flops(width: int, height: int) -> float:
+    """Forward FLOPs of VGG19 up to relu5_1 at this size (2·Cin·Cout·9 per output pixel per conv)."""
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]
+    flops, channels, w, h = 0.0, 3, width, height
+    for item in cfg:
+        if item == "M":
+            w, h = w // 2, h // 2
+        else:
+            flops += 2 * channels * item * 9 * w * h
+            channels = item
+    return flops
+
+
+def bench_size(content: np.ndarray, style: np.ndarray, size: int, state: dict, weights: str,
+               device: torch.device, steps: int, with_reference: bool) -> dict[str, object]:
+    """One size: the reference loop, then stylekit, then both final images scored alike."""
+    content_t = _fit_long_side(to_tensor(content, device), size)
+    style_t = _fit_long_side(to_tensor(style, device), size)
+    height, width = content_t.shape[-2:]
+    row: dict[str, object] = {"size": size, "width": width, "height": height}
+    reference = None
+    if with_reference:
+        with peak_memory(device) as peak:
+            reference = run_reference(content_t, style_t, state, steps=steps)
+            _sync(device)
+        row["reference"] = {"seconds": reference.seconds, "iterations": len(reference.history),
+                            "iterations_per_second": len(reference.history) / reference.seconds,
+                            "peak_memory_bytes": peak(),
+                            **score(reference.image, content_t, style_t, state)}
+    trace: list[tuple[float, int, float]] = []
+    options = StyleOptions(steps=steps, weights=weights, device=device.type, size=size, targets="torch")
+    request = StyleRequest(to_array(content_t), [to_array(style_t)], options)
+    with peak_memory(device) as peak:
+        result = stylize(request, progress=lambda p: trace.append((p.elapsed, p.scale, p.loss))
+                         if p.stage == "optimise" else None)
+        _sync(device)
+    final_scale = max(scale for _, scale, _ in trace)
+    sizes = sorted({(p[1]) for p in trace})
+    stylekit_row = {"seconds": result.seconds, "iterations": result.iterations,
+                    "iterations_per_second": result.iterations / result.seconds,
+                    "peak_memory_bytes": peak(), "scales": len(sizes), "precision": result.precision,
+                    **score(to_tensor(result.image, device), content_t, style_t, state)}
+    if device.type == "cuda":
+        flops = 3 * vgg_flops(width, height) * steps  # forward + backward ≈ 3 forwards, final scale
+        stylekit_row["tflops"] = flops / result.seconds / 1e12
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        if peak_tflops:
+            stylekit_row["share_of_peak"] = stylekit_row["tflops"] / peak_tflops[result.precision]
+    if reference is not None:
+        reached = [t for t, scale, loss in trace if scale == final_scale and loss <= reference.total_loss]
+        stylekit_row["time_to_quality"] = reached[0] if reached else None
+        stylekit_row["speedup"] = reference.seconds / reached[0] if reached else None
+    row["stylekit"] = stylekit_row
+    return row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Device name and versions, recorded with every result."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    cores = torch.get_num_threads()
+    return {"device": f"{name} ({cores} threads)" if device.type == "cpu" else name,
+            "kind": device.type, "torch": torch.__version__, "stylekit": stylekit.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def markdown(results: dict[str, object]) -> str:
+    """The results as the docs/benchmarks.md section for this kind of device."""
+    env = results["environment"]
+    lines = [f"### {env['kind'].upper()}: {env['device']}", "",
+             f"{env['date']} · torch {env['torch']} · stylekit {env['stylekit']} · images: "
+             f"{results['images']} · weights: {results['weights']} · reference: {results['steps']} "
+             "L-BFGS evaluations at full size, fp32", "",
+             "| size | reference s | reference loss | stylekit time-to-quality s | speed-up | "
+             "stylekit it/s (ref it/s) | stylekit final loss | peak memory stylekit / ref |",
+             "|---|---|---|---|---|---|---|---|"]
+    mib = 1 << 20
+    for row in results["rows"]:
+        ref, sk = row.get("reference") or {}, row["stylekit"]
+        cells = [f"{row['width']}×{row['height']}", _fmt(ref.get("seconds"), ".1f"),
+                 _fmt(ref.get("total_loss"), ".4g"),
+                 _fmt(sk.get("time_to_quality"), ".1f", "not reached" if ref else "—"),
+                 _fmt(sk.get("speedup"), ".2f") + ("×" if sk.get("speedup") else ""),
+                 f"{sk['iterations_per_second']:.2f} ({_fmt(ref.get('iterations_per_second'), '.2f')})",
+                 f"{sk['total_loss']:.4g}",
+                 f"{sk['peak_memory_bytes'] / mib:.0f} / "
+                 f"{_fmt(ref.get('peak_memory_bytes', 0) / mib if ref else None, '.0f')} MiB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def update_doc(section: str, kind: str) -> None:
+    """Replace this device kind's section of docs/benchmarks.md, keeping the others."""
+    start, end = f"<!-- bench:{kind}:start -->", f"<!-- bench:{kind}:end -->"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"{start}\n{section}{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Run the benchmark for the current device and record it."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", type=int, nargs="*", help="Long sides (default by device).")
+    parser.add_argument("--steps", type=int, default=300, help="Reference evaluations (default 300).")
+    parser.add_argument("--reference-max", type=int, default=1024,
+                        help="Largest size at which the reference also runs.")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--no-doc", action="store_true", help="Do not touch docs/benchmarks.md.")
+    args = parser.parse_args(argv)
+    device = pick_runtime(args.device, "auto").device
+    sizes = args.sizes or ([256, 512] if device.type == "cpu" else [512, 1024, 2048, 4096])
+    content, style, names = images()
+    weights = resolve_weights("auto", "vgg19", progress=False)
+    spec = "auto" if weights.source == "imagenet" else "random"
+    stylize(StyleRequest(content[:32, :32], [style[:32, :32]],
+                         StyleOptions(steps=1, weights=spec, device=device.type, targets="torch")))
+    rows = []
+    for size in sizes:
+        row = bench_size(content, style, size, weights.state_dict, spec, device, args.steps,
+                         size <= args.reference_max)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    results = {"environment": environment(device), "images": names, "weights": weights.description,
+               "steps": args.steps, "rows": rows}
+    args.output.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.output / f"{device.type}-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_doc:
+        update_doc(markdown(results), device.type)
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The hot folder on disk: its layout, which files count as dropped images, and writes that never clobber.
+
+processing/, done/ and failed/ live inside the inbox, so every move of an input is a same-disk rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import json
+import os
+import secrets
+import stat
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from stylekit.errors import StylekitError
+
+RESERVED = ("processing", "done", "failed")
+TEMPORARY_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", "~")
+LOCK_NAME = ".stylekit-watch.lock"
+ERROR_SUFFIX = ".error.json"
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One inbox (an absolute, resolved path) and the outbox its styled images go to."""
+
+    inbox: Path
+    outbox: Path
+
+    @property
+    def processing(self) -> Path:
+        """Claimed inputs and their job records while they are being worked on."""
+        return self.inbox / "processing"
+
+    @property
+    def done(self) -> Path:
+        """Inputs whose output is in the outbox."""
+        return self.inbox / "done"
+
+    @property
+    def failed(self) -> Path:
+        """Inputs that could not be styled, each beside a <name>.error.json."""
+        return self.inbox / "failed"
+
+    def create(self) -> None:
+        """Make the working folders and the outbox, so a fresh deployment just starts."""
+        for folder in (self.processing, self.done, self.failed, self.outbox):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A file found in the inbox that is ours to take: where it is and why it is refused, if it is."""
+
+    path: Path
+    rel: Path  # relative to the inbox
+    folder: str | None  # the preset sub-folder it was dropped in; None at the top level
+    problem: str | None
+
+
+def is_temporary(name: str) -> bool:
+    """Names writers use while a file is incomplete (and hidden ones): ignored until renamed."""
+    return name.startswith((".", "~$")) or name.lower().endswith(TEMPORARY_SUFFIXES)
+
+
+def is_candidate(layout: Layout, path: Path) -> bool:
+    """Whether a path in the inbox may become a drop, judged by its name alone (cheap, for events)."""
+    try:
+        parts = path.relative_to(layout.inbox).parts
+    except ValueError:
+        return False
+    return bool(parts) and parts[0] not in RESERVED and not any(is_temporary(p) for p in parts)
+
+
+def inspect(layout: Layout, path: Path) -> Drop | None:
+    """Classify a settled path; None when it is not ours (temporary, internal, gone, a folder)."""
+    if not is_candidate(layout, path) or path.parent.resolve() != path.parent:
+        return None  # a parent that resolves elsewhere is a symlinked folder: never touch what is behind it
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISDIR(mode):
+        return None
+    rel = path.relative_to(layout.inbox)
+    problem = None
+    if stat.S_ISLNK(mode):
+        problem = "symlinks are not accepted (they may point outside the inbox); copy the image in"
+    elif not stat.S_ISREG(mode):
+        problem = "not a regular file"
+    elif len(rel.parts) > 2:
+        problem = "nested too deep: put images in the inbox or in inbox/<preset>/"
+    return Drop(path, rel, rel.parts[0] if len(rel.parts) == 2 else None, problem)
+
+
+def scan(layout: Layout, folder: Path) -> Iterator[Path]:
+    """Every candidate below a folder of the inbox, without following symlinks (they are yielded)."""
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        kept = []
+        for name in dirs:
+            path = here / name
+            if path.is_symlink():
+                yield path
+            elif is_candidate(layout, path):
+                kept.append(name)
+        dirs[:] = kept
+        yield from (here / name for name in files if is_candidate(layout, here / name))
+
+
+def free_name(folder: Path, name: str, taken: Collection[Path] = (), companion: str = "") -> Path:
+    """The first of name, stem-1.ext, stem-2.ext… that is neither on disk nor taken (nor its companion)."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    names = itertools.chain([name], (f"{stem}-{number}{suffix}" for number in itertools.count(1)))
+    return next(folder / n for n in names if _is_free(folder / n, taken, companion))
+
+
+def _is_free(path: Path, taken: Collection[Path], companion: str) -> bool:
+    """Nothing on disk or reserved has this name (nor the name with companion appended)."""
+    if path in taken or os.path.lexists(path):
+        return False
+    return not (companion and os.path.lexists(path.with_name(path.name + companion)))
+
+
+def link_no_clobber(source: Path, target: Path) -> bool:
+    """Rename source to target only if target does not exist (hard link + unlink); False if it does."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINKS:  # e.g. some network shares: check, then rename
+            raise
+        if os.path.lexists(target):
+            return False
+        os.rename(source, target)
+        return True
+    os.unlink(source)
+    return True
+
+
+def write_json(path: Path, data: dict[str, object]) -> None:
+    """Write JSON whole or not at all: a hidden temporary name, fsync, then rename into place."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def locked(layout: Layout) -> Iterator[None]:
+    """Hold the inbox's lock for the watcher's lifetime so two watchers never take the same files."""
+    fd = os.open(layout.inbox / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise StylekitError(f"another stylekit watch (pid {holder}) is already watching "
+                                f"'{layout.inbox}'") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the kernel does the same after kill -9
+
+
+def lock_holder(inbox: Path) -> str | None:
+    """The pid of the watcher holding an inbox's lock, or None when no watcher is running there."""
+    try:
+        fd = os.open(inbox / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None

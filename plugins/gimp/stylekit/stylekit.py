@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""GIMP 3 plug-in: Filters ▸ Artistic ▸ Style Transfer…, computed by a local stylekit server.
+
+Runs in GIMP's own Python with the standard library only; torch lives in the server
+(`stylekit serve`), which this plug-in starts when none answers. Install: `stylekit gimp install`.
+"""
+
+import os
+import sys
+import tempfile
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
+
+import stylekit_client as client  # noqa: E402  (beside this file; GIMP puts its folder on sys.path)
+
+PROCEDURE = "plug-in-stylekit-style-transfer"
+HERE = os.path.dirname(os.path.abspath(__file__))
+PIXELS = "R'G'B'A u8"  # the format pixels travel in: 8-bit sRGB with straight alpha
+QUALITY_LABELS = (("fast", "Fast", "One scale, 50 steps"),
+                  ("balanced", "Balanced", "Two scales, 150 steps each"),
+                  ("best", "Best", "Three scales, 300 steps each"))
+
+
+def fail(procedure, message, status=Gimp.PDBStatusType.EXECUTION_ERROR):
+    """Return an error GIMP shows to the user (or hands to the calling script)."""
+    return procedure.new_return_values(status, GLib.Error(message))
+
+
+def read_rgba(drawable):
+    """A drawable's pixels as packed R'G'B'A bytes, in its own coordinates."""
+    rect = Gegl.Rectangle.new(0, 0, drawable.get_width(), drawable.get_height())
+    return bytes(drawable.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.CLAMP))
+
+
+def write_rgba(drawable, data):
+    """Replace a drawable's pixels with packed R'G'B'A bytes."""
+    width, height = drawable.get_width(), drawable.get_height()
+    buffer = drawable.get_buffer()
+    buffer.set(Gegl.Rectangle.new(0, 0, width, height), PIXELS, data)
+    buffer.flush()
+    drawable.update(0, 0, width, height)
+
+
+def show_dialog(procedure, config, presets):
+    """The dialog: a preset list from the server, then the procedure's own arguments."""
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi, Gtk
+
+    GimpUi.init(PROCEDURE)
+    if not config.get_property("preset") and config.get_property("style-file") is None and presets:
+        config.set_property("preset", presets[0]["name"])
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Style Transfer")
+    store = Gtk.ListStore(str, str)
+    store.append(["", "None: use the style image below"])
+    for preset in presets:
+        store.append([preset["name"], preset["title"]])
+    combo = GimpUi.prop_string_combo_box_new(config, "preset", store, 0, 1)
+    label = Gtk.Label.new_with_mnemonic("_Preset")
+    label.set_mnemonic_widget(combo)
+    row = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=6)
+    row.pack_start(label, False, False, 0)
+    row.pack_start(combo, True, True, 0)
+    dialog.fill(["style-file", "strength", "quality", "max-size", "preserve-colors"])
+    content = dialog.get_content_area()
+    content.pack_start(row, False, False, 0)
+    content.reorder_child(row, 0)
+    row.show_all()
+    accepted = dialog.run()
+    dialog.destroy()
+    return accepted
+
+
+def read_style(config):
+    """The chosen style image as (file name, bytes), or None when a preset is used."""
+    style_file = config.get_property("style-file")
+    if config.get_property("preset") or style_file is None:
+        return None
+    path = style_file.get_path()
+    try:
+        with open(path, "rb") as handle:
+            return os.path.basename(path), handle.read()
+    except OSError as exc:
+        raise client.ClientError(f"Cannot read the style image {path} ({exc.strerror or exc}).") from None
+
+
+def insert_result(image, source, png, source_rgba, name):
+    """Add the result above the source: same size and offsets, the source's alpha, selection as mask."""
+    width, height = source.get_width(), source.get_height()
+    _, x, y = source.get_offsets()
+    handle, path = tempfile.mkstemp(prefix="stylekit-", suffix=".png")
+    image.undo_group_start()
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(png)
+        layer = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path))
+        layer.set_name(name)
+        image.insert_layer(layer, source.get_parent(), image.get_item_position(source))
+        if (layer.get_width(), layer.get_height()) != (width, height):
+            layer.scale(width, height, False)
+        layer.set_offsets(x, y)
+        if not layer.has_alpha():
+            layer.add_alpha()
+        pixels = bytearray(read_rgba(layer))
+        pixels[3::4] = source_rgba[3::4]
+        write_rgba(layer, bytes(pixels))
+        if Gimp.Selection.bounds(image)[1]:
+            layer.add_mask(layer.create_mask(Gimp.AddMaskType.SELECTION))
+        image.set_selected_layers([layer])
+    finally:
+        image.undo_group_end()
+        os.unlink(path)
+    Gimp.displays_flush()
+    return layer
+
+
+def stylize_layer(procedure, run_mode, image, drawables, config):
+    """The procedure's work; raises client.ClientError with a message for the user."""
+    if len(drawables) != 1 or not isinstance(drawables[0], Gimp.Layer):
+        return fail(procedure, "Select exactly one layer (not a mask or channel), then run Style Transfer "
+                               "again.", Gimp.PDBStatusType.CALLING_ERROR)
+    if image.get_base_type() != Gimp.ImageBaseType.RGB:
+        return fail(procedure, "Style Transfer works on RGB images: choose Image ▸ Mode ▸ RGB, then run "
+                               "it again.", Gimp.PDBStatusType.CALLING_ERROR)
+    source = drawables[0]
+    server = client.Client(client.load_config(HERE))
+    Gimp.progress_init("Style Transfer: connecting to the stylekit server")
+    client.ensure_server(server, on_wait=Gimp.progress_pulse)
+    presets = server.presets()
+    if run_mode == Gimp.RunMode.INTERACTIVE and not show_dialog(procedure, config, presets):
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    preset = config.get_property("preset")
+    style = read_style(config)
+    if not preset and style is None:
+        return fail(procedure, "Choose a preset or a style image (arguments 'preset' or 'style-file').",
+                    Gimp.PDBStatusType.CALLING_ERROR)
+    titles = {p["name"]: p["title"] for p in presets}
+    if preset and preset not in titles:
+        return fail(procedure, f"The stylekit server has no preset '{preset}'; it offers: "
+                               f"{', '.join(titles) or 'none'}.", Gimp.PDBStatusType.CALLING_ERROR)
+    width, height = source.get_width(), source.get_height()
+    rgba = read_rgba(source)
+    params = client.job_params(preset, config.get_property("strength"), config.get_property("quality"),
+                               config.get_property("max-size"), config.get_property("preserve-colors"),
+                               width, height)
+    Gimp.progress_set_text("Style Transfer: waiting for the server")
+
+    def on_progress(fraction, message):
+        Gimp.progress_set_text(f"Style Transfer: {message}")
+        Gimp.progress_update(fraction)
+
+    png = client.run_job(server, client.encode_png(width, height, rgba), params, style, on_progress)
+    name = titles[preset] if preset else os.path.splitext(style[0])[0]
+    insert_result(image, source, png, rgba, name)
+    Gimp.progress_end()
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+def run(procedure, run_mode, image, drawables, config, data):
+    """Entry point: every failure becomes a GIMP error message, never a traceback."""
+    try:
+        return stylize_layer(procedure, run_mode, image, drawables, config)
+    except client.ClientError as exc:
+        return fail(procedure, str(exc))
+    except Exception as exc:  # the user sees a message, not a traceback
+        return fail(procedure, f"Style Transfer hit an unexpected problem ({type(exc).__name__}: {exc}). "
+                               "Please report it to stylekit.")
+
+
+class StyleTransfer(Gimp.PlugIn):
+    """Declares the procedure; the work happens in run()."""
+
+    def do_query_procedures(self):
+        return [PROCEDURE]
+
+    def do_set_i18n(self, name):
+        return False
+
+    def do_create_procedure(self, name):
+        procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
+        procedure.set_image_types("RGB*")
+        procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+        procedure.set_menu_label("_Style Transfer...")
+        procedure.add_menu_path("<Image>/Filters/Artistic")
+        procedure.set_documentation(
+            "Paint the layer in the style of a painting (neural style transfer)",
+            "Sends the layer to a local stylekit server (started when needed) and adds the result as a "
+            "new layer above it, with the same size, offsets and transparency; an active selection "
+            "becomes its layer mask.", name)
+        procedure.set_attribution("stylekit", "stylekit", "2025")
+        flags = GObject.ParamFlags.READWRITE
+        procedure.add_string_argument("preset", "_Preset", "Preset name from the server; empty: use the "
+                                                           "style image", "", flags)
+        procedure.add_file_argument("style-file", "St_yle image", "A painting to take the style from "
+                                    "(when no preset is chosen)", Gimp.FileChooserAction.OPEN, True, None,
+                                    flags)
+        procedure.add_double_argument("strength", "S_trength", "Style weight, as a multiple of the "
+                                                              "preset's", 0.05, 20.0, 1.0, flags)
+        quality = Gimp.Choice.new()
+        for index, (nick, label, help_text) in enumerate(QUALITY_LABELS):
+            quality.add(nick, index, label, help_text)
+        procedure.add_choice_argument("quality", "_Quality", "Fast, balanced or best (time vs. detail)",
+                                      quality, "balanced", flags)
+        procedure.add_int_argument("max-size", "Size _limit", "Longest side the server works at, in "
+                                   "pixels; the result is scaled back to the layer", 64, 8192, 1024, flags)
+        procedure.add_boolean_argument("preserve-colors", "Keep colo_urs", "Keep the layer's colours, "
+                                       "take only the texture", False, flags)
+        return procedure
+
+
+Gimp.main(StyleTransfer.__gtype__, sys.argv)

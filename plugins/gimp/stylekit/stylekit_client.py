@@ -1,0 +1,248 @@
+"""The GIMP plug-in's side of the stylekit server API, in the standard library only.
+
+GIMP runs plug-ins in its own bundled Python, which has neither torch nor numpy: this module speaks
+HTTP with urllib, writes PNG with zlib, and starts `stylekit serve` when no server answers.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+CONFIG_NAME = "stylekit-config.json"  # written beside the plug-in by `stylekit gimp install`
+DEFAULT_URL = "http://127.0.0.1:8765"
+QUALITY = {  # the dialog's quality choice → engine options
+    "fast": {"steps": 50, "scales": 1},
+    "balanced": {"steps": 150, "scales": 2},
+    "best": {"steps": 300, "scales": 3},
+}
+POLL_SECONDS = 0.25
+START_SECONDS = 300  # a first start may download the ImageNet weights
+ABANDON_AFTER = 15.0  # the server cancels a job nobody polls for this long (GIMP's cancel kills us)
+HTTP_TIMEOUT = 60.0
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ClientError(Exception):
+    """A failure to show the GIMP user as is: one sentence saying what went wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Where the server is, how to start it, and the bearer token for a server on another machine."""
+
+    url: str = DEFAULT_URL
+    command: list = field(default_factory=lambda: ["stylekit", "serve"])
+    token: str = ""
+    path: str = ""  # the file it came from, for messages
+
+
+def load_config(folder):
+    """Read stylekit-config.json from the plug-in's folder (defaults when there is none)."""
+    path = os.path.join(folder, CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return Config(path=path)
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"The plug-in's config file {path} cannot be read ({exc}); "
+                          "run `stylekit gimp install` again.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("command", []), list):
+        raise ClientError(f"The plug-in's config file {path} is not a stylekit config; "
+                          "run `stylekit gimp install` again.")
+    return Config(url=str(data.get("url") or DEFAULT_URL).rstrip("/"),
+                  command=[str(part) for part in data.get("command") or Config().command],
+                  token=str(data.get("token") or ""), path=path)
+
+
+class ServerDown(ClientError):
+    """No server answers at the configured URL."""
+
+
+class Client:
+    """Calls to one stylekit server; every failure becomes a ClientError with advice."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def _call(self, method, path, body=None, content_type=None):
+        """One HTTP exchange; returns the body of a 2xx answer."""
+        request = urllib.request.Request(self.config.url + path, data=body, method=method)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        if self.config.token:
+            request.add_header("Authorization", "Bearer " + self.config.token)
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as answer:
+                return answer.read()
+        except urllib.error.HTTPError as exc:
+            raise ClientError(self._explain(exc)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServerDown(f"No stylekit server answers at {self.config.url} ({reason}). Start it with "
+                             "`stylekit serve`, or check 'url' in " + (self.config.path or CONFIG_NAME)
+                             + ".") from None
+
+    def _explain(self, error):
+        """The server's one-line reason for an HTTP error, with what to do about it."""
+        try:
+            detail = json.loads(error.read().decode("utf-8"))["detail"]
+        except (ValueError, KeyError, TypeError, OSError):
+            detail = error.reason
+        if error.code == 401:
+            return (f"The stylekit server at {self.config.url} wants its bearer token: copy it from the "
+                    f"server's token file into 'token' in {self.config.path or CONFIG_NAME}.")
+        if error.code == 429:
+            return f"The stylekit server is busy ({detail}). Try again in a moment."
+        return f"The stylekit server refused the request: {detail}"
+
+    def _json(self, method, path, body=None, content_type=None):
+        """One exchange whose answer is JSON."""
+        return json.loads(self._call(method, path, body, content_type).decode("utf-8"))
+
+    def health(self):
+        """The server's health answer (raises ServerDown when nothing answers)."""
+        return self._json("GET", "/v1/health")
+
+    def presets(self):
+        """The presets the server offers: [{name, title, ...}]."""
+        return self._json("GET", "/v1/presets")
+
+    def submit(self, image_png, params, style=None):
+        """Queue a job; style is (file name, bytes) or None. Resubmitting the same id is safe."""
+        files = [("image", "layer.png", image_png)] + ([("style", style[0], style[1])] if style else [])
+        body, content_type = multipart({"params": json.dumps(params)}, files)
+        return self._json("POST", "/v1/jobs", body, content_type)
+
+    def status(self, job_id):
+        """A job's state: status, progress 0–1, message."""
+        return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def result(self, job_id):
+        """A finished job's PNG bytes."""
+        return self._call("GET", f"/v1/jobs/{job_id}/result")
+
+    def forget(self, job_id):
+        """Cancel a job, or drop a finished one and its result from the server."""
+        self._call("DELETE", f"/v1/jobs/{job_id}")
+
+
+def ensure_server(client, on_wait=lambda: None):
+    """Return once the server answers, starting it with the configured command if it is local."""
+    try:
+        return client.health()
+    except ServerDown:
+        if urlsplit(client.config.url).hostname not in LOOPBACK:
+            raise
+    process, log_path = start_server(client.config)
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        on_wait()
+        try:
+            return client.health()
+        except ServerDown:
+            pass
+        if process.poll() is not None:
+            raise ClientError("The stylekit server stopped while starting: " + _tail(log_path)
+                              + f" (full log: {log_path}).")
+        time.sleep(0.5)
+    raise ClientError(f"The stylekit server did not answer within {START_SECONDS} s; see {log_path}.")
+
+
+def start_server(config):
+    """Start the configured server command detached from GIMP, logging to a temporary file."""
+    log_path = os.path.join(tempfile.gettempdir(), "stylekit-server.log")
+    options = {"creationflags": 0x00000008 | 0x00000200 | 0x08000000} if sys.platform == "win32" \
+        else {"start_new_session": True}  # DETACHED_PROCESS | NEW_PROCESS_GROUP | NO_WINDOW
+    try:
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(config.command, stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, **options)
+    except OSError as exc:
+        raise ClientError(f"Cannot start the stylekit server with {' '.join(config.command)!r} "
+                          f"({exc.strerror or exc}). Run `stylekit gimp install` again, or fix "
+                          f"'command' in {config.path or CONFIG_NAME}.") from None
+    return process, log_path
+
+
+def _tail(path, lines=3):
+    """The last lines of a log, joined on one line."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read().strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " / ".join(text[-lines:]) or "(empty log)"
+
+
+def job_params(preset, strength, quality, max_size, preserve_colors, width, height):
+    """The server params for the plug-in's arguments (a fresh id, so retries are idempotent)."""
+    if quality not in QUALITY:
+        raise ClientError(f"Unknown quality '{quality}': use fast, balanced or best.")
+    params = {"id": uuid.uuid4().hex, "strength": float(strength), "abandon_after": ABANDON_AFTER,
+              "size": min(int(max_size), max(width, height)),
+              "preserve_color": "luminance" if preserve_colors else "none", **QUALITY[quality]}
+    if preset:
+        params["preset"] = preset
+    return params
+
+
+def run_job(client, image_png, params, style, on_progress):
+    """Submit, poll until finished (on_progress(fraction, message) each time), return the PNG."""
+    try:
+        job = client.submit(image_png, params, style)
+    except ServerDown:  # the upload may have been lost on the way: the same id makes a retry safe
+        job = client.submit(image_png, params, style)
+    while True:
+        on_progress(job["progress"], job["message"])
+        if job["status"] == "done":
+            break
+        if job["status"] == "failed":
+            raise ClientError(f"Style transfer failed on the server: {job['message']}")
+        if job["status"] == "cancelled":
+            raise ClientError(f"The job was cancelled on the server ({job['message']}).")
+        time.sleep(POLL_SECONDS)
+        job = client.status(job["id"])
+    png = client.result(job["id"])
+    client.forget(job["id"])
+    return png
+
+
+def multipart(fields, files):
+    """Encode form fields and (name, filename, bytes) files as multipart/form-data."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                     + value.encode("utf-8") + b"\r\n")
+    for name, filename, data in files:
+        safe = "".join(c if c.isalnum() or c in "._- " else "_" for c in filename) or "file"
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                     f'filename="{safe}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+                     + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def encode_png(width, height, rgba):
+    """An 8-bit RGBA PNG from packed R'G'B'A bytes (GIMP's buffer format), without Pillow."""
+    stride = width * 4
+    if len(rgba) != stride * height:
+        raise ValueError(f"expected {stride * height} bytes for {width}×{height} RGBA, got {len(rgba)}")
+    raw = b"".join(b"\x00" + rgba[row * stride:(row + 1) * stride] for row in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
+            + chunk(b"IEND", b""))

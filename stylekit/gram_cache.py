@@ -1,0 +1,93 @@
+"""Style Grams kept on disk, so applying a preset again skips the style forward pass.
+
+Entries are keyed by the exact input pixels (which carry the style image, its scale and the output
+size), the layers asked for, and a context string naming the weights checksum, backbone, pooling and
+target engine; any change among those is a different file, so stale entries are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .weights import cache_dir
+
+if TYPE_CHECKING:
+    from .engine import TargetFn
+
+log = logging.getLogger(__name__)
+
+
+def grams_dir() -> Path:
+    """Where cached Grams live: next to the ONNX exports in stylekit's cache."""
+    return cache_dir() / "grams"
+
+
+def _digest(image: torch.Tensor, feature_layers: tuple[str, ...], gram_layers: tuple[str, ...],
+            context: str) -> str:
+    """SHA-256 over the pixels and everything else that decides the targets."""
+    pixels = image.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(f"{context}|{tuple(pixels.shape)}|{feature_layers}|{gram_layers}|".encode())
+    digest.update(pixels.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
+    """A cached entry, or None when absent, unreadable or not holding the expected tensors."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        log.warning("ignoring unreadable Gram cache file %s (%s)", path, type(exc).__name__)
+        return None
+    if not isinstance(data, dict) or set(data) != names:
+        return None
+    return data
+
+
+def _write(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Save atomically (temp file, then rename); a cache that cannot be written only costs speed."""
+    temp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(handle, "wb") as stream:
+            torch.save({name: value.detach().cpu() for name, value in targets.items()}, stream)
+        os.replace(temp, path)
+    except OSError as exc:
+        log.warning("cannot write Gram cache file %s (%s)", path, exc)
+    finally:
+        if temp is not None and os.path.exists(temp):
+            os.unlink(temp)
+
+
+def cached_targets(compute: TargetFn, context: str, label: str) -> TargetFn:
+    """Wrap a TargetFn so each distinct input is computed once, then read back from disk.
+
+    `label` (e.g. a preset name) only prefixes file names, so a folder listing stays readable.
+    """
+    prefix = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:40] or "style"
+
+    def compute_cached(image: torch.Tensor, feature_layers: tuple[str, ...],
+                       gram_layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        path = grams_dir() / f"{prefix}-{_digest(image, feature_layers, gram_layers, context)}.pt"
+        names = {*feature_layers, *(f"gram_{name}" for name in gram_layers)}
+        cached = _read(path, names)
+        if cached is not None:
+            log.debug("Gram cache hit %s", path)
+            return {name: value.to(image.device) for name, value in cached.items()}
+        log.debug("Gram cache miss %s", path)
+        targets = compute(image, feature_layers, gram_layers)
+        _write(path, targets)
+        return targets
+
+    return compute_cached

@@ -1,0 +1,181 @@
+"""The feature extractor as an ONNX model: export, the export cache, and onnxruntime sessions.
+
+Contract of every exported model: input `image`, float32 N×3×H×W RGB in [0, 1] with N, H and W
+dynamic (ImageNet normalisation happens inside the graph); one output per requested layer named
+after it (raw features, N×C×h×w) and `gram_<layer>` (the canonical Gram of losses.gram, N×C×C) for
+each Gram layer. This module knows models and sessions only, never image files.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from . import losses
+from .errors import StylekitError
+from .features import FeatureExtractor, backbone_spec
+from .weights import Weights, cache_dir, state_dict_sha256
+
+if TYPE_CHECKING:
+    from .engine import TargetFn
+
+OPSET = 18
+GRAPH_VERSION = 1  # bump when _Graph changes, so older cached exports are not reused
+INPUT_NAME = "image"
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+QUIET = 4  # onnxruntime's FATAL level: its provider-fallback lines stay out of the user's terminal
+
+log = logging.getLogger(__name__)
+
+
+def output_names(layers: Sequence[str], gram_layers: Sequence[str]) -> list[str]:
+    """The model's outputs in order: raw features per layer, then a Gram per Gram layer."""
+    return [*layers, *(f"gram_{name}" for name in gram_layers)]
+
+
+def checked_layers(backbone: str, layers: Sequence[str],
+                   gram_layers: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Deduplicate and validate layer names so a bad request fails before a slow export."""
+    try:
+        spec = backbone_spec(backbone)
+    except ValueError as exc:
+        raise StylekitError(str(exc)) from None
+    layers, gram_layers = tuple(dict.fromkeys(layers)), tuple(dict.fromkeys(gram_layers))
+    if not layers:
+        raise StylekitError("no layers to export")
+    for name in layers:
+        if name not in spec.layers:
+            raise StylekitError(f"unknown layer '{name}' for {backbone} "
+                                f"(choose from {', '.join(spec.layers)})")
+    for name in gram_layers:
+        if name not in layers:
+            raise StylekitError(f"Gram layer '{name}' is not one of the exported layers")
+    return layers, gram_layers
+
+
+class _Graph(nn.Module):
+    """What is exported: image in, raw features and canonical Grams out, in output_names order."""
+
+    def __init__(self, backbone: str, state_dict: Mapping[str, torch.Tensor], layers: tuple[str, ...],
+                 gram_layers: tuple[str, ...], pooling: str) -> None:
+        super().__init__()
+        self.extractor = FeatureExtractor(backbone, dict(state_dict), layers, pooling)
+        self.layers, self.gram_layers = layers, gram_layers
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Features, then Grams (a tuple, because ONNX outputs are positional)."""
+        features = self.extractor(image)
+        return (*(features[name] for name in self.layers),
+                *(losses.gram(features[name]) for name in self.gram_layers))
+
+
+def export_onnx(weights: Mapping[str, torch.Tensor], backbone: str, layers: Sequence[str],
+                gram_layers: Sequence[str], pooling: str, path: str | os.PathLike[str]) -> Path:
+    """Export the extractor for a state dict to `path` (whole or absent: temp file, then rename)."""
+    layers, gram_layers = checked_layers(backbone, layers, gram_layers)
+    graph = _Graph(backbone, weights, layers, gram_layers, pooling).eval()
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise StylekitError(f"output folder '{target.parent}' does not exist")
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    dim = torch.export.Dim
+    try:
+        torch.onnx.export(graph, (torch.rand(1, 3, 64, 64),), temp, input_names=[INPUT_NAME],
+                          output_names=output_names(layers, gram_layers), opset_version=OPSET,
+                          dynamo=True, external_data=False, verbose=False,
+                          dynamic_shapes={INPUT_NAME: {0: dim("n"), 2: dim("h"), 3: dim("w")}})
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return target
+
+
+def export_cache_path(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str],
+                      pooling: str) -> Path:
+    """The automatic export's file, keyed by everything that changes the model or its loader."""
+    key = {"weights": weights.sha256 or state_dict_sha256(weights.state_dict),
+           "backbone": weights.backbone, "layers": list(layers), "grams": list(gram_layers),
+           "pooling": pooling, "opset": OPSET, "onnxruntime": ort.__version__, "graph": GRAPH_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "onnx" / f"{weights.backbone}-{pooling}-{digest}.onnx"
+
+
+@functools.lru_cache(maxsize=4)
+def _session(path: str, stamp: tuple[int, int, int], use_gpu: bool) -> ort.InferenceSession:
+    """One session per file version and provider choice, kept warm for the server and hot folder."""
+    ort.set_default_logger_severity(QUIET)
+    options = ort.SessionOptions()
+    options.log_severity_level = QUIET
+    providers = [CUDA_PROVIDER, CPU_PROVIDER] if use_gpu else [CPU_PROVIDER]
+    return ort.InferenceSession(path, sess_options=options, providers=providers)
+
+
+def open_session(path: str | os.PathLike[str], use_gpu: bool = False) -> ort.InferenceSession:
+    """A session on CUDA when asked for and usable, else on the CPU; logs the provider really used."""
+    info = os.stat(path)
+    session = _session(os.fspath(path), (info.st_mtime_ns, info.st_size, info.st_ino), use_gpu)
+    provider = session.get_providers()[0]
+    if use_gpu and provider != CUDA_PROVIDER:
+        log.info("onnxruntime cannot use the GPU here; running %s on %s", path, provider)
+    return session
+
+
+def _signature(session: ort.InferenceSession) -> tuple[list[str], list[str]]:
+    """Input and output names, to tell a cached file made for other layers."""
+    return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+
+
+def cached_session(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str],
+                   pooling: str, use_gpu: bool = False) -> ort.InferenceSession:
+    """The session for these weights and layers, exporting into the cache when missing or unusable."""
+    layers, gram_layers = checked_layers(weights.backbone, layers, gram_layers)
+    path = export_cache_path(weights, layers, gram_layers, pooling)
+    expected = ([INPUT_NAME], output_names(layers, gram_layers))
+    if path.is_file():
+        try:
+            session = open_session(path, use_gpu)
+        except Exception as exc:  # onnxruntime raises a dozen unrelated types for a bad file
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        else:
+            if _signature(session) == expected:
+                return session
+            reason = "its inputs and outputs differ"
+        log.warning("rebuilding cached ONNX model %s (%s)", path, reason)
+    else:
+        log.info("exporting %s features to %s", weights.backbone, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(weights.state_dict, weights.backbone, layers, gram_layers, pooling, path)
+    return open_session(path, use_gpu)
+
+
+def onnx_targets(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str], pooling: str,
+                 use_gpu: bool = False) -> tuple[TargetFn, str]:
+    """An engine TargetFn computed by onnxruntime, plus the execution provider it runs on."""
+    session = cached_session(weights, layers, gram_layers, pooling, use_gpu)
+    provider = session.get_providers()[0]
+    log.info("ONNX targets on %s", provider)
+
+    def compute(image: torch.Tensor, feature_layers: tuple[str, ...],
+                grams: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        wanted = output_names(feature_layers, grams)
+        pixels = np.ascontiguousarray(image.detach().to("cpu", torch.float32).numpy())
+        values = session.run(wanted, {INPUT_NAME: pixels})
+        return {name: torch.from_numpy(value).to(image.device)
+                for name, value in zip(wanted, values, strict=True)}
+
+    return compute, provider

@@ -1,0 +1,289 @@
+"""Named style presets: TOML files pairing style images (with blend weights) and engine options.
+
+Built-in presets ship in stylekit/builtin_presets; user presets live in the platform's config folder
+and override built-ins by name. A preset file looks like this (image paths are relative to it):
+
+    name = "ink-wash"
+    title = "Ink wash"
+    [[style]]
+    image = "ink-wash.jpg"
+    weight = 1.0
+    [options]
+    style_weight = 3e6
+    preserve_color = "none"
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import platformdirs
+import tomli_w
+
+from . import builtin_presets
+from .engine import validate
+from .errors import StylekitError
+from .image import load_image
+from .request import StyleOptions, StyleRequest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
+    import tomli as tomllib
+
+NAME_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
+TOP_KEYS = ("name", "title", "style", "options")
+STYLE_KEYS = ("image", "weight")
+BLEND_OPTION = "style_blend"  # set by each [[style]] weight, never under [options]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A validated preset: where it came from, its style images with blend weights, and options."""
+
+    name: str
+    title: str
+    path: Path
+    style_paths: tuple[Path, ...]
+    blend: tuple[float, ...]
+    options: dict[str, object]  # StyleOptions field names → values
+    builtin: bool
+
+
+def builtin_presets_dir() -> Path:
+    """The package folder holding the built-in preset files and their style images."""
+    return Path(builtin_presets.__file__).parent
+
+
+def user_presets_dir() -> Path:
+    """The user's preset folder (~/.config/stylekit/presets on Linux; XDG_CONFIG_HOME honoured)."""
+    return Path(platformdirs.user_config_dir("stylekit")) / "presets"
+
+
+def check_name(name: str) -> str:
+    """Refuse names that are not [a-z0-9-]+, so a name can never escape the preset folder."""
+    if not NAME_PATTERN.fullmatch(name):
+        shown = "".join(c if c.isprintable() else "?" for c in name)
+        raise StylekitError(f"bad preset name '{shown}' (use 1–64 lowercase letters, digits and '-')")
+    return name
+
+
+def _option_kinds() -> dict[str, type | tuple[type]]:
+    """Each StyleOptions field's value type, None stripped: int, float, str, or (element type,)."""
+    kinds: dict[str, type | tuple[type]] = {}
+    for name, hint in typing.get_type_hints(StyleOptions).items():
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        kinds[name] = (typing.get_args(hint)[0],) if typing.get_origin(hint) is tuple else hint
+    return kinds
+
+
+OPTION_KINDS = _option_kinds()
+_KIND_WORDS = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def _scalar(value: object, kind: type) -> object | None:
+    """The value as `kind` (ints accepted as floats), or None when it has another type."""
+    if isinstance(value, bool):
+        return None
+    if kind is float and isinstance(value, int | float):
+        return float(value)
+    return value if isinstance(value, kind) else None
+
+
+def _option(value: object, kind: type | tuple[type]) -> object | None:
+    """A TOML value converted to what StyleOptions holds (lists become tuples), or None if wrong."""
+    if isinstance(kind, tuple):
+        if not isinstance(value, list) or not value:
+            return None
+        items = [_scalar(item, kind[0]) for item in value]
+        return None if any(item is None for item in items) else tuple(items)
+    return _scalar(value, kind)
+
+
+def _describe(kind: type | tuple[type]) -> str:
+    """Words for the type a key needs, for error messages."""
+    if isinstance(kind, tuple):
+        return f"a non-empty list of {_KIND_WORDS[kind[0]].split(' ', 1)[1]}s"
+    return _KIND_WORDS[kind]
+
+
+def _parse(data: dict, path: Path, builtin: bool) -> Preset:
+    """Validate a preset's TOML data, with every error naming the file and the key."""
+    def fail(key: str, problem: str) -> typing.NoReturn:
+        raise StylekitError(f"preset file '{path}': key '{key}' {problem}")
+
+    for key in data:
+        if key not in TOP_KEYS:
+            fail(key, f"is not a preset key (use {', '.join(TOP_KEYS)})")
+    for key in ("name", "title", "style"):
+        if key not in data:
+            fail(key, "is missing")
+    name, title = data["name"], data["title"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        fail("name", "must be 1–64 lowercase letters, digits and '-'")
+    if name != path.stem:
+        fail("name", f"is '{name}' but the file is named '{path.name}' (they must match)")
+    if not isinstance(title, str) or not title.strip():
+        fail("title", "must be a non-empty string")
+    styles = data["style"]
+    if not isinstance(styles, list) or not styles or not all(isinstance(s, dict) for s in styles):
+        fail("style", "must be one or more [[style]] tables with an image")
+    style_paths, blend = [], []
+    for index, style in enumerate(styles, start=1):
+        where = f"style[{index}]"
+        for key in style:
+            if key not in STYLE_KEYS:
+                fail(f"{where}.{key}", f"is not a style key (use {', '.join(STYLE_KEYS)})")
+        image, weight = style.get("image"), _scalar(style.get("weight", 1.0), float)
+        if not isinstance(image, str) or not image:
+            fail(f"{where}.image", "must be the style image's path (relative to the preset file)")
+        if weight is None or not 0 <= weight < float("inf"):
+            fail(f"{where}.weight", "must be a number ≥ 0")
+        resolved = path.parent / image
+        if not resolved.is_file():
+            fail(f"{where}.image", f"names style image '{resolved}', which is not found")
+        style_paths.append(resolved)
+        blend.append(weight)
+    if sum(blend) <= 0:
+        fail("style", "weights are all 0")
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        fail("options", "must be an [options] table")
+    converted: dict[str, object] = {}
+    for key, value in options.items():
+        if key == BLEND_OPTION:
+            fail(f"options.{key}", "is not allowed (give each [[style]] a weight instead)")
+        if key not in OPTION_KINDS:
+            fail(f"options.{key}", "is not an engine option")
+        converted[key] = _option(value, OPTION_KINDS[key])
+        if converted[key] is None:
+            fail(f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
+    try:
+        validate(StyleOptions().replace(**converted, style_blend=tuple(blend)))
+    except StylekitError as exc:
+        fail("options", f"is invalid: {exc}")
+    return Preset(name, title.strip(), path, tuple(style_paths), tuple(blend), converted, builtin)
+
+
+def load_preset_file(path: str | os.PathLike[str]) -> Preset:
+    """Read and validate one preset file; StylekitError naming the file (and the key) if it is bad."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StylekitError(f"preset file '{path}' not found") from None
+    except UnicodeDecodeError:
+        raise StylekitError(f"preset file '{path}' is not UTF-8 text") from None
+    except OSError as exc:
+        raise StylekitError(f"cannot read preset file '{path}' ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise StylekitError(f"preset file '{path}' is not valid TOML ({exc})") from None
+    builtin = path.resolve().parent == builtin_presets_dir().resolve()
+    return _parse(data, path, builtin)
+
+
+def list_presets() -> list[Preset]:
+    """Every usable preset, user ones overriding built-ins by name; invalid files are logged and skipped."""
+    found: dict[str, Preset] = {}
+    for folder in (builtin_presets_dir(), user_presets_dir()):
+        for file in sorted(folder.glob("*.toml")):
+            try:
+                found[file.stem] = load_preset_file(file)
+            except StylekitError as exc:
+                log.warning("skipping %s", exc)
+    return sorted(found.values(), key=lambda preset: preset.name)
+
+
+def get_preset(name: str) -> Preset:
+    """The user's preset of that name if there is one, else the built-in one."""
+    check_name(name)
+    for folder in (user_presets_dir(), builtin_presets_dir()):
+        if (folder / f"{name}.toml").is_file():
+            return load_preset_file(folder / f"{name}.toml")
+    known = sorted({f.stem for d in (builtin_presets_dir(), user_presets_dir()) for f in d.glob("*.toml")})
+    raise StylekitError(f"unknown preset '{name}' (available: {', '.join(known)})")
+
+
+def preset_request(preset: Preset, content: np.ndarray,
+                   overrides: dict[str, object] | None = None) -> StyleRequest:
+    """A StyleRequest for the preset's styles and options, `overrides` (e.g. CLI flags) winning."""
+    styles = [load_image(path).rgb for path in preset.style_paths]
+    try:
+        options = StyleOptions().replace(**preset.options, style_blend=preset.blend)
+        options = options.replace(**(overrides or {}))
+    except ValueError as exc:
+        raise StylekitError(str(exc)) from None
+    return StyleRequest(content=content, styles=styles, options=options, style_key=preset.name)
+
+
+def _toml_value(value: object) -> object:
+    """StyleOptions values as TOML can hold them (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options: dict[str, object],
+               title: str | None = None, replace: bool = False) -> Preset:
+    """Save a user preset: copies the style images beside NAME.toml, so moving the originals is safe.
+
+    options["style_blend"], if given, becomes the [[style]] weights.
+    """
+    check_name(name)
+    folder = user_presets_dir()
+    file = folder / f"{name}.toml"
+    if file.exists() and not replace:
+        raise StylekitError(f"user preset '{name}' already exists ({file}); use --force to replace it")
+    sources = [Path(source) for source in style_files]
+    if not sources:
+        raise StylekitError("a preset needs at least one --style image")
+    for source in sources:
+        load_image(source)  # refuse a missing or unreadable image before anything is written
+    options = dict(options)
+    blend = options.pop(BLEND_OPTION, None) or tuple(1.0 for _ in sources)
+    if len(blend) != len(sources):
+        raise StylekitError(f"--style-blend needs {len(sources)} weights, one per --style image")
+    data = {"name": name, "title": title or name,
+            "style": [{"image": str(source.resolve()), "weight": float(weight)}
+                      for source, weight in zip(sources, blend, strict=True)],
+            "options": {key: _toml_value(value) for key, value in options.items()}}
+    _parse(data, file, builtin=False)
+    copies = {f"style-{index}{source.suffix.lower()}": source.read_bytes()  # read first: a source
+              for index, source in enumerate(sources, start=1)}  # may sit in the folder replaced below
+    for style, copy in zip(data["style"], copies, strict=True):
+        style["image"] = f"{name}/{copy}"
+    images = folder / name
+    if images.exists():
+        shutil.rmtree(images)
+    images.mkdir(parents=True)
+    for copy, payload in copies.items():
+        (images / copy).write_bytes(payload)
+    temp = file.with_name(f".{file.name}.tmp")
+    temp.write_text(tomli_w.dumps(data), encoding="utf-8")
+    os.replace(temp, file)
+    return load_preset_file(file)
+
+
+def remove_preset(name: str) -> Path:
+    """Delete a user preset and its copied style images; built-ins cannot be removed."""
+    check_name(name)
+    file = user_presets_dir() / f"{name}.toml"
+    if not file.is_file():
+        if (builtin_presets_dir() / f"{name}.toml").is_file():
+            raise StylekitError(f"'{name}' is a built-in preset; only user presets can be removed")
+        raise StylekitError(f"no user preset named '{name}' in {user_presets_dir()}")
+    file.unlink()
+    if (file.parent / name).is_dir():
+        shutil.rmtree(file.parent / name)
+    return file

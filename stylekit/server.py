@@ -1,0 +1,593 @@
+"""`stylekit serve`: a FastAPI app over a job queue whose one worker thread owns the device.
+
+Clients upload pixels and name a preset (or upload a style image); the server never opens a path a
+client names, and its weights and device are fixed when it starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import stat
+import threading
+import time
+import typing
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import platformdirs
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from . import __version__
+from .engine import DEFAULT_LONG_SIDE, stylize, validate
+from .errors import Cancelled, StylekitError
+from .image import encode_png, load_image
+from .presets import get_preset, list_presets, preset_request
+from .progress import progress_event
+from .request import Progress, Result, StyleOptions, StyleRequest
+
+log = logging.getLogger("stylekit.server")
+
+SERVER_OWNED = ("weights", "device", "backbone")  # fixed by `stylekit serve` for every job
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = ("done", "failed", "cancelled")
+KEEP_FINISHED = 64  # finished jobs (and their PNGs) kept for clients to fetch; older ones are dropped
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_OPTION_BOUNDS = {  # keep one job's compute finite; the CLI's own ranges where it has them
+    "size": Field(None, ge=16), "steps": Field(None, ge=1, le=100_000),
+    "scales": Field(None, ge=1, le=8), "style_scale": Field(None, ge=0.05, le=8.0),
+    "min_scale": Field(None, ge=16, le=4096)}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What `stylekit serve` fixes for every job: weights, device, limits and the optional token."""
+
+    weights: str = "auto"
+    device: str = "auto"
+    max_upload_bytes: int = 25 * 2**20
+    max_pixels: int = 16_000_000
+    max_queue: int = 8
+    token: str | None = None
+
+
+class JobParams(BaseModel):
+    """The `params` JSON of a job: what to apply, plus engine options by StyleOptions name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    id: str | None = Field(None, pattern=JOB_ID_PATTERN,
+                           description="Client-chosen id: resubmitting the same job returns it.")
+    preset: str | None = Field(None, description="Preset name from GET /v1/presets.")
+    strength: float = Field(1.0, gt=0, le=1000, description="Multiplies the style weight.")
+    abandon_after: float | None = Field(
+        None, gt=0, le=86_400, description="Cancel when no client asks about the job for this long (s).")
+
+
+_HINTS = typing.get_type_hints(StyleOptions)
+CLIENT_OPTIONS = tuple(name for name in _HINTS if name not in SERVER_OWNED)
+PARAMS_HELP = ("JSON object: `preset` (or upload `style`), optional `id`, `strength`, `abandon_after` "
+               f"and engine options: {', '.join(CLIENT_OPTIONS)}.")
+_Params = create_model("_Params", __base__=JobParams,
+                       **{name: (_HINTS[name], _OPTION_BOUNDS.get(name)) for name in CLIENT_OPTIONS})
+
+
+class JobView(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    status: typing.Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: float = Field(description="Share of the work done, 0–1.")
+    message: str
+    preset: str | None
+    created: float = Field(description="Unix time of submission.")
+    event: dict[str, object] | None = Field(None, description="Latest progress event (as `--progress json`).")
+    report: dict[str, object] | None = Field(None, description="Run report once done.")
+
+
+class Health(BaseModel):
+    """Server state for clients that wait for it to come up."""
+
+    status: str
+    version: str
+    device: str
+    weights: str
+    queued: int
+    running: str | None
+    max_upload_bytes: int
+    max_pixels: int
+    max_queue: int
+
+
+class PresetView(BaseModel):
+    """A preset as clients see it (style file names only, never server paths)."""
+
+    name: str
+    title: str
+    builtin: bool
+    styles: list[str]
+    options: dict[str, object]
+
+
+@dataclass(eq=False)
+class Job:
+    """One submission, from queue to PNG; mutable fields change only under JobQueue's lock."""
+
+    id: str
+    fingerprint: str
+    request: StyleRequest | None
+    alpha: np.ndarray | None
+    preset: str | None
+    abandon_after: float | None
+    created: float = field(default_factory=time.time)
+    seen: float = field(default_factory=time.monotonic)
+    status: str = "queued"
+    progress: float = 0.0
+    message: str = "waiting for the worker"
+    event: dict[str, object] | None = None
+    report: dict[str, object] | None = None
+    png: bytes | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def abandoned(self) -> bool:
+        """True when the client asked to cancel the job once nobody polls it any more."""
+        return self.abandon_after is not None and time.monotonic() - self.seen > self.abandon_after
+
+    def view(self) -> JobView:
+        """The client's view of this job."""
+        return JobView(id=self.id, status=self.status, progress=round(self.progress, 4),
+                       message=self.message, preset=self.preset, created=self.created,
+                       event=self.event, report=self.report)
+
+
+class ApiError(Exception):
+    """An answer other than 2xx with a one-line message (mapped to {"detail": message})."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class JobQueue:
+    """Jobs by id plus a FIFO of queued ones, run one at a time by a single worker thread."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._jobs: dict[str, Job] = {}
+        self._pending: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="stylekit-worker", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what runs, drop what waits, and let the worker end."""
+        with self._cond:
+            self._stopping = True
+            if self._running:
+                self._running.cancel.set()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def counts(self) -> tuple[int, str | None]:
+        """(queued jobs, id of the running job) for the health answer."""
+        with self._cond:
+            return len(self._pending), self._running.id if self._running else None
+
+    def submit(self, job: Job) -> tuple[JobView, bool]:
+        """Queue a job; an id already known returns that job (created=False) if it is the same job."""
+        with self._cond:
+            known = self._jobs.get(job.id)
+            if known is not None:
+                if known.fingerprint != job.fingerprint:
+                    raise ApiError(409, f"job id '{job.id}' is already used by a different job")
+                known.seen = time.monotonic()
+                return known.view(), False
+            if len(self._pending) >= self.settings.max_queue:
+                raise ApiError(429, f"the queue is full ({len(self._pending)} jobs waiting); "
+                                    "try again later")
+            self._jobs[job.id] = job
+            self._pending.append(job)
+            self._cond.notify_all()
+            return job.view(), True
+
+    def view(self, job_id: str) -> JobView:
+        """A job's state; asking counts as the client still being there (see abandon_after)."""
+        with self._cond:
+            job = self._find(job_id)
+            job.seen = time.monotonic()
+            return job.view()
+
+    def png(self, job_id: str) -> bytes:
+        """A finished job's PNG, or a 409 saying why there is none."""
+        with self._cond:
+            job = self._find(job_id)
+            job.seen = time.monotonic()
+            if job.status != "done" or job.png is None:
+                raise ApiError(409, f"job '{job_id}' is {job.status} ({job.message}); no result")
+            return job.png
+
+    def delete(self, job_id: str) -> JobView:
+        """Cancel a queued or running job; a finished one is forgotten together with its result."""
+        with self._cond:
+            job = self._find(job_id)
+            if job.status == "queued":
+                self._pending.remove(job)
+                job.status, job.message = "cancelled", "cancelled before it started"
+            elif job.status == "running":
+                job.cancel.set()
+                job.message = "cancelling"
+            else:
+                del self._jobs[job_id]
+            return job.view()
+
+    def _find(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job '{job_id}' (finished jobs are kept for a while, then dropped)")
+        return job
+
+    def _next(self) -> Job | None:
+        """Wait for the next job that is still wanted; None when stopping."""
+        with self._cond:
+            while True:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                job = self._pending.popleft()
+                if job.abandoned():
+                    self._finish(job, "cancelled", "cancelled: no client asked about it any more")
+                    continue
+                job.status, job.message, self._running = "running", "starting", job
+                return job
+
+    def _work(self) -> None:
+        """The worker thread: run jobs one after another until stopped."""
+        while (job := self._next()) is not None:
+            status, message, png, report = self._execute(job)
+            with self._cond:
+                self._running = None
+                job.png, job.report = png, report
+                self._finish(job, status, message)
+
+    def _execute(self, job: Job) -> tuple[str, str, bytes | None, dict[str, object] | None]:
+        """Run one job outside the lock; returns (status, message, png, report)."""
+        def on_progress(progress: Progress) -> None:
+            with self._cond:
+                job.progress, job.event = progress.fraction, progress_event(progress)
+                job.message = (f"scale {progress.scale}/{progress.scales}, "
+                               f"step {progress.iteration}/{progress.total}")
+            if job.cancel.is_set() or job.abandoned():
+                raise Cancelled
+
+        assert job.request is not None
+        try:
+            result = stylize(job.request, on_progress)
+            png = encode_png(result.image, job.alpha, metadata=_metadata(job, result))
+        except Cancelled:
+            reason = "" if job.cancel.is_set() else ": no client asked about it any more"
+            return "cancelled", f"cancelled{reason}", None, None
+        except StylekitError as exc:
+            return "failed", str(exc), None, None
+        except Exception as exc:  # a job must never take the worker down with it
+            log.exception("job %s failed", job.id)
+            return "failed", f"internal error: {type(exc).__name__}: {exc}", None, None
+        return "done", f"done in {result.seconds:.1f} s", png, result.report()
+
+    def _finish(self, job: Job, status: str, message: str) -> None:
+        """Record a final state, free the inputs, and drop the oldest finished jobs over the limit."""
+        job.status, job.message, job.request, job.alpha = status, message, None, None
+        if status == "done":
+            job.progress = 1.0
+        finished = [j for j in self._jobs.values() if j.status in FINISHED]
+        for old in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[old.id]
+
+
+def _metadata(job: Job, result: Result) -> dict[str, object]:
+    """What the result PNG records about how it was made."""
+    return {"software": f"stylekit {__version__}", "job": job.id, "preset": job.preset,
+            **result.report()}
+
+
+def parse_params(text: str) -> _Params:
+    """Validate the `params` JSON into known fields, with a one-line message for the first problem."""
+    try:
+        raw = json.loads(text or "{}")
+    except ValueError as exc:
+        raise ApiError(422, f"params is not valid JSON ({exc})") from None
+    if isinstance(raw, dict):
+        for name in SERVER_OWNED:
+            if name in raw:
+                raise ApiError(422, f"'{name}' is fixed when the server starts "
+                                    "(stylekit serve --weights/--device), not per job")
+    try:
+        return _Params.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            raise ApiError(422, f"unknown parameter '{where}' (known: id, preset, strength, "
+                                f"abandon_after, {', '.join(CLIENT_OPTIONS)})") from None
+        raise ApiError(422, f"bad parameter{' ' + repr(where) if where else 's'}: {error['msg']}") \
+            from None
+
+
+def build_request(params: _Params, content: np.ndarray, style: np.ndarray | None,
+                  settings: ServerSettings) -> StyleRequest:
+    """Turn validated params and decoded pixels into the engine's request, with the server's weights."""
+    overrides = {name: getattr(params, name) for name in params.model_fields_set
+                 if name in CLIENT_OPTIONS}
+    if (params.preset is None) == (style is None):
+        raise ApiError(422, "give either a preset name in params or a style image, not both or neither")
+    if params.preset is not None:
+        try:
+            request = preset_request(get_preset(params.preset), content, overrides)
+        except StylekitError as exc:
+            raise ApiError(422, str(exc)) from None
+    else:
+        assert style is not None
+        request = StyleRequest(content=content, styles=[style], options=StyleOptions().replace(**overrides))
+    options = request.options.replace(weights=settings.weights, device=settings.device,
+                                      style_weight=request.options.style_weight * params.strength)
+    try:
+        validate(options)
+    except StylekitError as exc:
+        raise ApiError(422, str(exc)) from None
+    height, width = content.shape[:2]
+    long_side = options.size or min(max(width, height), DEFAULT_LONG_SIDE)
+    ratio = long_side / max(width, height)
+    if round(width * ratio) * round(height * ratio) > settings.max_pixels:
+        raise ApiError(422, f"size {long_side} would make a {round(width * ratio)}×{round(height * ratio)} "
+                            f"image, over the server's limit of {settings.max_pixels:,} pixels")
+    return replace(request, options=options)
+
+
+def _decode(data: bytes, what: str, settings: ServerSettings) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode an uploaded image within the pixel limit; every failure is a 422 naming the upload."""
+    try:
+        loaded = load_image(data, max_pixels=settings.max_pixels, name=what)
+    except StylekitError as exc:
+        raise ApiError(422, str(exc)) from None
+    return loaded.rgb, loaded.alpha
+
+
+def _fingerprint(*parts: bytes) -> str:
+    """Identify a submission so a retry with the same id can be told from a different job."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()
+
+
+def _too_large(settings: ServerSettings) -> HTTPException:
+    """The 413 answer (an HTTPException, which FastAPI passes through its body parsing untouched)."""
+    limit = settings.max_upload_bytes / 2**20
+    return HTTPException(413, f"upload is over the server's limit of {limit:g} MB "
+                              "(stylekit serve --max-upload-mb)")
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over the upload limit, announced or streamed."""
+
+    def __init__(self, app, settings: ServerSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.settings.max_upload_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > limit:
+            error = _too_large(self.settings)
+            await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(self.settings)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+_BEARER = HTTPBearer(auto_error=False)
+_ERRORS = {status: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
+           for status, text in ((401, "missing or wrong bearer token"), (404, "no such job"),
+                                (409, "job id reused, or no result yet"), (413, "upload too large"),
+                                (422, "bad parameters or image"), (429, "queue full"))}
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """The FastAPI application; its lifespan starts and stops the worker thread."""
+    jobs = JobQueue(settings)
+    warm: dict[str, str] = {"device": settings.device, "weights": settings.weights}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        jobs.start()
+        yield
+        jobs.stop()
+
+    app = FastAPI(title="stylekit", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description="Neural style transfer jobs for the GIMP plug-in and "
+                                              "other local clients.")
+    app.state.jobs, app.state.warm = jobs, warm
+    app.add_middleware(_BodyLimit, settings=settings)
+
+    def check_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        if settings.token is None:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, settings.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
+                                     "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"][1:]) or "request"
+        return JSONResponse({"detail": f"{where}: {error['msg']}"}, 422)
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)], responses={401: _ERRORS[401]})
+
+    @api.get("/health", response_model=Health)
+    def health() -> Health:
+        """Whether the server is up, what it runs on, and how busy it is."""
+        queued, running = jobs.counts()
+        return Health(status="ok", version=__version__, device=warm["device"], weights=warm["weights"],
+                      queued=queued, running=running, max_upload_bytes=settings.max_upload_bytes,
+                      max_pixels=settings.max_pixels, max_queue=settings.max_queue)
+
+    @api.get("/presets", response_model=list[PresetView])
+    def presets() -> list[PresetView]:
+        """The presets a job can name."""
+        return [PresetView(name=p.name, title=p.title, builtin=p.builtin,
+                           styles=[path.name for path in p.style_paths],
+                           options=json.loads(json.dumps(p.options, default=str)))
+                for p in list_presets()]
+
+    @api.post("/jobs", response_model=JobView, status_code=202,
+              responses={200: {"description": "the same job was submitted before", "model": JobView},
+                         **{s: _ERRORS[s] for s in (409, 413, 422, 429)}})
+    def submit(response: Response,
+               image: Annotated[UploadFile, File(description="The picture to stylise.")],
+               params: Annotated[str, Form(description=PARAMS_HELP)] = "{}",
+               style: Annotated[UploadFile | None, File(description="A style image, not a preset.")] = None,
+               ) -> JobView:
+        """Queue a job; 202 with its id (200 when the same id and upload were submitted before)."""
+        parsed = parse_params(params)
+        content_bytes = image.file.read()
+        style_bytes = style.file.read() if style is not None else b""
+        content, alpha = _decode(content_bytes, image.filename or "image", settings)
+        style_rgb = _decode(style_bytes, style.filename or "style", settings)[0] if style else None
+        request = build_request(parsed, content, style_rgb, settings)
+        job = Job(id=parsed.id or uuid.uuid4().hex, request=request, alpha=alpha, preset=parsed.preset,
+                  fingerprint=_fingerprint(content_bytes, style_bytes, params.encode()),
+                  abandon_after=parsed.abandon_after)
+        view, created = jobs.submit(job)
+        if not created:
+            response.status_code = 200
+        return view
+
+    @api.get("/jobs/{job_id}", response_model=JobView, responses={404: _ERRORS[404]})
+    def job_status(job_id: str) -> JobView:
+        """A job's status, progress (0–1) and message."""
+        return jobs.view(job_id)
+
+    @api.get("/jobs/{job_id}/result", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "the stylised PNG"},
+                        404: _ERRORS[404], 409: _ERRORS[409]})
+    def job_result(job_id: str) -> Response:
+        """The finished picture as PNG (with the upload's transparency)."""
+        return Response(jobs.png(job_id), media_type="image/png")
+
+    @api.delete("/jobs/{job_id}", response_model=JobView, responses={404: _ERRORS[404]})
+    def cancel(job_id: str) -> JobView:
+        """Cancel a queued or running job (checked every optimiser step); forget a finished one."""
+        return jobs.delete(job_id)
+
+    app.include_router(api)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_token_file() -> Path:
+    """Where the server's bearer token lives unless --token-file says otherwise."""
+    return Path(platformdirs.user_config_dir("stylekit")) / "server-token"
+
+
+def load_or_create_token(path: Path) -> str:
+    """Read the token file, creating it (mode 0600, random secret) when missing; refuse a shared one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_token(path)
+    except OSError as exc:
+        raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def _read_token(path: Path) -> str:
+    """An existing token, refused when other users could read it or it is too short to be secret."""
+    try:
+        if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise StylekitError(f"token file '{path}' can be read by other users; run: chmod 600 '{path}'")
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise StylekitError(f"cannot read token file '{path}': {exc.strerror or exc}") from None
+    if len(token) < 16:
+        raise StylekitError(f"token file '{path}' holds no usable token (16+ characters); "
+                            "delete it to get a new one")
+    return token
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind and listen before loading anything, so a busy port fails at once with a clear message."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as exc:
+        raise StylekitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    return sock
+
+
+def warm_up(settings: ServerSettings) -> Result:
+    """Load the weights and build the network once: the first job starts warm, bad weights fail now."""
+    pixels = np.full((16, 16, 3), 0.5, dtype=np.float32)
+    options = StyleOptions(steps=1, size=16, scales=1, weights=settings.weights, device=settings.device)
+    return stylize(StyleRequest(content=pixels, styles=[pixels], options=options))
+
+
+def serve(settings: ServerSettings, sock: socket.socket, warm: Result) -> None:
+    """Answer HTTP on an already listening socket until interrupted (after warm_up)."""
+    import uvicorn
+
+    app = create_app(settings)
+    app.state.warm.update(device=warm.device, weights=warm.weights)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
