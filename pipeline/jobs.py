@@ -12,6 +12,7 @@ A restart reads every journal (recover): what was published is finished, everyth
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from dataclasses import asdict, dataclass
@@ -69,11 +70,15 @@ def save(layout: Layout, job: Job) -> None:
     write_json(journal_path(layout, job), asdict(job))
 
 
-def claim(layout: Layout, drop: Drop, preset: str | None, output: str | None) -> Job | None:
-    """Take a dropped file: journal first, then an atomic rename; None if it vanished meanwhile."""
+def claim(layout: Layout, drop: Drop, preset: str | None, output: str | None,
+          problem: str | None = None) -> Job | None:
+    """Take a dropped file: journal first, then an atomic rename; None if it vanished meanwhile.
+
+    A refused file (problem given) is claimed too, so that its way to failed/ is just as crash-safe.
+    """
     job_id = secrets.token_hex(6)
     job = Job(id=job_id, source=drop.rel.as_posix(), claimed=job_id + drop.path.suffix[:16],
-              preset=preset, output=output)
+              preset=preset, output=output, error=problem)
     save(layout, job)
     try:
         os.rename(drop.path, claimed_path(layout, job))
@@ -122,16 +127,13 @@ def remove_temporaries(layout: Layout, job: Job) -> None:
 def finish(layout: Layout, job: Job, error: str | None = None) -> Path:
     """Move the input to done/, or to failed/ beside <name>.error.json, and drop the journal."""
     source = claimed_path(layout, job)
-    if job.final is None or (os.path.lexists(source) and os.path.lexists(layout.inbox / job.final)):
-        if job.final is None:
-            job.error = error
-        base = layout.failed if job.error is not None else layout.done
-        rel = Path(job.source)
-        companion = ERROR_SUFFIX if job.error is not None else ""
-        job.final = free_name(base / rel.parent, rel.name, companion=companion) \
-            .relative_to(layout.inbox).as_posix()
-        save(layout, job)
-    target = layout.inbox / job.final
+    if job.final is None:
+        job.error = error
+        target = _choose_final(layout, job)
+    else:
+        target = layout.inbox / job.final
+        if os.path.lexists(source) and os.path.lexists(target):
+            target = _choose_final(layout, job)  # another file took the recorded name meanwhile
     if os.path.lexists(source):
         target.parent.mkdir(parents=True, exist_ok=True)
         if job.error is not None:
@@ -142,6 +144,17 @@ def finish(layout: Layout, job: Job, error: str | None = None) -> Path:
         os.rename(source, target)
     journal_path(layout, job).unlink(missing_ok=True)
     return target
+
+
+def _choose_final(layout: Layout, job: Job) -> Path:
+    """Pick and record a free place in done/ or failed/ (mirroring the inbox) before moving there."""
+    failed = job.error is not None
+    rel = Path(job.source)
+    folder = (layout.failed if failed else layout.done) / rel.parent
+    final = free_name(folder, rel.name, companion=ERROR_SUFFIX if failed else "")
+    job.final = final.relative_to(layout.inbox).as_posix()
+    save(layout, job)
+    return final
 
 
 def hand_back(layout: Layout, job: Job) -> Path:
@@ -171,8 +184,8 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
     claimed = {job.claimed for job in jobs}
     for job in jobs:
         remove_temporaries(layout, job)
-        if job.final is not None:
-            finished.append((job, finish(layout, job)))
+        if job.final is not None or job.error is not None:
+            finished.append((job, finish(layout, job, job.error)))
         elif not os.path.lexists(claimed_path(layout, job)):
             journal_path(layout, job).unlink()  # never renamed in, or already handed back
         elif is_published(layout, job):
@@ -195,8 +208,6 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
 
 def _load(path: Path) -> Job:
     """Read a journal, refusing to guess about one that is unreadable."""
-    import json
-
     try:
         return Job(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as error:

@@ -19,6 +19,7 @@ from .features import backbone_spec
 from .gimp_install import gimp
 from .image import load_image, output_format, save_image
 from .onnx_features import OPSET, checked_layers, export_onnx
+from .pipeline.config import FORMATS as OUTPUT_FORMATS
 from .presets import add_preset, get_preset, list_presets, load_preset_file, preset_request, remove_preset
 from .progress import json_lines, progress_bar
 from .request import (
@@ -219,6 +220,100 @@ def weights_import(file: Path) -> None:
     click.echo(f"imported {backbone} weights from {file} to {target}")
 
 
+@cli.command("export-onnx")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .onnx file to write.")
+@click.option("--weights", "weights_spec", default="auto", show_default=True,
+              metavar="auto|imagenet|random|PATH", help="Network weights to bake in.")
+@click.option("--backbone", type=click.Choice(["vgg19", "vgg16", "resnet50"]), default="vgg19",
+              show_default=True)
+@click.option("--layers", help="Feature outputs, comma-separated (default: content and style layers).")
+@click.option("--gram-layers", help="Layers that also get a gram_<layer> output "
+                                    "(default: the backbone's style layers among --layers).")
+@click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True)
+def export_onnx_command(output: Path, weights_spec: str, backbone: str, layers: str | None,
+                        gram_layers: str | None, pooling: str) -> None:
+    """Export the feature extractor as ONNX (input `image`: N×3×H×W RGB in [0, 1]).
+
+    Example: stylekit export-onnx --weights imagenet -o vgg19-features.onnx
+    """
+    if output.suffix.lower() != ".onnx":
+        raise StylekitError(f"output '{output}' must end in .onnx")
+    spec = backbone_spec(backbone)
+    chosen = _names(layers) or tuple(dict.fromkeys(spec.content_layers + spec.style_layers))
+    grams = _names(gram_layers) if gram_layers is not None \
+        else tuple(name for name in chosen if name in spec.style_layers)
+    chosen, grams = checked_layers(backbone, chosen, grams)  # before the slow weights and export
+    weights = resolve_weights(weights_spec, backbone, progress=sys.stderr.isatty())
+    if weights.warning:
+        _warn(weights.warning)
+    export_onnx(weights.state_dict, backbone, chosen, grams, pooling, output)
+    click.echo(f"wrote {output} (outputs {', '.join(chosen)}; Grams of {', '.join(grams) or 'none'}; "
+               f"opset {OPSET}; {weights.description} weights)", err=True)
+
+
+@cli.group()
+def presets() -> None:
+    """Named styles: the built-in ones and your own (user presets override built-ins by name)."""
+
+
+@presets.command("list")
+def presets_list() -> None:
+    """Show every preset: name, where it comes from, title."""
+    for preset in list_presets():
+        click.echo(f"{preset.name:16} {'built-in' if preset.builtin else 'user':8} {preset.title}")
+
+
+@presets.command("show")
+@click.argument("name")
+def presets_show(name: str) -> None:
+    """Show a preset's file, style images with blend weights, and options."""
+    preset = get_preset(name)
+    click.echo(f"{preset.name}: {preset.title} ({'built-in' if preset.builtin else 'user'})")
+    click.echo(f"file: {preset.path}")
+    for path, weight in zip(preset.style_paths, preset.blend, strict=True):
+        click.echo(f"style: {path} (weight {weight:g})")
+    for key, value in preset.options.items():
+        click.echo(f"{key} = {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+
+
+@presets.command("add")
+@click.argument("name")
+@click.option("--style", "styles", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Style image (copied into the preset folder); repeat for several.")
+@click.option("--title", help="A human-readable title (default: NAME).")
+@click.option("--force", is_flag=True, help="Replace a user preset of the same name.")
+@engine_options
+def presets_add(name: str, styles: tuple[str, ...], title: str | None, force: bool,
+                **flags: object) -> None:
+    """Save --style images and the engine flags given as user preset NAME ([a-z0-9-]+).
+
+    Example: stylekit presets add my-ink --style ink.jpg --style-weight 3e6 --preserve-color luminance
+    """
+    changes, init_file = flag_changes(flags)
+    if init_file:
+        raise click.UsageError("a preset cannot keep an --init FILE (use content, noise or style)")
+    preset = add_preset(name, styles, changes, title=title, replace=force)
+    click.echo(f"saved preset '{preset.name}' in {preset.path}")
+
+
+@presets.command("remove")
+@click.argument("name")
+def presets_remove(name: str) -> None:
+    """Delete user preset NAME and its copied style images (built-ins cannot be removed)."""
+    path = remove_preset(name)
+    click.echo(f"removed {path}")
+
+
+@presets.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def presets_validate(file: Path) -> None:
+    """Check a preset FILE: its keys, option values and style images."""
+    preset = load_preset_file(file)
+    click.echo(f"{file}: ok ('{preset.name}', {len(preset.style_paths)} style image(s), "
+               f"{len(preset.options)} option(s))")
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; any but loopback needs the bearer token.")
@@ -262,6 +357,47 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
     click.echo(f"stylekit server listening on http://{shown}:{sock.getsockname()[1]} "
                f"({warm.device}, {warm.weights}); Ctrl-C stops it", err=True)
     server.serve(settings, sock, warm)
+
+
+@cli.command()
+@click.argument("inbox", required=False, type=click.Path(path_type=Path))
+@click.option("--preset", help="Preset for images dropped at the top of INBOX "
+                               "(INBOX/<preset>/ sub-folders use their own).")
+@click.option("--out", "outbox", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder the styled images are written to.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A pipeline.toml watching several folders (see pipeline/pipeline.example.toml).")
+@click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS),
+              help="Output format (default: the input's where possible, else png).")
+@engine_options
+@click.option("--settle", type=click.FloatRange(min=0),
+              help="Seconds a file must stay unchanged before it is taken (default 2).")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line, for machines.")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Keep queued/processing/done/failed counts in this JSON file.")
+@click.option("--status", "show_status", is_flag=True,
+              help="Print the counts for INBOX (or a pipeline.toml) and exit.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_file: Path | None,
+          out_format: str | None, settle: float | None, log_json: bool, status_file: Path | None,
+          show_status: bool, debug: bool, **flags: object) -> None:
+    """Hot folder: style every image dropped into INBOX with --preset and write it to --out.
+
+    \b
+    Examples: stylekit watch inbox --preset ink-wash --out outbox
+              stylekit watch --config pipeline.toml
+              stylekit watch --status inbox
+    """
+    from .pipeline import config, status, watcher  # watchdog loads only for this command
+
+    if show_status:
+        click.echo(status.report(inbox or config_file))
+        return
+    overrides, init_file = flag_changes(flags)
+    if init_file:
+        raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
+    watcher.watch(config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle,
+                                  log_json, status_file))
 
 
 cli.add_command(gimp)

@@ -120,62 +120,74 @@ def _describe(kind: type | tuple[type]) -> str:
     return _KIND_WORDS[kind]
 
 
-def _parse(data: dict, path: Path, builtin: bool) -> Preset:
-    """Validate a preset's TOML data, with every error naming the file and the key."""
-    def fail(key: str, problem: str) -> typing.NoReturn:
-        raise StylekitError(f"preset file '{path}': key '{key}' {problem}")
+def _fail(path: Path, key: str, problem: str) -> typing.NoReturn:
+    """Every preset-file error names the file and the key."""
+    raise StylekitError(f"preset file '{path}': key '{key}' {problem}")
 
-    for key in data:
-        if key not in TOP_KEYS:
-            fail(key, f"is not a preset key (use {', '.join(TOP_KEYS)})")
-    for key in ("name", "title", "style"):
-        if key not in data:
-            fail(key, "is missing")
-    name, title = data["name"], data["title"]
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        fail("name", "must be 1–64 lowercase letters, digits and '-'")
-    if name != path.stem:
-        fail("name", f"is '{name}' but the file is named '{path.name}' (they must match)")
-    if not isinstance(title, str) or not title.strip():
-        fail("title", "must be a non-empty string")
-    styles = data["style"]
+
+def _styles(styles: object, path: Path) -> tuple[tuple[Path, ...], tuple[float, ...]]:
+    """The [[style]] tables: image paths (relative to the file, which must exist) and blend weights."""
     if not isinstance(styles, list) or not styles or not all(isinstance(s, dict) for s in styles):
-        fail("style", "must be one or more [[style]] tables with an image")
+        _fail(path, "style", "must be one or more [[style]] tables with an image")
     style_paths, blend = [], []
     for index, style in enumerate(styles, start=1):
         where = f"style[{index}]"
         for key in style:
             if key not in STYLE_KEYS:
-                fail(f"{where}.{key}", f"is not a style key (use {', '.join(STYLE_KEYS)})")
+                _fail(path, f"{where}.{key}", f"is not a style key (use {', '.join(STYLE_KEYS)})")
         image, weight = style.get("image"), _scalar(style.get("weight", 1.0), float)
         if not isinstance(image, str) or not image:
-            fail(f"{where}.image", "must be the style image's path (relative to the preset file)")
+            _fail(path, f"{where}.image", "must be the style image's path (relative to the preset file)")
         if weight is None or not 0 <= weight < float("inf"):
-            fail(f"{where}.weight", "must be a number ≥ 0")
+            _fail(path, f"{where}.weight", "must be a number ≥ 0")
         resolved = path.parent / image
         if not resolved.is_file():
-            fail(f"{where}.image", f"names style image '{resolved}', which is not found")
+            _fail(path, f"{where}.image", f"names style image '{resolved}', which is not found")
         style_paths.append(resolved)
         blend.append(weight)
     if sum(blend) <= 0:
-        fail("style", "weights are all 0")
-    options = data.get("options", {})
+        _fail(path, "style", "weights are all 0")
+    return tuple(style_paths), tuple(blend)
+
+
+def _options(options: object, blend: tuple[float, ...], path: Path) -> dict[str, object]:
+    """The [options] table as StyleOptions values, type-checked per key, then checked by the engine."""
     if not isinstance(options, dict):
-        fail("options", "must be an [options] table")
+        _fail(path, "options", "must be an [options] table")
     converted: dict[str, object] = {}
     for key, value in options.items():
         if key == BLEND_OPTION:
-            fail(f"options.{key}", "is not allowed (give each [[style]] a weight instead)")
+            _fail(path, f"options.{key}", "is not allowed (give each [[style]] a weight instead)")
         if key not in OPTION_KINDS:
-            fail(f"options.{key}", "is not an engine option")
+            _fail(path, f"options.{key}", "is not an engine option")
         converted[key] = _option(value, OPTION_KINDS[key])
         if converted[key] is None:
-            fail(f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
+            _fail(path, f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
     try:
-        validate(StyleOptions().replace(**converted, style_blend=tuple(blend)))
+        validate(StyleOptions().replace(**converted, style_blend=blend))
     except StylekitError as exc:
-        fail("options", f"is invalid: {exc}")
-    return Preset(name, title.strip(), path, tuple(style_paths), tuple(blend), converted, builtin)
+        _fail(path, "options", f"is invalid: {exc}")
+    return converted
+
+
+def _parse(data: dict, path: Path, builtin: bool) -> Preset:
+    """Validate a preset's TOML data into a Preset."""
+    for key in data:
+        if key not in TOP_KEYS:
+            _fail(path, key, f"is not a preset key (use {', '.join(TOP_KEYS)})")
+    for key in ("name", "title", "style"):
+        if key not in data:
+            _fail(path, key, "is missing")
+    name, title = data["name"], data["title"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        _fail(path, "name", "must be 1–64 lowercase letters, digits and '-'")
+    if name != path.stem:
+        _fail(path, "name", f"is '{name}' but the file is named '{path.name}' (they must match)")
+    if not isinstance(title, str) or not title.strip():
+        _fail(path, "title", "must be a non-empty string")
+    style_paths, blend = _styles(data["style"], path)
+    options = _options(data.get("options", {}), blend, path)
+    return Preset(name, title.strip(), path, style_paths, blend, options, builtin)
 
 
 def load_preset_file(path: str | os.PathLike[str]) -> Preset:

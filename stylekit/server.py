@@ -172,10 +172,13 @@ class JobQueue:
         self._running: Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="stylekit-worker", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the worker thread."""
+        """Start the worker thread (again after stop(): an app's lifespan may run more than once)."""
+        with self._cond:
+            self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="stylekit-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -185,7 +188,7 @@ class JobQueue:
             if self._running:
                 self._running.cancel.set()
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread is not None:
             self._thread.join(timeout)
 
     def counts(self) -> tuple[int, str | None]:
@@ -418,7 +421,8 @@ class _BodyLimit:
 
 _BEARER = HTTPBearer(auto_error=False)
 _ERRORS = {status: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
-           for status, text in ((401, "missing or wrong bearer token"), (404, "no such job"),
+           for status, text in ((400, "malformed multipart body"), (401, "missing or wrong bearer token"),
+                                (404, "no such job"),
                                 (409, "job id reused, or no result yet"), (413, "upload too large"),
                                 (422, "bad parameters or image"), (429, "queue full"))}
 
@@ -441,8 +445,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(_BodyLimit, settings=settings)
 
     def check_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if settings.token is None:
-            return
+        assert settings.token is not None
         given = credentials.credentials.encode() if credentials else b""
         if not hmac.compare_digest(given, settings.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
@@ -458,7 +461,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         where = ".".join(str(part) for part in error["loc"][1:]) or "request"
         return JSONResponse({"detail": f"{where}: {error['msg']}"}, 422)
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)], responses={401: _ERRORS[401]})
+    guarded = settings.token is not None  # the schema declares the token only when it is asked for
+    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)] if guarded else [],
+                    responses={401: _ERRORS[401]} if guarded else {})
 
     @api.get("/health", response_model=Health)
     def health() -> Health:
@@ -478,7 +483,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @api.post("/jobs", response_model=JobView, status_code=202,
               responses={200: {"description": "the same job was submitted before", "model": JobView},
-                         **{s: _ERRORS[s] for s in (409, 413, 422, 429)}})
+                         **{s: _ERRORS[s] for s in (400, 409, 413, 422, 429)}})
     def submit(response: Response,
                image: Annotated[UploadFile, File(description="The picture to stylise.")],
                params: Annotated[str, Form(description=PARAMS_HELP)] = "{}",

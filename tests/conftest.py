@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +82,30 @@ def photo_path(tmp_path: Path) -> Path:
 def painting_path(tmp_path: Path) -> Path:
     """A 40×40 style image on disk."""
     return save_png(tmp_path / "painting.png", make_painting())
+
+
+def start_server(log: Path, *args: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """Start a real `stylekit serve` (port 0: a free one) and wait for its URL; stderr goes to log."""
+    command = [str(Path(sys.executable).parent / "stylekit"), "serve", "--port", "0", *args]
+    with open(log, "w") as stream:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on (http://\S+)", log.read_text())
+        if found:
+            return process, found.group(1)
+        if process.poll() is not None:
+            raise RuntimeError(f"stylekit serve exited {process.returncode}: {log.read_text()}")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"stylekit serve did not start in {timeout} s: {log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def live_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real server on 127.0.0.1 with the seeded random weights on the CPU; yields its URL."""
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    process, url = start_server(log, "--weights", str(weights_file), "--device", "cpu")
+    yield url
+    process.terminate()
+    process.wait(30)

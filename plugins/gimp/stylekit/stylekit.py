@@ -132,7 +132,7 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
     client.ensure_server(server, on_wait=Gimp.progress_pulse)
     presets = server.presets()
     if run_mode == Gimp.RunMode.INTERACTIVE and not show_dialog(procedure, config, presets):
-        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
     preset = config.get_property("preset")
     style = read_style(config)
     if not preset and style is None:
@@ -157,7 +157,7 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
     name = titles[preset] if preset else os.path.splitext(style[0])[0]
     insert_result(image, source, png, rgba, name)
     Gimp.progress_end()
-    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, None)
 
 
 def run(procedure, run_mode, image, drawables, config, data):

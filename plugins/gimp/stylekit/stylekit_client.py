@@ -138,9 +138,13 @@ class Client:
 
 
 def ensure_server(client, on_wait=lambda: None):
-    """Return once the server answers, starting it with the configured command if it is local."""
+    """Return once the server answers, starting it with the configured command if it is local.
+
+    Returns the server process it started, or None when one was already running.
+    """
     try:
-        return client.health()
+        client.health()
+        return None
     except ServerDown:
         if urlsplit(client.config.url).hostname not in LOOPBACK:
             raise
@@ -149,7 +153,8 @@ def ensure_server(client, on_wait=lambda: None):
     while time.monotonic() < deadline:
         on_wait()
         try:
-            return client.health()
+            client.health()
+            return process
         except ServerDown:
             pass
         if process.poll() is not None:

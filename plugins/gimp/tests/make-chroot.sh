@@ -2,20 +2,35 @@
 # Build (once) a Debian trixie chroot holding GIMP 3 and its Python plug-in support, for the GIMP tests.
 #
 # usage: make-chroot.sh [ROOT]   (default: $STYLEKIT_GIMP_ROOT or /var/cache/stylekit/gimp3-root)
-# Needs root and Debian's package archive. A root that already runs gimp-console-3.0 is reused; a
-# missing or broken one is built afresh in a temporary folder and moved into place only when whole.
-# STYLEKIT_GIMP_EXTRA="xvfb x11-apps" adds packages (used for the dialog screenshot).
+# Needs root and Debian's package archive. A root in which GIMP 3 and its Python bindings already run
+# is reused; a missing or broken one is built afresh beside it and moved into place only when whole.
+# STYLEKIT_GIMP_EXTRA="xvfb x11-utils netpbm" adds packages (used for the dialog screenshot).
 set -eu
 ROOT=${1:-${STYLEKIT_GIMP_ROOT:-/var/cache/stylekit/gimp3-root}}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PACKAGES="gimp python3-gi gir1.2-gimp-3.0 ${STYLEKIT_GIMP_EXTRA:-}"
+PYCHECK="import gi; gi.require_version('Gimp', '3.0'); gi.require_version('GimpUi', '3.0')"
 
-works() { [ -x "$1/usr/bin/gimp-console-3.0" ] && chroot "$1" gimp-console-3.0 --version >/dev/null 2>&1; }
+works() {
+    [ -x "$1/usr/bin/gimp-console-3.0" ] &&
+        chroot "$1" gimp-console-3.0 --version >/dev/null 2>&1 &&
+        chroot "$1" python3 -c "$PYCHECK" >/dev/null 2>&1
+}
+
+# run a step quietly, showing its log only when it fails
+step() {
+    log=$1; shift
+    if ! "$@" >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "make-chroot.sh: '$*' failed (log: $log)" >&2
+        exit 1
+    fi
+}
 
 install_packages() {
-    chroot "$1" apt-get update -qq
-    chroot "$1" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null
+    step "$1/var/log/stylekit-apt.log" chroot "$1" apt-get update
+    step "$1/var/log/stylekit-apt.log" chroot "$1" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends $PACKAGES
     chroot "$1" apt-get clean
 }
 
@@ -28,14 +43,16 @@ if works "$ROOT"; then
     echo "GIMP 3 chroot ready: $ROOT ($(chroot "$ROOT" gimp-console-3.0 --version))"
     exit 0
 fi
-command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+command -v debootstrap >/dev/null || step /tmp/stylekit-debootstrap-apt.log \
+    sh -c "apt-get update && apt-get install -y debootstrap"
 BUILD="$ROOT.building"
 rm -rf "$BUILD"
-mkdir -p "$(dirname "$ROOT")"
-echo "building the GIMP 3 chroot in $ROOT (Debian trixie, a few minutes, about 750 MB)"
-debootstrap --variant=minbase trixie "$BUILD" "$MIRROR" >/dev/null
+mkdir -p "$BUILD"
+echo "building the GIMP 3 chroot in $ROOT (Debian trixie; a few minutes, about 750 MB)"
+step "$BUILD.debootstrap.log" debootstrap --variant=minbase trixie "$BUILD" "$MIRROR"
+rm -f "$BUILD.debootstrap.log"
 install_packages "$BUILD"
-works "$BUILD" || { echo "make-chroot.sh: gimp-console-3.0 does not run in $BUILD" >&2; exit 1; }
+works "$BUILD" || { echo "make-chroot.sh: GIMP 3 does not run in $BUILD" >&2; exit 1; }
 rm -rf "$ROOT"
 mv "$BUILD" "$ROOT"
 echo "GIMP 3 chroot ready: $ROOT ($(chroot "$ROOT" gimp-console-3.0 --version))"

@@ -1,0 +1,233 @@
+"""`stylekit watch`: a watchdog observer, a scan at start and now and then, settle, claim, style, repeat.
+
+Everything runs in the main thread except the observer, which only queues paths. SIGINT/SIGTERM set
+the stop event; the engine's progress callback then hands back the current image and the loop exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from stylekit.errors import StylekitError
+
+from .config import WatchConfig
+from .folders import Drop, Layout, inspect, is_candidate, locked, scan
+from .jobs import Job, recover
+from .log import EventLog
+from .settle import Settler
+from .status import write_status
+from .worker import Hotfolder, Worker, warm_up
+
+TICK_S = 0.05  # how often the settle check runs while idle
+STATUS_EVERY_S = 1.0  # the status file is rewritten at most this often (and at least every 30 s)
+STATUS_IDLE_S = 30.0
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent,
+          DirMovedEvent]
+
+
+class _Events(FileSystemEventHandler):
+    """Queues every path the observer reports; the main loop decides what it is."""
+
+    def __init__(self, paths: queue.SimpleQueue[Path]) -> None:
+        super().__init__()
+        self.paths = paths
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        raw = event.dest_path if isinstance(event, (FileMovedEvent, DirMovedEvent)) else event.src_path
+        self.paths.put(Path(os.fsdecode(raw)))
+
+
+class Watcher:
+    """The loop over configured inboxes: recover, notice, settle, claim a group, style it."""
+
+    def __init__(self, config: WatchConfig, hots: list[Hotfolder], log: EventLog,
+                 stop: threading.Event) -> None:
+        self.config = config
+        self.hots = hots
+        self.log = log
+        self.stop = stop
+        self.paths: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self.settler = Settler(config.settle)
+        self.ready: dict[Path, tuple[Hotfolder, Drop]] = {}
+        self.again: list[tuple[Hotfolder, list[Job]]] = []
+        self.worker = Worker(log, stop, config.retries, heartbeat=self.write_status)
+        self._status_written = 0.0
+        self._changed = True
+
+    def run(self) -> None:
+        """Recover, take what is already waiting, then follow events until stopped."""
+        for hot in self.hots:
+            self._recover(hot)
+            self._scan(hot)
+        next_scan = time.monotonic() + self.config.rescan
+        while not self.stop.is_set():
+            self._drain()
+            now = time.monotonic()
+            if now >= next_scan:
+                for hot in self.hots:
+                    self._scan(hot)
+                next_scan = now + self.config.rescan
+            for path in self.settler.ready(now):
+                self._settled(path)
+            if self._work():
+                self._changed = True  # counts moved; the worker's heartbeat may have written mid-job
+            else:
+                self.write_status()
+                self.stop.wait(TICK_S)
+        self.write_status(state="stopped", force=True)
+        self.log("stopped", "stopped cleanly")
+
+    def write_status(self, state: str = "running", force: bool = False) -> None:
+        """Refresh the status file when something changed (at most every second), and now and then."""
+        if self.config.status_file is None:
+            return
+        now = time.monotonic()
+        since = now - self._status_written
+        if force or (self._changed and since >= STATUS_EVERY_S) or since >= STATUS_IDLE_S:
+            write_status(self.config.status_file, [hot.config for hot in self.hots], state,
+                         self.worker.current)
+            self._status_written, self._changed = now, False
+
+    def _recover(self, hot: Hotfolder) -> None:
+        """Finish or requeue what the last run left in processing/ (after kill -9, a crash, power loss)."""
+        found = recover(hot.layout, max_attempts=self.config.retries + 1)
+        for job, where in found.finished:
+            self.log("recovered", f"{job.source}: finished from the last run "
+                                  f"(moved to {where.relative_to(hot.layout.inbox)})",
+                     file=job.source, moved_to=str(where))
+        for job in found.again:
+            hot.live[job.id] = job
+            self.again.append((hot, [job]))  # one at a time: a job that crashed the watcher runs alone
+        if found.again:
+            self.log("recovered", f"{len(found.again)} image(s) left in {hot.layout.processing} "
+                                  "will run again", count=len(found.again))
+
+    def _scan(self, hot: Hotfolder) -> None:
+        """Notice every file already in the inbox (nothing dropped while stopped is missed)."""
+        now = time.monotonic()
+        for path in scan(hot.layout, hot.layout.inbox):
+            if path not in self.ready:
+                self.settler.add(path, now)
+
+    def _drain(self) -> None:
+        """Move the observer's paths into the settle check; a new folder is scanned, being new."""
+        now = time.monotonic()
+        while True:
+            try:
+                path = self.paths.get_nowait()
+            except queue.Empty:
+                return
+            self._changed = True
+            hot = self._owner(path)
+            if hot is None or not is_candidate(hot.layout, path):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                for found in scan(hot.layout, path):
+                    self.settler.add(found, now)
+            else:
+                self.settler.add(path, now)
+
+    def _settled(self, path: Path) -> None:
+        """A settled path becomes a drop waiting to be claimed, unless it is not ours."""
+        hot = self._owner(path)
+        drop = inspect(hot.layout, path) if hot else None
+        if hot and drop:
+            self.ready[path] = (hot, drop)
+
+    def _owner(self, path: Path) -> Hotfolder | None:
+        """The configured inbox a path lies in."""
+        return next((hot for hot in self.hots if path.is_relative_to(hot.layout.inbox)), None)
+
+    def _work(self) -> bool:
+        """Run one recovered job or claim and run one group of drops; False when there is nothing."""
+        if not self.again and not self.ready:
+            return False
+        self._changed = True  # so the first heartbeat of the job reports it as current
+        if self.again:
+            self.worker.run(*self.again.pop(0))
+            return True
+        hot, first = next(iter(self.ready.values()))
+        group = [first]
+        preset = first.folder or hot.config.preset
+        if first.problem is None and preset is not None:
+            group = [drop for owner, drop in self.ready.values() if owner is hot and drop.problem is None
+                     and (drop.folder or hot.config.preset) == preset][:self.config.batch]
+        jobs = []
+        for drop in group:
+            del self.ready[drop.path]
+            try:
+                job = hot.claim(drop)
+            except StylekitError as error:
+                self.log("skipped", str(error), file=drop.rel.as_posix())
+                continue
+            if job is not None and job.error is not None:
+                self.worker.fail(hot, job, job.error)
+            elif job is not None:
+                jobs.append(job)
+        if jobs:
+            self.worker.run(hot, jobs)
+        return True
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM ask for a clean stop; a second Ctrl-C interrupts at once."""
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
+    """Run the hot folders until stop is set (by SIGINT/SIGTERM when running in the main thread)."""
+    stop = stop or threading.Event()
+    log = EventLog(config.log_json)
+    with contextlib.ExitStack() as stack:
+        hots = []
+        for folder in config.folders:
+            layout = Layout(folder.inbox, folder.out)
+            stack.enter_context(locked(layout))
+            layout.create()
+            hots.append(Hotfolder(folder, layout))
+        if threading.current_thread() is threading.main_thread():
+            stack.enter_context(_stop_on_signals(stop))
+        for hot in hots:
+            warm_up(hot.config)
+        watcher = Watcher(config, hots, log, stop)
+        observer = Observer()
+        for hot in hots:
+            observer.schedule(_Events(watcher.paths), str(hot.layout.inbox), recursive=True,
+                              event_filter=EVENTS)
+        observer.start()
+        stack.callback(observer.join)
+        stack.callback(observer.stop)
+        for hot in hots:
+            preset = f"preset {hot.config.preset}" if hot.config.preset else "presets by sub-folder"
+            log("watching", f"{hot.layout.inbox} → {hot.layout.outbox} ({preset})",
+                inbox=str(hot.layout.inbox), out=str(hot.layout.outbox), preset=hot.config.preset)
+        watcher.run()

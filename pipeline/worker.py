@@ -1,0 +1,230 @@
+"""Claimed jobs through the engine: a preset's images together, bounded retries at a smaller size.
+
+The engine work is `stylize(preset_request(...))` then `save_image`; nothing here re-implements either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stylekit import __version__
+from stylekit.engine import DEFAULT_LONG_SIDE, stylize
+from stylekit.errors import Cancelled, StylekitError
+from stylekit.image import LoadedImage, load_image, output_format, save_image
+from stylekit.presets import Preset, get_preset, preset_request
+from stylekit.request import Progress, ProgressCallback, Result, StyleRequest
+
+from .config import FolderConfig
+from .folders import Drop, Layout, free_name
+from .jobs import Job, claim, claimed_path, finish, hand_back, output_temp, publish, save
+from .log import EventLog
+
+SHRINK = 0.7  # each out-of-memory retry makes the long side this much smaller
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class Hotfolder:
+    """A configured inbox at run time: its layout and the jobs it has in processing/."""
+
+    config: FolderConfig
+    layout: Layout
+    live: dict[str, Job] = field(default_factory=dict)
+
+    def taken(self) -> set[Path]:
+        """Output names reserved by jobs still running, so two inputs never get the same one."""
+        return {self.layout.outbox / job.output for job in self.live.values() if job.output}
+
+    def output_name(self, drop: Drop) -> str:
+        """The output's place in the outbox: the input's name (in its preset sub-folder), free now."""
+        suffix = drop.path.suffix if self.config.format == "same" else f".{self.config.format}"
+        try:
+            output_format(f"x{suffix}")
+        except StylekitError:
+            suffix = ".png"  # an input format stylekit reads but does not write (bmp, gif, …)
+        folder = self.layout.outbox / drop.rel.parent
+        target = free_name(folder, drop.path.stem + suffix, self.taken())
+        return target.relative_to(self.layout.outbox).as_posix()
+
+    def claim(self, drop: Drop) -> Job | None:
+        """Take a dropped file for the preset of its folder; a refused one is taken to be failed."""
+        preset = drop.folder or self.config.preset
+        problem = drop.problem or (None if preset else
+                                   "no preset for the top of this inbox: drop it into inbox/<preset>/")
+        job = claim(self.layout, drop, preset, None if problem else self.output_name(drop), problem)
+        if job is not None:
+            self.live[job.id] = job
+        return job
+
+
+def is_transient(error: BaseException) -> bool:
+    """Out of memory, on the GPU or the host: worth another try at a smaller size."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def stylize_group(requests: Sequence[StyleRequest],
+                  progress: ProgressCallback) -> Iterator[Result | Exception]:
+    """Style requests that share a preset and options, yielding each result (or failure) in order.
+
+    One engine call per image for now: the batched engine call (several same-size images optimised
+    together on a GPU) replaces this loop and nothing else. Style targets are shared through the
+    engine's warm caches, keyed by the preset.
+    """
+    for request in requests:
+        try:
+            yield stylize(request, progress=progress)
+        except Cancelled:
+            raise
+        except Exception as error:  # the caller sorts failures into retries and failed/
+            yield error
+
+
+def warm_up(folder: FolderConfig) -> None:
+    """Load the preset, weights and network once before watching, so a bad setup fails at start."""
+    if folder.preset is None:
+        return
+    preset = get_preset(folder.preset)
+    blank = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    request = preset_request(preset, blank, {**folder.overrides, "size": 32, "steps": 1, "scales": 1})
+    stylize(request)
+
+
+class Worker:
+    """Runs groups of claimed jobs to their end: published and done, failed with a reason, or handed back."""
+
+    def __init__(self, log: EventLog, stop: threading.Event, retries: int,
+                 heartbeat: Callable[[], None]) -> None:
+        self.log = log
+        self.stop = stop
+        self.retries = retries
+        self.heartbeat = heartbeat
+        self.current: str | None = None
+        self._logged = 0.0
+
+    def run(self, hot: Hotfolder, jobs: list[Job]) -> None:
+        """Style jobs of one preset; on shutdown, hand back every one not finished yet."""
+        try:
+            self._run(hot, jobs)
+        except Cancelled:
+            for job in jobs:
+                if job.id in hot.live:
+                    where = hand_back(hot.layout, hot.live.pop(job.id))
+                    self.log("back", f"{job.source} handed back as {where.relative_to(hot.layout.inbox)}",
+                             file=job.source, moved_to=str(where))
+        finally:
+            self.current = None
+
+    def fail(self, hot: Hotfolder, job: Job, reason: str) -> None:
+        """Move a job's input to failed/ with its reason."""
+        where = finish(hot.layout, hot.live.pop(job.id), reason)
+        self.log("failed", f"{job.source}: {reason} (moved to {where.relative_to(hot.layout.inbox)})",
+                 file=job.source, preset=job.preset, error=reason, moved_to=str(where), attempts=job.attempts)
+
+    def _run(self, hot: Hotfolder, jobs: list[Job]) -> None:
+        """Count the attempt (a crash counts too), load every image, then style them as one group."""
+        for job in jobs:
+            job.attempts += 1
+            save(hot.layout, job)
+        try:
+            preset = get_preset(str(jobs[0].preset))
+        except StylekitError as error:
+            for job in jobs:
+                self.fail(hot, job, str(error))
+            return
+        work: list[tuple[Job, LoadedImage, StyleRequest]] = []
+        for job in jobs:
+            try:
+                picture = self._load(hot, job)
+                work.append((job, picture, self._request(preset, hot, job, picture)))
+            except StylekitError as error:
+                self.fail(hot, job, str(error))
+        outcomes = stylize_group([request for _, _, request in work], self._progress)
+        for job, picture, request in work:
+            self.current = job.source
+            self.log("start", f"{job.source} with preset {preset.name}", file=job.source,
+                     preset=preset.name)
+            self._conclude(hot, preset, job, picture, request, next(outcomes))
+
+    def _load(self, hot: Hotfolder, job: Job) -> LoadedImage:
+        """Decode the claimed input, refusing anything but a regular file (it may have been swapped)."""
+        path = claimed_path(hot.layout, job)
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise StylekitError("not a regular file (symlinks are not accepted)")
+        return load_image(path, name=job.name)
+
+    def _request(self, preset: Preset, hot: Hotfolder, job: Job, picture: LoadedImage) -> StyleRequest:
+        """The preset's request with the folder's options, smaller after each out-of-memory retry."""
+        request = preset_request(preset, picture.rgb, dict(hot.config.overrides))
+        if not job.shrink:
+            return request
+        height, width = picture.rgb.shape[:2]
+        size = request.options.size or min(max(height, width), DEFAULT_LONG_SIDE)
+        smaller = max(16, round(size * SHRINK ** job.shrink))
+        return dataclasses.replace(request, options=request.options.replace(size=smaller))
+
+    def _conclude(self, hot: Hotfolder, preset: Preset, job: Job, picture: LoadedImage,
+                  request: StyleRequest, outcome: Result | Exception) -> None:
+        """Publish a result, retry out-of-memory at a smaller size while attempts last, else fail."""
+        while is_transient(outcome) and job.attempts <= self.retries:
+            job.shrink += 1
+            job.attempts += 1
+            save(hot.layout, job)
+            request = self._request(preset, hot, job, picture)
+            self.log("retry", f"{job.name}: out of memory, trying again at size {request.options.size}",
+                     file=job.source, size=request.options.size, attempts=job.attempts)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            outcome = next(stylize_group([request], self._progress))
+        if isinstance(outcome, Result):
+            self._deliver(hot, preset, job, picture, outcome)
+        elif is_transient(outcome):
+            size = request.options.size or "full"
+            self.fail(hot, job, f"out of memory after {job.attempts} attempts, the last at size {size}")
+        elif isinstance(outcome, StylekitError):
+            self.fail(hot, job, str(outcome))
+        else:
+            self.fail(hot, job, f"{type(outcome).__name__}: {outcome}".replace("\n", " "))
+
+    def _deliver(self, hot: Hotfolder, preset: Preset, job: Job, picture: LoadedImage,
+                 result: Result) -> None:
+        """Save under a hidden name, publish into the outbox without replacing anything, then done/."""
+        temp = output_temp(hot.layout, job)
+        metadata = {"software": f"stylekit {__version__}", "content": job.name, "preset": preset.name,
+                    "styles": [p.name for p in preset.style_paths], "job": job.id, **result.report()}
+        try:
+            temp.parent.mkdir(parents=True, exist_ok=True)
+            save_image(temp, result.image, picture.alpha, metadata=metadata, quality=hot.config.quality)
+            output = publish(hot.layout, job, hot.taken())
+        except (StylekitError, OSError) as error:
+            temp.unlink(missing_ok=True)
+            self.fail(hot, job, str(error) if isinstance(error, StylekitError)
+                      else f"cannot write the output: {error.strerror or error}")
+            return
+        where = finish(hot.layout, hot.live.pop(job.id))
+        self.log("done", f"{job.source} → {output} ({result.width}×{result.height}, "
+                         f"{result.iterations} it, {result.seconds:.1f} s on {result.device})",
+                 file=job.source, preset=preset.name, output=str(output), moved_to=str(where),
+                 **{k: v for k, v in result.report().items() if k != "options"})
+
+    def _progress(self, progress: Progress) -> None:
+        """Stop at the next loss evaluation on shutdown; log and refresh the status file now and then."""
+        if self.stop.is_set():
+            raise Cancelled
+        self.heartbeat()
+        now = time.monotonic()
+        if progress.stage == "optimise" and now - self._logged >= PROGRESS_EVERY_S:
+            self._logged = now
+            self.log("progress", f"{self.current}: {progress.fraction:.0%} (scale {progress.scale}/"
+                                 f"{progress.scales}, {progress.width}×{progress.height})",
+                     file=self.current, fraction=round(progress.fraction, 4))

@@ -1,0 +1,170 @@
+"""The GIMP plug-in's standard-library client (plugins/gimp/stylekit/stylekit_client.py), real servers."""
+
+import importlib.util
+import io
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from conftest import make_painting, make_photo
+from PIL import Image
+
+from stylekit.server import ServerSettings, create_app
+
+CLIENT_FILE = Path(__file__).parents[1] / "plugins" / "gimp" / "stylekit" / "stylekit_client.py"
+spec = importlib.util.spec_from_file_location("stylekit_client", CLIENT_FILE)
+client = importlib.util.module_from_spec(spec)
+sys.modules["stylekit_client"] = client  # dataclasses look their module up by name
+spec.loader.exec_module(client)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def app_server():
+    """Serve create_app(settings) with uvicorn in a thread on a free loopback port; yields serve()."""
+    servers = []
+
+    def serve(settings: ServerSettings) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        while not server.started:
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_encode_png_round_trips_through_pillow():
+    rgba = (np.random.default_rng(0).random((7, 5, 4)) * 255).astype(np.uint8)
+    decoded = Image.open(io.BytesIO(client.encode_png(5, 7, rgba.tobytes())))
+    assert decoded.mode == "RGBA" and np.array_equal(np.asarray(decoded), rgba)
+    with pytest.raises(ValueError, match="expected 140 bytes"):
+        client.encode_png(5, 7, b"short")
+
+
+def test_job_params_map_the_dialog_to_engine_options():
+    params = client.job_params("ink-wash", 2.0, "fast", 64, True, 200, 100)
+    assert params["preset"] == "ink-wash" and params["strength"] == 2.0
+    assert (params["steps"], params["scales"]) == (50, 1)
+    assert params["size"] == 64 and params["preserve_color"] == "luminance"
+    assert params["abandon_after"] == client.ABANDON_AFTER and len(params["id"]) == 32
+    small = client.job_params("", 1.0, "best", 1024, False, 40, 30)
+    assert "preset" not in small and small["size"] == 40 and small["preserve_color"] == "none"
+    with pytest.raises(client.ClientError, match="fast, balanced or best"):
+        client.job_params("x", 1.0, "perfect", 64, False, 10, 10)
+
+
+def test_config_defaults_and_broken_file(tmp_path):
+    assert client.load_config(str(tmp_path)).url == client.DEFAULT_URL
+    (tmp_path / client.CONFIG_NAME).write_text(json.dumps({"url": "http://127.0.0.1:9/", "command": ["x"]}))
+    config = client.load_config(str(tmp_path))
+    assert (config.url, config.command, config.token) == ("http://127.0.0.1:9", ["x"], "")
+    (tmp_path / client.CONFIG_NAME).write_text("{broken")
+    with pytest.raises(client.ClientError, match="stylekit gimp install"):
+        client.load_config(str(tmp_path))
+
+
+def test_a_whole_job_against_the_real_server(live_server):
+    server = client.Client(client.Config(url=live_server))
+    assert client.ensure_server(server) is None  # already running: nothing started
+    assert any(p["name"] == "ink-wash" for p in server.presets())
+    rgba = np.dstack([make_photo(), np.linspace(0, 1, 40 * 48).reshape(40, 48)])
+    pixels = (rgba * 255).round().astype(np.uint8)
+    params = {**client.job_params("", 1.0, "fast", 1024, False, 48, 40), "steps": 3}
+    seen = []
+    result = client.run_job(server, client.encode_png(48, 40, pixels.tobytes()), params,
+                            ("painting.png", png_bytes(make_painting())),
+                            lambda fraction, message: seen.append(fraction))
+    image = np.asarray(Image.open(io.BytesIO(result)))
+    assert image.shape == (40, 48, 4) and np.array_equal(image[..., 3], pixels[..., 3])
+    assert seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
+    with pytest.raises(client.ClientError, match="no job"):  # run_job dropped it from the server
+        server.status(params["id"])
+
+
+def test_a_job_cancelled_on_the_server_is_reported(live_server):
+    server = client.Client(client.Config(url=live_server))
+    params = {**client.job_params("ink-wash", 1.0, "fast", 1024, False, 48, 40), "steps": 100_000}
+    image = client.encode_png(48, 40, bytes(48 * 40 * 4))
+    asked = []
+
+    def cancel_once_running(fraction, message):
+        if message.startswith("scale") and not asked:
+            asked.append(server.forget(params["id"]))
+
+    with pytest.raises(client.ClientError, match="job was cancelled on the server"):
+        client.run_job(server, image, params, None, cancel_once_running)
+
+
+def test_refusals_become_advice(app_server, tmp_path, weights_file):
+    url = app_server(ServerSettings(weights=str(weights_file), device="cpu", max_queue=1,
+                                    token="a-long-enough-secret-token"))
+    config_path = str(tmp_path / client.CONFIG_NAME)
+    anonymous = client.Client(client.Config(url=url, path=config_path))
+    with pytest.raises(client.ClientError, match=f"'token' in {config_path}"):
+        anonymous.health()
+    server = client.Client(client.Config(url=url, token="a-long-enough-secret-token"))
+    assert server.health()["max_queue"] == 1
+    image = client.encode_png(48, 40, bytes(48 * 40 * 4))
+    with pytest.raises(client.ClientError, match="refused the request: unknown preset 'nope'"):
+        server.submit(image, {"preset": "nope"})
+    running = server.submit(image, {"preset": "ink-wash", "steps": 100_000})
+    while server.status(running["id"])["status"] != "running":
+        time.sleep(0.05)
+    server.submit(image, {"preset": "ink-wash"})  # waits behind it, filling the queue
+    with pytest.raises(client.ClientError, match=r"busy \(the queue is full"):
+        server.submit(image, {"preset": "ink-wash"})
+
+
+def test_ensure_server_starts_the_configured_command(tmp_path, weights_file):
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "stylekit"), "serve", "--port", str(port),
+               "--weights", str(weights_file), "--device", "cpu"]
+    server = client.Client(client.Config(url=f"http://127.0.0.1:{port}", command=command))
+    waits = []
+    process = client.ensure_server(server, on_wait=lambda: waits.append(1))
+    try:
+        assert process is not None and waits
+        assert server.health()["device"] == "cpu"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_ensure_server_explains_start_failures(tmp_path, monkeypatch):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    missing = client.Client(client.Config(url=url, command=[str(tmp_path / "no-such-stylekit")]))
+    with pytest.raises(client.ClientError, match="Cannot start the stylekit server"):
+        client.ensure_server(missing)
+    crash = [sys.executable, "-c", "raise SystemExit('boom')"]
+    crashing = client.Client(client.Config(url=url, command=crash))
+    with pytest.raises(client.ClientError, match="stopped while starting: boom"):
+        client.ensure_server(crashing)
+    monkeypatch.setattr(client, "HTTP_TIMEOUT", 0.5)
+    remote = client.Client(client.Config(url=f"http://192.0.2.1:{port}", command=["never-run"]))
+    with pytest.raises(client.ServerDown, match="No stylekit server answers"):  # not started: not local
+        client.ensure_server(remote)

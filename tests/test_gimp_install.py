@@ -1,0 +1,76 @@
+"""`stylekit gimp install|uninstall`: where the plug-in goes, what its config says, what is printed."""
+
+import json
+import os
+import py_compile
+import stat
+from pathlib import Path
+
+from stylekit.cli import main
+from stylekit.gimp_install import gimp_dirs, server_command
+
+SOURCE = Path(__file__).parents[1] / "plugins" / "gimp" / "stylekit"
+
+
+def test_profile_folders_per_platform(tmp_path):
+    home = tmp_path / "home"
+    assert gimp_dirs({"GIMP3_DIRECTORY": "/x/gimp"}, "linux", home) == [Path("/x/gimp")]
+    assert gimp_dirs({}, "linux", home) == [home / ".config" / "GIMP" / "3.0"]
+    assert gimp_dirs({"XDG_CONFIG_HOME": "/cfg"}, "linux", home) == [Path("/cfg/GIMP/3.0")]
+    assert gimp_dirs({}, "darwin", home) == [home / "Library" / "Application Support" / "GIMP" / "3.0"]
+    assert gimp_dirs({"APPDATA": str(tmp_path / "roaming")}, "win32", home) == [
+        tmp_path / "roaming" / "GIMP" / "3.0"]
+    flatpak = home / ".var" / "app" / "org.gimp.GIMP" / "config" / "GIMP" / "3.0"
+    flatpak.mkdir(parents=True)
+    assert gimp_dirs({}, "linux", home) == [flatpak]
+    native = home / ".config" / "GIMP" / "3.2"
+    native.mkdir(parents=True)
+    assert gimp_dirs({}, "linux", home) == [native, flatpak]
+
+
+def test_flatpak_gimp_starts_the_server_outside_its_sandbox(tmp_path):
+    flatpak = tmp_path / ".var" / "app" / "org.gimp.GIMP" / "config" / "GIMP" / "3.0"
+    assert server_command("http://127.0.0.1:9000", flatpak)[:2] == ["flatpak-spawn", "--host"]
+    native = server_command("http://127.0.0.1:9000", tmp_path / "GIMP" / "3.0")
+    assert native[1:] == ["serve", "--port", "9000"] and Path(native[0]).name == "stylekit"
+
+
+def test_install_then_uninstall(tmp_path, capsys):
+    profile = tmp_path / "GIMP" / "3.0"
+    assert main(["gimp", "install", "--gimp-dir", str(profile), "--url", "http://127.0.0.1:9100/"]) == 0
+    out = capsys.readouterr().out
+    folder = profile / "plug-ins" / "stylekit"
+    assert f"installed the GIMP plug-in in {folder}" in out and "serve --port 9100" in out
+    assert "Filters ▸ Artistic ▸ Style Transfer" in out
+    plugin = folder / "stylekit.py"
+    assert plugin.read_bytes() == (SOURCE / "stylekit.py").read_bytes()
+    assert (folder / "stylekit_client.py").read_bytes() == (SOURCE / "stylekit_client.py").read_bytes()
+    assert os.access(plugin, os.X_OK)
+    py_compile.compile(str(plugin), doraise=True)
+    config = json.loads((folder / "stylekit-config.json").read_text())
+    assert config["url"] == "http://127.0.0.1:9100" and config["command"][1:] == ["serve", "--port", "9100"]
+    assert config["token"] == ""
+    assert main(["gimp", "uninstall", "--gimp-dir", str(profile)]) == 0
+    assert f"removed {folder}" in capsys.readouterr().out and not folder.exists()
+    assert main(["gimp", "uninstall", "--gimp-dir", str(profile)]) == 0
+    assert "nothing removed" in capsys.readouterr().out
+
+
+def test_install_with_command_and_token(tmp_path, capsys):
+    token = tmp_path / "server-token"
+    token.write_text("t" * 40 + "\n")
+    profile = tmp_path / "profile"
+    assert main(["gimp", "install", "--gimp-dir", str(profile), "--url", "http://10.0.0.5:8765",
+                 "--command", "/opt/stylekit/bin/stylekit serve --weights imagenet",
+                 "--token-file", str(token)]) == 0
+    config_file = profile / "plug-ins" / "stylekit" / "stylekit-config.json"
+    config = json.loads(config_file.read_text())
+    assert config["command"] == ["/opt/stylekit/bin/stylekit", "serve", "--weights", "imagenet"]
+    assert config["token"] == "t" * 40 and stat.S_IMODE(config_file.stat().st_mode) == 0o600
+    assert "(with bearer token)" in capsys.readouterr().out
+
+
+def test_install_refuses_a_bad_url(tmp_path, capsys):
+    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", "127.0.0.1:8765"]) == 2
+    assert "is not an http:// URL" in capsys.readouterr().err
+    assert not (tmp_path / "plug-ins").exists()

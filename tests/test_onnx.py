@@ -1,0 +1,203 @@
+"""The ONNX feature extractor: its contract, parity with torch, its export cache, and its providers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_painting, make_photo
+
+from bench import onnx_vs_torch
+from stylekit import StyleOptions, StyleRequest, stylize
+from stylekit.cli import main
+from stylekit.engine import Runtime, torch_targets
+from stylekit.errors import StylekitError
+from stylekit.features import FeatureExtractor, backbone_spec
+from stylekit.onnx_features import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    cached_session,
+    export_cache_path,
+    export_onnx,
+    onnx_targets,
+    open_session,
+)
+from stylekit.weights import load_weights_file, resolve_weights, state_dict_sha256
+
+SPEC = backbone_spec("vgg19")
+LAYERS = tuple(dict.fromkeys(SPEC.content_layers + SPEC.style_layers))
+SMALL = ("relu1_1", "relu2_1")  # a quick export for the cache tests
+
+
+@pytest.fixture(scope="module")
+def weights(weights_file):
+    """The test VGG19 as the engine resolves it (a file, so it has a SHA-256)."""
+    return load_weights_file(weights_file, "vgg19")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ over the whole tensor."""
+    return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
+
+
+def file_identity(path) -> tuple[int, int]:
+    """Inode and modification time: unchanged means the file was not rewritten."""
+    info = os.stat(path)
+    return info.st_ino, info.st_mtime_ns
+
+
+@pytest.mark.parametrize("size", [(1, 3, 40, 48), (2, 3, 33, 17)])
+def test_onnx_features_and_grams_match_torch_within_1e_4(weights, size):
+    extractor = FeatureExtractor("vgg19", weights.state_dict, LAYERS)
+    reference = torch_targets(extractor, Runtime(torch.device("cpu"), torch.float32))
+    compute, _ = onnx_targets(weights, LAYERS, SPEC.style_layers, "max")
+    image = torch.rand(size, generator=torch.Generator().manual_seed(0))
+    expected = reference(image, LAYERS, SPEC.style_layers)
+    actual = compute(image, LAYERS, SPEC.style_layers)
+    assert set(actual) == set(expected) == {*LAYERS, *(f"gram_{n}" for n in SPEC.style_layers)}
+    for name in expected:
+        assert actual[name].dtype == torch.float32 and actual[name].shape == expected[name].shape
+        assert relative_error(actual[name], expected[name]) < 1e-4, name
+
+
+def test_exported_model_has_the_documented_inputs_and_outputs(weights, tmp_path):
+    path = export_onnx(weights.state_dict, "vgg19", SMALL, ("relu2_1",), "avg", tmp_path / "f.onnx")
+    model = onnx.load(path)
+    (image,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in image.type.tensor_type.shape.dim]
+    assert image.name == "image" and image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))
+    assert [o.name for o in model.graph.output] == ["relu1_1", "relu2_1", "gram_relu2_1"]
+    assert model.opset_import[0].version >= 17
+
+
+def test_exported_model_normalises_inside_and_takes_any_batch_and_size(weights, tmp_path):
+    path = export_onnx(weights.state_dict, "vgg19", SMALL, ("relu2_1",), "max", tmp_path / "f.onnx")
+    session = ort.InferenceSession(path, providers=[CPU_PROVIDER])
+    image = np.random.default_rng(0).random((3, 3, 21, 35), dtype=np.float32)  # [0, 1], unnormalised
+    relu1, relu2, gram = session.run(None, {"image": image})
+    expected = FeatureExtractor("vgg19", weights.state_dict, SMALL)(torch.from_numpy(image))
+    assert relu1.shape == (3, 64, 21, 35) and relu2.shape == (3, 128, 10, 17) and gram.shape == (3, 128, 128)
+    assert relative_error(torch.from_numpy(relu2), expected["relu2_1"]) < 1e-4
+
+
+def test_export_refuses_an_unknown_layer_in_one_line(weights, tmp_path):
+    with pytest.raises(StylekitError, match=r"^unknown layer 'relu9_9' for vgg19") as info:
+        export_onnx(weights.state_dict, "vgg19", ("relu9_9",), (), "max", tmp_path / "f.onnx")
+    assert "\n" not in str(info.value)
+
+
+def test_automatic_export_is_cached_and_reused(weights):
+    path = export_cache_path(weights, SMALL, SMALL, "max")
+    cached_session(weights, SMALL, SMALL, "max")
+    assert path.is_file() and path.parent.name == "onnx"
+    before = file_identity(path)
+    cached_session(weights, SMALL, SMALL, "max")
+    assert file_identity(path) == before
+
+
+def test_corrupt_cache_file_is_rebuilt(weights):
+    path = export_cache_path(weights, SMALL, ("relu1_1",), "max")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not an onnx model")
+    session = cached_session(weights, SMALL, ("relu1_1",), "max")
+    assert [o.name for o in session.get_outputs()] == ["relu1_1", "relu2_1", "gram_relu1_1"]
+    onnx.checker.check_model(str(path))
+
+
+def test_stale_cache_file_with_other_outputs_is_rebuilt(weights, tmp_path):
+    other = export_onnx(weights.state_dict, "vgg19", ("relu1_1",), (), "max", tmp_path / "other.onnx")
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(other, path)
+    session = cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert [o.name for o in session.get_outputs()] == ["relu1_1", "relu2_1", "gram_relu2_1"]
+
+
+def test_cache_key_covers_weights_layers_pooling_and_onnxruntime_version(weights, monkeypatch):
+    base = export_cache_path(weights, SMALL, SMALL, "max")
+    changed_weights = type(weights)("vgg19", weights.state_dict, "file", "other", "0" * 64)
+    variants = [export_cache_path(changed_weights, SMALL, SMALL, "max"),
+                export_cache_path(weights, ("relu1_1",), ("relu1_1",), "max"),
+                export_cache_path(weights, SMALL, ("relu1_1",), "max"),
+                export_cache_path(weights, SMALL, SMALL, "avg")]
+    monkeypatch.setattr(ort, "__version__", "0.0.1")
+    variants.append(export_cache_path(weights, SMALL, SMALL, "max"))
+    assert base not in variants and len(set(variants)) == len(variants)
+
+
+def test_random_weights_carry_a_checksum_of_their_tensors():
+    weights = resolve_weights("random:3", "vgg19")
+    assert weights.sha256 == state_dict_sha256(weights.state_dict)
+    changed = dict(weights.state_dict, **{"features.0.bias": weights.state_dict["features.0.bias"] + 1})
+    assert state_dict_sha256(changed) != weights.sha256
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a usable GPU")
+def test_session_falls_back_to_cpu_quietly_when_cuda_is_unusable(weights, capfd):
+    cached_session(weights, SMALL, SMALL, "max")
+    capfd.readouterr()
+    session = open_session(export_cache_path(weights, SMALL, SMALL, "max"), use_gpu=True)
+    assert session.get_providers()[0] == CPU_PROVIDER
+    assert "CUDA" not in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_session_uses_cuda_when_a_gpu_is_usable(weights):
+    session = cached_session(weights, SMALL, SMALL, "max", use_gpu=True)
+    assert session.get_providers()[0] == CUDA_PROVIDER
+
+
+def test_stylize_computes_targets_with_onnx_by_default_and_reports_the_provider(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=3, size=32, device="cpu")
+    request = StyleRequest(make_photo(), [make_painting()], options)
+    by_onnx = stylize(request)
+    by_torch = stylize(StyleRequest(make_photo(), [make_painting()], options.replace(targets="torch")))
+    assert StyleOptions().targets == "onnx"
+    assert by_onnx.targets == f"onnx:{CPU_PROVIDER}" and by_torch.targets == "torch"
+    assert by_onnx.report()["targets"] == by_onnx.targets and not by_onnx.warnings
+    assert np.abs(by_onnx.image - by_torch.image).max() < 1e-3
+
+
+def test_stylize_falls_back_to_torch_with_a_warning_when_onnx_cannot_start(weights_file, tmp_path,
+                                                                         monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("the cache folder cannot be created here")
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(blocked))
+    options = StyleOptions(weights=str(weights_file), steps=2, size=32, device="cpu")
+    result = stylize(StyleRequest(make_photo(), [make_painting()], options))
+    assert result.targets == "torch"
+    assert len(result.warnings) == 1 and result.warnings[0].startswith("ONNX feature extractor unavailable")
+
+
+def test_export_onnx_command_writes_the_requested_outputs(weights_file, tmp_path, capsys):
+    out = tmp_path / "features.onnx"
+    code = main(["export-onnx", "--weights", str(weights_file), "--layers", "relu1_1,relu2_1,relu2_2",
+                 "-o", str(out)])
+    assert code == 0 and "wrote" in capsys.readouterr().err
+    names = [o.name for o in onnx.load(out).graph.output]
+    assert names == ["relu1_1", "relu2_1", "relu2_2", "gram_relu1_1", "gram_relu2_1"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--layers", "relu1_1,nope"], "unknown layer 'nope'"),
+    (["--layers", "relu1_1", "--gram-layers", "relu2_1"], "Gram layer 'relu2_1' is not one of"),
+])
+def test_export_onnx_command_refuses_bad_layers_in_one_line(tmp_path, capsys, args, message):
+    code = main(["export-onnx", "--weights", "random", *args, "-o", str(tmp_path / "f.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_onnx_vs_torch_benchmark_times_both_paths(tmp_path):
+    results = onnx_vs_torch.main(["--sizes", "32", "--repeats", "1", "--no-doc", "--output", str(tmp_path)])
+    (row,) = results["rows"]
+    assert row["size"] == 32 and row["torch_seconds"] > 0 and row["onnx_seconds"] > 0
+    assert results["provider"] == CPU_PROVIDER or torch.cuda.is_available()
+    assert "| 32×32 |" in onnx_vs_torch.markdown(results) and list(tmp_path.glob("onnx-*.json"))

@@ -1,0 +1,165 @@
+"""Crash safety step by step: the disk state kill -9 leaves after each step of a job, then a restart.
+
+Each state is made with the same calls the watcher makes, stopped where a kill would stop them; the
+restart is a real watcher. Also the small pieces: temporary names, free names, no-clobber links, settling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_photo
+from pipeline_support import PRESET, config_for, drop, files, settled, user_preset, wait_for, watching
+
+from stylekit.image import read_metadata, save_image
+from stylekit.pipeline.folders import Layout, free_name, is_temporary, link_no_clobber
+from stylekit.pipeline.jobs import ORPHAN_REASON, Job, claimed_path, output_temp, save
+from stylekit.pipeline.settle import Settler
+
+JOB_ID = "0123456789ab"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def preset():
+    with user_preset() as name:
+        yield name
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    layout = Layout(tmp_path / "inbox", tmp_path / "outbox")
+    layout.inbox.mkdir()
+    layout.outbox.mkdir()
+    layout.create()
+    return layout
+
+
+def lifecycle(layout: Layout, job: Job) -> list[tuple[str, Callable[[], object]]]:
+    """A successful job's disk steps in the watcher's order (claim, save, publish, finish)."""
+    claimed, output = claimed_path(layout, job), layout.outbox / "photo.png"
+
+    def record_final() -> None:
+        job.final = "done/photo.png"
+        save(layout, job)
+
+    return [
+        ("journal written", lambda: save(layout, job)),
+        ("input claimed", lambda: os.rename(layout.inbox / "photo.png", claimed)),
+        ("output saved under its temporary name", lambda: save_image(
+            output_temp(layout, job), make_photo(32, 24), metadata={"job": job.id})),
+        ("output linked into the outbox", lambda: os.link(output_temp(layout, job), output)),
+        ("temporary name removed", lambda: os.unlink(output_temp(layout, job))),
+        ("final place recorded", record_final),
+        ("input moved to done/", lambda: os.rename(claimed, layout.inbox / "done" / "photo.png")),
+    ]
+
+
+@pytest.mark.parametrize("steps", range(1, 8))
+def test_a_restart_after_kill_9_at_any_step_ends_with_exactly_one_output(steps, layout, weights_file):
+    original = drop(layout.inbox / "photo.png")
+    job = Job(id=JOB_ID, source="photo.png", claimed=f"{JOB_ID}.png", preset=PRESET, output="photo.png")
+    for _, step in lifecycle(layout, job)[:steps]:
+        step()
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the restart to finish the job")
+    assert files(layout.outbox) == ["photo.png"]
+    assert files(layout.inbox / "done") == ["photo.png"]
+    assert (layout.inbox / "done" / "photo.png").read_bytes() == original
+    assert files(layout.processing) == [] and files(layout.inbox / "failed") == []
+    metadata = read_metadata(layout.outbox / "photo.png")
+    if steps >= 4:  # published before the kill: the restart must keep that output, not style it again
+        assert metadata == {"job": JOB_ID}
+    else:
+        assert metadata["preset"] == PRESET
+
+
+def test_a_restart_finishes_a_failure_that_was_being_recorded(layout, weights_file):
+    drop(layout.inbox / "photo.png")
+    job = Job(id=JOB_ID, source="photo.png", claimed=f"{JOB_ID}.png", preset=PRESET, output="photo.png",
+              attempts=1, final="failed/photo.png", error="it was broken")
+    save(layout, job)
+    os.rename(layout.inbox / "photo.png", claimed_path(layout, job))
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the failure to be finished")
+    error = json.loads((layout.inbox / "failed" / "photo.png.error.json").read_text())
+    assert error["error"] == "it was broken" and error["attempts"] == 1
+    assert files(layout.outbox) == [] and files(layout.processing) == []
+
+
+def test_an_image_that_keeps_killing_the_watcher_is_given_up(layout, weights_file):
+    drop(layout.inbox / "photo.png")
+    job = Job(id=JOB_ID, source="photo.png", claimed=f"{JOB_ID}.png", preset=PRESET, output="photo.png",
+              attempts=3)
+    save(layout, job)
+    os.rename(layout.inbox / "photo.png", claimed_path(layout, job))
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the job to be given up")
+    error = json.loads((layout.inbox / "failed" / "photo.png.error.json").read_text())
+    assert "gave up after 3 attempts" in error["error"]
+
+
+def test_a_file_left_in_processing_without_its_record_goes_to_failed(layout, weights_file):
+    (layout.processing / "stray.png").write_bytes(b"left here by hand")
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the stray file to be moved")
+    error = json.loads((layout.inbox / "failed" / "stray.png.error.json").read_text())
+    assert error["error"] == ORPHAN_REASON
+    assert (layout.inbox / "failed" / "stray.png").read_bytes() == b"left here by hand"
+
+
+@pytest.mark.parametrize(("name", "temporary"), [
+    ("photo.jpg", False), ("Foto Straße 1.png", False), (".photo.jpg", True), ("photo.jpg.part", True),
+    ("photo.PART", True), ("photo.tmp", True), ("photo.jpg.crdownload", True), ("~$photo.jpg", True),
+    ("photo.jpg~", True), ("photo.partial", True), ("photo.jpg.filepart", True),
+])
+def test_temporary_names(name, temporary):
+    assert is_temporary(name) is temporary
+
+
+def test_free_names_skip_files_reservations_and_companions(tmp_path):
+    (tmp_path / "photo.png").write_bytes(b"x")
+    (tmp_path / "photo-1.png.error.json").write_bytes(b"x")
+    assert free_name(tmp_path, "other.png") == tmp_path / "other.png"
+    assert free_name(tmp_path, "photo.png") == tmp_path / "photo-1.png"
+    assert free_name(tmp_path, "photo.png", companion=".error.json") == tmp_path / "photo-2.png"
+    assert free_name(tmp_path, "photo.png", taken={tmp_path / "photo-1.png"}) == tmp_path / "photo-2.png"
+
+
+def test_a_no_clobber_link_never_replaces_a_file(tmp_path):
+    source, target = tmp_path / "a", tmp_path / "b"
+    source.write_bytes(b"new")
+    target.write_bytes(b"old")
+    assert link_no_clobber(source, target) is False
+    assert target.read_bytes() == b"old" and source.exists()
+    target.unlink()
+    assert link_no_clobber(source, target) is True
+    assert target.read_bytes() == b"new" and not source.exists()
+
+
+def test_a_file_settles_only_after_it_stops_changing(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"a")
+    settler = Settler(settle=1.0)
+    settler.add(path, now=0.0)
+    assert settler.ready(now=0.5) == []
+    with open(path, "ab") as stream:
+        stream.write(b"b")
+    assert settler.ready(now=1.2) == []  # changed: the clock starts again
+    assert settler.ready(now=2.0) == []
+    assert settler.ready(now=2.3) == [path] and len(settler) == 0
+    settler.add(path, now=3.0)
+    path.unlink()
+    assert settler.ready(now=9.0) == [] and len(settler) == 0

@@ -1,0 +1,313 @@
+"""The hot folder with a real watchdog observer on temporary folders, run in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_photo, save_png
+from PIL import Image
+from pipeline_support import (
+    PRESET,
+    config_for,
+    drop,
+    files,
+    photo_png,
+    settled,
+    user_preset,
+    wait_for,
+    watching,
+)
+
+from stylekit.cli import main
+from stylekit.errors import StylekitError
+from stylekit.image import read_metadata
+from stylekit.pipeline.config import from_cli, load
+from stylekit.pipeline.status import count
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine tiny images run several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def preset():
+    with user_preset() as name:
+        yield name
+
+
+@pytest.fixture
+def boxes(tmp_path: Path) -> tuple[Path, Path]:
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    return inbox, outbox
+
+
+def error_of(failed: Path) -> dict:
+    return json.loads(failed.with_name(failed.name + ".error.json").read_text(encoding="utf-8"))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a huge size (decoding it would need gigabytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_file_written_slowly_is_taken_once_and_whole(boxes, weights_file):
+    inbox, outbox = boxes
+    buffer = Path(inbox.parent / "photo.png")
+    save_png(buffer, make_photo(48, 40))
+    data = buffer.read_bytes()
+    target = inbox / "slow photo.png"
+    with watching(config_for(inbox, outbox, weights_file, settle=0.6)):
+        with open(target, "wb") as stream:
+            for start in range(0, len(data), len(data) // 5 + 1):
+                stream.write(data[start:start + len(data) // 5 + 1])
+                stream.flush()
+                time.sleep(0.2)
+                assert target.exists(), "taken while still being written"
+        wait_for(lambda: settled(inbox, 1), what="the image to be done")
+    assert files(outbox) == ["slow photo.png"]
+    assert (inbox / "done" / "slow photo.png").read_bytes() == data
+    assert Image.open(outbox / "slow photo.png").size == (48, 40)
+
+
+def test_temporary_names_wait_until_renamed(boxes, weights_file):
+    inbox, outbox = boxes
+    names = ["photo.png.part", ".hidden.png", "~$photo.png", "photo.png.crdownload", "photo.tmp"]
+    with watching(config_for(inbox, outbox, weights_file, settle=0.1)):
+        for index, name in enumerate(names):
+            (inbox / name).write_bytes(photo_png(seed=index))
+        time.sleep(1.0)
+        assert sorted(p.name for p in inbox.iterdir() if p.is_file() and p.name in names) == sorted(names)
+        assert files(outbox) == []
+        os.rename(inbox / "photo.png.part", inbox / "photo.png")
+        wait_for(lambda: settled(inbox, 1), what="the renamed file to be done")
+    assert files(outbox) == ["photo.png"]
+
+
+def test_bad_files_land_in_failed_with_their_reason(boxes, weights_file):
+    inbox, outbox = boxes
+    save_png(inbox / "good.png", make_photo())
+    (inbox / "notes.jpg").write_bytes(b"this is not an image")
+    (inbox / "cut.png").write_bytes((inbox / "good.png").read_bytes()[:200])
+    (inbox / "huge.png").write_bytes(png_header(10_000, 6_000))
+    (inbox / "empty.png").write_bytes(b"")
+    with watching(config_for(inbox, outbox, weights_file)):  # all waiting before start: the scan takes them
+        wait_for(lambda: settled(inbox, 5), what="every file to be done or failed")
+    assert files(outbox) == ["good.png"]
+    failed = inbox / "failed"
+    reasons = {name: error_of(failed / name)["error"] for name in
+               ("notes.jpg", "cut.png", "huge.png", "empty.png")}
+    assert "not an image" in reasons["notes.jpg"]
+    assert "truncated or corrupt" in reasons["cut.png"]
+    assert "over the limit" in reasons["huge.png"]
+    assert "empty" in reasons["empty.png"]
+    record = error_of(failed / "notes.jpg")
+    assert record["preset"] == PRESET and record["attempts"] == 1 and record["file"] == "notes.jpg"
+    assert record["time"]
+
+
+def test_fifty_files_dropped_at_once_come_out_exactly_once(boxes, weights_file):
+    inbox, outbox = boxes
+    names = [f"Straße {i:02d} 写真.png" for i in range(50)]
+    with watching(config_for(inbox, outbox, weights_file, batch=8)):
+        originals = {name: drop(inbox / name, seed=i) for i, name in enumerate(names)}
+        wait_for(lambda: settled(inbox, 50), timeout=240, what="50 images to be done")
+    assert files(outbox) == sorted(names)
+    assert files(inbox / "done") == sorted(names)
+    assert all((inbox / "done" / name).read_bytes() == data for name, data in originals.items())
+    jobs = {read_metadata(outbox / name)["job"] for name in names}
+    assert len(jobs) == 50
+    assert files(inbox / "processing") == [] and files(inbox / "failed") == []
+
+
+def test_name_collisions_get_suffixes_and_nothing_is_overwritten(boxes, weights_file):
+    inbox, outbox = boxes
+    (outbox / "photo.png").write_bytes(b"someone else's file")
+    config = config_for(inbox, outbox, weights_file, format="png")
+    with watching(config):
+        drop(inbox / "photo.png", seed=1)
+        drop(inbox / "photo.jpg.png", seed=2)
+        wait_for(lambda: settled(inbox, 2), what="the first two")
+        drop(inbox / "photo.png", seed=3)  # the same name again, after the first is done
+        wait_for(lambda: settled(inbox, 3), what="the third")
+    assert (outbox / "photo.png").read_bytes() == b"someone else's file"
+    assert files(outbox) == ["photo-1.png", "photo-2.png", "photo.jpg.png", "photo.png"]
+    assert files(inbox / "done") == ["photo-1.png", "photo.jpg.png", "photo.png"]
+
+
+def test_two_inputs_wanting_one_output_name_get_two_names(boxes, weights_file):
+    inbox, outbox = boxes
+    save_png(inbox / "photo.png", make_photo(seed=1))
+    Image.fromarray((make_photo(seed=2) * 255).astype(np.uint8)).save(inbox / "photo.jpg")
+    with watching(config_for(inbox, outbox, weights_file, format="png")):
+        wait_for(lambda: settled(inbox, 2), what="both images")
+    assert files(outbox) == ["photo-1.png", "photo.png"]
+    contents = sorted(read_metadata(outbox / name)["content"] for name in files(outbox))
+    assert contents == ["photo.jpg", "photo.png"]
+
+
+def test_preset_sub_folders_symlinks_and_deep_nesting(boxes, weights_file, tmp_path):
+    inbox, outbox = boxes
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = save_png(outside / "secret.png", make_photo(seed=9))
+    secret_bytes = secret.read_bytes()
+    drop(inbox / PRESET / "sub photo.png", seed=1)
+    drop(inbox / "no-such-preset" / "b.png", seed=2)
+    drop(inbox / PRESET / "deeper" / "c.png", seed=3)
+    (inbox / "link.png").symlink_to(secret)
+    (inbox / "linked-folder").symlink_to(outside, target_is_directory=True)
+    with watching(config_for(inbox, outbox, weights_file, preset=None)):
+        drop(inbox / "top.png", seed=4)
+        wait_for(lambda: settled(inbox, 6), what="every drop to be handled")
+    assert files(outbox) == [f"{PRESET}/sub photo.png"]
+    failed = inbox / "failed"
+    assert "unknown preset 'no-such-preset'" in error_of(failed / "no-such-preset" / "b.png")["error"]
+    assert "nested too deep" in error_of(failed / PRESET / "deeper" / "c.png")["error"]
+    assert "symlinks are not accepted" in error_of(failed / "link.png")["error"]
+    assert "symlinks are not accepted" in error_of(failed / "linked-folder")["error"]
+    assert "no preset for the top" in error_of(failed / "top.png")["error"]
+    assert (failed / "link.png").is_symlink() and (failed / "linked-folder").is_symlink()
+    assert files(outside) == ["secret.png"] and secret.read_bytes() == secret_bytes
+
+
+def test_out_of_memory_is_retried_smaller_then_failed(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    save_png(inbox / "photo.png", make_photo())
+    config = config_for(inbox, outbox, weights_file,
+                        overrides={"size": 10**8, "scales": 1})  # no host can allocate this
+    with watching(config):
+        wait_for(lambda: settled(inbox, 1), what="the image to fail")
+    record = error_of(inbox / "failed" / "photo.png")
+    assert record["attempts"] == 3 and "out of memory after 3 attempts" in record["error"]
+    assert "at size 49000000" in record["error"]
+    retries = [line for line in capsys.readouterr().err.splitlines() if " retry " in line]
+    assert len(retries) == 2 and "size 70000000" in retries[0]
+    assert files(outbox) == []
+
+
+def test_several_folders_from_a_config_file(tmp_path, weights_file):
+    boxes = {name: (tmp_path / name / "in", tmp_path / name / "out") for name in ("a", "b")}
+    for inbox, outbox in boxes.values():
+        inbox.mkdir(parents=True)
+        outbox.mkdir(parents=True)
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"""
+settle = 0.1
+status_file = "status.json"
+[options]
+weights = "{weights_file}"
+device = "cpu"
+[[folder]]
+inbox = "a/in"
+out = "a/out"
+preset = "{PRESET}"
+format = "jpg"
+quality = 80
+[[folder]]
+inbox = "b/in"
+out = "b/out"
+preset = "{PRESET}"
+[folder.options]
+size = 24
+""", encoding="utf-8")
+    watch_config = from_cli(None, config, None, None, None, {}, None, False, None)
+    assert watch_config.status_file == tmp_path / "status.json"
+    drop(boxes["a"][0] / "x.png", seed=1)
+    drop(boxes["b"][0] / "y.png", seed=2)
+    with watching(watch_config):
+        wait_for(lambda: settled(boxes["a"][0], 1) and settled(boxes["b"][0], 1), what="both folders")
+        status = json.loads(watch_config.status_file.read_text())
+    assert files(boxes["a"][1]) == ["x.jpg"] and files(boxes["b"][1]) == ["y.png"]
+    assert Image.open(boxes["b"][1] / "y.png").size == (24, 18)
+    assert [f["inbox"] for f in status["folders"]] == [str(b[0]) for b in boxes.values()]
+
+
+def test_status_counts_and_the_status_command(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    save_png(inbox / "a.png", make_photo())
+    (inbox / "b.jpg").write_bytes(b"junk")
+    config = config_for(inbox, outbox, weights_file)
+    with watching(config):
+        wait_for(lambda: settled(inbox, 2), what="both files")
+        assert main(["watch", "--status", str(inbox)]) == 0
+        running = capsys.readouterr().out
+        data = wait_for(lambda: (d := json.loads(config.status_file.read_text()))["folders"][0]["done"] == 1
+                        and d, what="the status file to catch up")
+    assert "queued 0, processing 0, done 1, failed 1; watcher running (pid" in running
+    assert data["folders"][0]["failed"] == 1 and data["state"] == "running"
+    assert json.loads(config.status_file.read_text())["state"] == "stopped"
+    assert main(["watch", "--status", str(inbox)]) == 0
+    assert "no watcher running" in capsys.readouterr().out
+    assert count(inbox).done == 1
+
+
+def test_a_second_watcher_on_the_same_inbox_is_refused(boxes, weights_file):
+    inbox, outbox = boxes
+    config = config_for(inbox, outbox, weights_file)
+    with watching(config), pytest.raises(StylekitError, match="already watching"), \
+            watching(config_for(inbox, outbox, weights_file)):
+        pass
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["watch"], "give INBOX and --out"),
+    (["watch", "{inbox}", "--out", "{missing}"], "does not exist"),
+    (["watch", "{inbox}", "--out", "{inbox}/out"], "inside inbox"),
+    (["watch", "{inbox}", "--out", "{outbox}", "--status-file", "{inbox}/status.json"],
+     "status file"),
+    (["watch", "{inbox}", "--out", "{outbox}", "--preset", "nope"], "unknown preset 'nope'"),
+    (["watch", "{inbox}", "--out", "{outbox}", "--init", "x.png"], "--init FILE"),
+    (["watch", "--config", "{missing}"], "not found"),
+    (["watch", "--status", "{missing}"], "neither an inbox folder nor a config file"),
+    (["watch", "--status"], "--status needs the INBOX"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsys):
+    inbox, outbox = boxes
+    (inbox / "out").mkdir()
+    places = {"inbox": inbox, "outbox": outbox, "missing": tmp_path / "missing"}
+    assert main([arg.format(**places) for arg in args]) != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("settle = 1\n", "no [[folder]] tables"),
+    ("speed = 1\n[[folder]]\ninbox = 'i'\nout = 'o'\n", "unknown key 'speed'"),
+    ("[[folder]]\ninbox = 'i'\n", "needs 'out'"),
+    ("[[folder]]\ninbox = 'i'\nout = 'o'\n[folder.options]\nsteps = 'many'\n",
+     "'steps' must be a whole number"),
+    ("[[folder]]\ninbox = 'i'\nout = 'o'\n[folder.options]\nwarp = 9\n", "unknown option 'warp'"),
+    ("[[folder]]\ninbox = 'i'\nout = 'o'\nformat = 'gif'\n", "bad format 'gif'"),
+    ("[[folder]]\ninbox = 'i'\nout = 'o'\n[[folder]]\ninbox = 'i'\nout = 'o'\n", "is inside (or is)"),
+    ("[[folder]\n", "cannot read config"),
+])
+def test_bad_config_files_are_one_line_errors(text, message, tmp_path, capsys):
+    (tmp_path / "i").mkdir()
+    (tmp_path / "o").mkdir()
+    (tmp_path / "pipeline.toml").write_text(text, encoding="utf-8")
+    assert main(["watch", "--config", str(tmp_path / "pipeline.toml")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_example_config_parses():
+    config = load(Path(__file__).parent.parent / "pipeline" / "pipeline.example.toml")
+    assert len(config.folders) >= 2 and config.settle > 0

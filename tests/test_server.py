@@ -1,0 +1,289 @@
+"""`stylekit serve`: every endpoint, cancelling, limits, the token off loopback, retries, fuzzing."""
+
+import io
+import json
+import os
+import stat
+import time
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from conftest import make_painting, make_photo, start_server
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+from PIL import Image
+from schemathesis.checks import allow_header_conformance, positive_data_acceptance
+
+from stylekit.cli import main
+from stylekit.image import read_metadata
+from stylekit.presets import get_preset
+from stylekit.server import ServerSettings, create_app, is_loopback, load_or_create_token
+
+FAST = {"steps": 3, "targets": "torch"}
+ENDLESS = {"steps": 100_000, "targets": "torch"}  # runs until cancelled
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """Encode float RGB or RGBA pixels as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PHOTO_RGBA = np.dstack([make_photo(), np.linspace(0, 1, 48 * 40, dtype=np.float32).reshape(40, 48)])
+PHOTO = png(PHOTO_RGBA)
+PAINTING = png(make_painting())
+
+
+def post_job(client, params: dict, image: bytes = PHOTO, style: bytes | None = PAINTING):
+    """POST /v1/jobs with an image, optional style upload and params JSON."""
+    files = {"image": ("photo.png", image, "image/png")}
+    if style is not None:
+        files["style"] = ("painting.png", style, "image/png")
+    return client.post("/v1/jobs", files=files, data={"params": json.dumps(params)})
+
+
+def wait_for(client, job_id: str, statuses: tuple[str, ...], timeout: float = 120.0) -> dict:
+    """Poll a job until its status is one of statuses."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] in statuses:
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} stuck at {view}")
+
+
+@pytest.fixture
+def server(weights_file):
+    """An app with a running worker (TestClient with lifespan), the test weights on the CPU."""
+    app = create_app(ServerSettings(weights=str(weights_file), device="cpu", max_queue=2))
+    with TestClient(app) as client:
+        yield client
+
+
+def test_health_and_openapi(server):
+    health = server.get("/v1/health").json()
+    assert health["status"] == "ok" and health["queued"] == 0 and health["running"] is None
+    assert health["max_queue"] == 2
+    schema = server.get("/openapi.json").json()
+    assert set(schema["paths"]) == {"/v1/health", "/v1/presets", "/v1/jobs", "/v1/jobs/{job_id}",
+                                    "/v1/jobs/{job_id}/result"}
+
+
+def test_presets_list_names_titles_and_file_names_only(server):
+    presets = {p["name"]: p for p in server.get("/v1/presets").json()}
+    ink = get_preset("ink-wash")
+    assert presets["ink-wash"]["title"] == ink.title
+    assert presets["ink-wash"]["styles"] == [path.name for path in ink.style_paths]
+    assert presets["ink-wash"]["options"]["style_weight"] == ink.options["style_weight"]
+    assert "/" not in json.dumps([p["styles"] for p in presets.values()])
+
+
+def test_uploaded_style_job_returns_png_with_the_uploads_alpha(server):
+    answer = post_job(server, {**FAST, "id": "upload-1"})
+    assert answer.status_code == 202 and answer.json()["id"] == "upload-1"
+    view = wait_for(server, "upload-1", ("done", "failed"))
+    assert view["status"] == "done" and view["progress"] == 1.0, view
+    assert view["report"]["iterations"] == 3 and view["event"]["stage"] == "done"
+    result = server.get("/v1/jobs/upload-1/result")
+    assert result.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(result.content))
+    assert image.mode == "RGBA" and image.size == (48, 40)
+    expected_alpha = (PHOTO_RGBA[..., 3] * 255).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(image)[..., 3], expected_alpha)
+    assert read_metadata(result.content)["job"] == "upload-1"
+
+
+def test_preset_job_uses_the_preset_and_strength(server):
+    answer = post_job(server, {**FAST, "preset": "ink-wash", "strength": 2.0}, style=None)
+    assert answer.status_code == 202
+    view = wait_for(server, answer.json()["id"], ("done", "failed"))
+    assert view["status"] == "done" and view["preset"] == "ink-wash", view
+    options = view["report"]["options"]
+    assert options["style_weight"] == 2.0 * get_preset("ink-wash").options["style_weight"]
+    assert options["tv_weight"] == get_preset("ink-wash").options["tv_weight"]
+    assert options["weights"] != "auto" and options["device"] == "cpu"  # the server's, not a client's
+
+
+def test_cancel_queued_running_and_after_done(server):
+    assert post_job(server, {**ENDLESS, "id": "long"}).status_code == 202
+    queued = post_job(server, {**FAST, "id": "waiting"}).json()
+    assert queued["status"] == "queued"
+    view = wait_for(server, "long", ("running",))
+    while not (view.get("event") or {}).get("iteration"):
+        view = server.get("/v1/jobs/long").json()
+    # queued: cancelled at once, and never run
+    cancelled = server.delete("/v1/jobs/waiting").json()
+    assert cancelled["status"] == "cancelled" and cancelled["progress"] == 0.0
+    # running: stopped at the next optimiser step
+    asked = time.monotonic()
+    assert server.delete("/v1/jobs/long").json()["message"] == "cancelling"
+    stopped = wait_for(server, "long", ("cancelled", "done", "failed"), timeout=10)
+    assert stopped["status"] == "cancelled" and time.monotonic() - asked < 5
+    assert stopped["event"]["iteration"] < stopped["event"]["total"]
+    assert server.get("/v1/jobs/long/result").status_code == 409
+    assert server.get("/v1/jobs/waiting").json()["status"] == "cancelled"
+    # done: deleting forgets the job and its result
+    post_job(server, {**FAST, "id": "quick"})
+    assert wait_for(server, "quick", ("done", "failed"))["status"] == "done"
+    assert server.delete("/v1/jobs/quick").json()["status"] == "done"
+    assert server.get("/v1/jobs/quick").status_code == 404
+    assert server.get("/v1/jobs/quick/result").status_code == 404
+    assert server.delete("/v1/jobs/quick").status_code == 404
+
+
+def test_a_job_nobody_polls_is_cancelled(server):
+    job = post_job(server, {**ENDLESS, "abandon_after": 0.5}).json()
+    time.sleep(2.0)
+    view = server.get(f"/v1/jobs/{job['id']}").json()
+    assert view["status"] == "cancelled" and "no client" in view["message"]
+
+
+def test_resubmitting_the_same_id_returns_the_same_job(server):
+    first = post_job(server, {**FAST, "id": "retry-me"})
+    again = post_job(server, {**FAST, "id": "retry-me"})
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json()["created"] == first.json()["created"]
+    other = post_job(server, {**FAST, "id": "retry-me"}, image=png(make_photo(seed=5)))
+    assert other.status_code == 409 and "different job" in other.json()["detail"]
+    wait_for(server, "retry-me", ("done",))
+    assert post_job(server, {**FAST, "id": "retry-me"}).json()["status"] == "done"
+
+
+@pytest.mark.parametrize(("params", "style", "message"), [
+    ({"weights": "/etc/passwd"}, PAINTING, "fixed when the server starts"),
+    ({"device": "cuda"}, PAINTING, "fixed when the server starts"),
+    ({"init": "/etc/passwd"}, PAINTING, "bad init"),
+    ({"preset": "../../etc/passwd"}, None, "bad preset name"),
+    ({"preset": "no-such-preset"}, None, "unknown preset 'no-such-preset'"),
+    ({"preset": "ink-wash"}, PAINTING, "not both or neither"),
+    ({}, None, "not both or neither"),
+    ({"colour": 1}, PAINTING, "unknown parameter 'colour'"),
+    ({"steps": "many"}, PAINTING, "bad parameter 'steps'"),
+    ({"steps": 2.5}, PAINTING, "bad parameter 'steps'"),
+    ({"style_weight": -1}, PAINTING, "bad style_weight"),
+    ({"optimizer": "sgd"}, PAINTING, "bad optimizer 'sgd'"),
+    ({"id": "../x"}, PAINTING, "bad parameter 'id'"),
+    ({"size": 100_000}, PAINTING, "over the server's limit"),
+])
+def test_bad_params_get_a_one_line_422(server, params, style, message):
+    answer = post_job(server, params, style=style)
+    assert answer.status_code == 422
+    assert message in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+
+
+def test_bad_uploads_get_422(server):
+    assert "not valid JSON" in server.post("/v1/jobs", files={"image": ("a.png", PHOTO)},
+                                           data={"params": "{"}).json()["detail"]
+    not_image = post_job(server, FAST, image=b"just text")
+    assert not_image.status_code == 422 and "not an image" in not_image.json()["detail"]
+    missing = server.post("/v1/jobs", data={"params": "{}"})
+    assert missing.status_code == 422 and missing.json()["detail"] == "image: Field required"
+    assert server.get("/v1/jobs/nope").status_code == 404
+
+
+def test_upload_and_pixel_limits(weights_file):
+    app = create_app(ServerSettings(weights=str(weights_file), max_upload_bytes=3000, max_pixels=1000))
+    client = TestClient(app)
+    too_big = post_job(client, FAST, image=os.urandom(4000))
+    assert too_big.status_code == 413 and "--max-upload-mb" in too_big.json()["detail"]
+
+    def streamed():  # no Content-Length: counted while it arrives
+        yield b"--x\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(10):
+            yield os.urandom(1000)
+    chunked = client.post("/v1/jobs", content=streamed(),
+                          headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert chunked.status_code == 413
+    too_many = post_job(client, FAST, style=None)
+    assert too_many.status_code == 422 and "over the limit of 1,000" in too_many.json()["detail"]
+
+
+def test_queue_length_limit():
+    client = TestClient(create_app(ServerSettings(max_queue=1)))  # no lifespan: nothing runs
+    assert post_job(client, FAST).status_code == 202
+    full = post_job(client, FAST)
+    assert full.status_code == 429 and "queue is full" in full.json()["detail"]
+    assert client.get("/v1/health").json()["queued"] == 1
+
+
+def test_token_is_compared_and_required_when_set():
+    client = TestClient(create_app(ServerSettings(token="s3cret-token-0123456789")))
+    assert client.get("/v1/health").status_code == 401
+    wrong = client.get("/v1/health", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "bearer token" in wrong.json()["detail"]
+    right = client.get("/v1/health", headers={"Authorization": "Bearer s3cret-token-0123456789"})
+    assert right.status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_token_file_is_private_and_reused(tmp_path):
+    path = tmp_path / "config" / "server-token"
+    token = load_or_create_token(path)
+    assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_token(path) == token
+    path.chmod(0o644)
+    with pytest.raises(Exception, match="chmod 600"):
+        load_or_create_token(path)
+
+
+def test_loopback_detection():
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.2", "::", "example.org"]))
+
+
+def test_end_to_end_over_real_http(live_server):
+    with httpx.Client(base_url=live_server, timeout=60) as client:
+        health = client.get("/v1/health").json()
+        assert health["device"] == "cpu" and "vgg19-random.pth" in health["weights"]
+        assert any(p["name"] == "ink-wash" for p in client.get("/v1/presets").json())
+        answer = post_job(client, {"steps": 3, "preset": "ink-wash", "id": "e2e"}, style=None)
+        assert answer.status_code == 202
+        assert wait_for(client, "e2e", ("done", "failed"))["status"] == "done"
+        result = Image.open(io.BytesIO(client.get("/v1/jobs/e2e/result").content))
+        assert result.size == (48, 40) and result.mode == "RGBA"
+
+
+def test_serve_refuses_off_loopback_without_a_usable_token(tmp_path, capsys):
+    shared = tmp_path / "token"
+    shared.write_text("x" * 40)
+    shared.chmod(0o644)
+    assert main(["serve", "--host", "0.0.0.0", "--token-file", str(shared)]) == 1
+    assert "can be read by other users" in capsys.readouterr().err
+    shared.chmod(0o600)
+    shared.write_text("short")
+    assert main(["serve", "--host", "0.0.0.0", "--token-file", str(shared)]) == 1
+    assert "no usable token" in capsys.readouterr().err
+
+
+def test_serve_off_loopback_creates_and_requires_the_token(tmp_path, weights_file):
+    token_file = tmp_path / "cfg" / "server-token"
+    process, url = start_server(tmp_path / "serve.log", "--host", "0.0.0.0", "--token-file", str(token_file),
+                                "--weights", str(weights_file), "--device", "cpu")
+    try:
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        local = url.replace("0.0.0.0", "127.0.0.1")
+        assert httpx.get(f"{local}/v1/health").status_code == 401
+        token = token_file.read_text().strip()
+        answer = httpx.get(f"{local}/v1/health", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+FUZZ_APP = create_app(ServerSettings(weights="random", max_upload_bytes=50_000, max_queue=3))
+fuzz_schema = schemathesis.openapi.from_asgi("/openapi.json", FUZZ_APP)
+NOT_APPLICABLE = [
+    positive_data_acceptance,  # a schema-valid binary upload is rarely a decodable image (422 is right)
+    allow_header_conformance,  # Starlette's 405 lists the methods of the first route matching a path
+]
+
+
+@fuzz_schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzing_the_api_finds_no_server_error(case):
+    case.call_and_validate(excluded_checks=NOT_APPLICABLE)  # not_a_server_error and schema conformance
