@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_painting, make_photo, save_png
+from conftest import make_photo, save_png
 from PIL import Image
 
 from stylekit.cli import main
@@ -62,7 +62,8 @@ def test_report_has_the_promised_fields(apply, tmp_path):
 def test_json_progress_prints_one_event_per_line(apply):
     _, out, _, _ = apply("--progress", "json")
     events = [json.loads(line) for line in out.splitlines()]
-    assert [e["iteration"] for e in events if e["event"] == "progress" and e["stage"] == "optimise"] == [1, 2, 3]
+    steps = [e["iteration"] for e in events if e["event"] == "progress" and e["stage"] == "optimise"]
+    assert steps == [1, 2, 3]
     assert events[-1]["event"] == "done" and events[-1]["iterations"] == 3
 
 
@@ -204,7 +205,8 @@ def test_installed_command_prints_no_traceback(tmp_path, painting_path):
         [sys.executable, "-m", "stylekit.cli", "apply", str(tmp_path / "nope.jpg"), "--style",
          str(painting_path), "-o", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"stylekit: error: image '{tmp_path / 'nope.jpg'}' not found"]
+    missing = tmp_path / "nope.jpg"
+    assert result.stderr.strip().splitlines() == [f"stylekit: error: image '{missing}' not found"]
 
 
 def test_debug_shows_the_traceback(tmp_path, painting_path):
@@ -215,7 +217,8 @@ def test_debug_shows_the_traceback(tmp_path, painting_path):
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
-def test_weights_import_then_imagenet_gives_the_same_pixels(apply, weights_file, capsys, monkeypatch, tmp_path):
+def test_weights_import_then_imagenet_gives_the_same_pixels(apply, weights_file, capsys, monkeypatch,
+                                                            tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["weights", "import", str(weights_file)]) == 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import make_painting, make_photo
 
-from stylekit import Cancelled, StyleOptions, StyleRequest, StylekitError, stylize
+from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, stylize
 from stylekit.engine import scale_sizes
 
 
