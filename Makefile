@@ -28,6 +28,7 @@ test: install
 ## bench: side-by-side benchmarks; results go to docs/benchmarks.md and bench/results/
 bench: install
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.onnx_vs_torch
 
 lint: install
 	$(BIN)/ruff check stylekit pipeline tests bench
