@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stylekit-installed
 OUT    ?= out
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test gimp-test bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ demo: install
 
 ## test: install, then run the whole test suite (CPU, no network)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not gimp"
+
+## gimp-test: the plug-in in a real headless GIMP 3 (root; builds a Debian trixie chroot once, cached
+## outside the clone in $(GIMP_ROOT))
+GIMP_ROOT ?= /var/cache/stylekit/gimp3-root
+gimp-test: install
+	sh plugins/gimp/tests/make-chroot.sh $(GIMP_ROOT)
+	STYLEKIT_GIMP_ROOT=$(GIMP_ROOT) STYLEKIT_GIMP_REQUIRED=1 $(BIN)/python -m pytest -q -m gimp tests/test_gimp.py
 
 ## bench: side-by-side benchmarks; results go to docs/benchmarks.md and bench/results/
 bench: install

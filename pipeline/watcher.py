@@ -108,7 +108,7 @@ class Watcher:
             self._status_written, self._changed = now, False
 
     def _recover(self, hot: Hotfolder) -> None:
-        """Finish or requeue what the last run left in processing/ (after kill -9, a crash, power loss)."""
+        """Finish or requeue what the last run left in processing/ (after kill -9 or a crash)."""
         found = recover(hot.layout, max_attempts=self.config.retries + 1)
         for job, where in found.finished:
             self.log("recovered", f"{job.source}: finished from the last run "

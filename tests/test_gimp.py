@@ -9,8 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from conftest import make_painting, make_photo, save_png
@@ -18,7 +20,7 @@ from PIL import Image
 
 GIMP_ROOT = Path(os.environ.get("STYLEKIT_GIMP_ROOT", "/var/cache/stylekit/gimp3-root"))
 INSIDE = "/tmp/stylekit-gimp-test"  # the work folder as GIMP sees it inside the chroot
-BATCH = Path(__file__).parents[1] / "plugins" / "gimp" / "tests" / "batch.py"
+SCRIPTS = Path(__file__).parents[1] / "plugins" / "gimp" / "tests"
 OFFSETS = (12, 9)
 TOP_SIZE = (40, 32)
 SELECTION = (0, 0, 30, 64)  # x, y, width, height in image coordinates
@@ -46,34 +48,72 @@ def top_layer_pixels() -> np.ndarray:
     return np.dstack([make_photo(width, height, seed=3), alpha])
 
 
-@pytest.fixture(scope="module")
-def gimp_run(gimp_root: Path, live_server: str) -> dict:
-    """Install the plug-in with `stylekit gimp install`, run batch.py in GIMP, return its report."""
-    work = gimp_root / INSIDE.lstrip("/")
+def prepare(gimp_root: Path, inside: str, live_server: str, script: str) -> Path:
+    """A fresh work folder in the chroot: images, the script, and the plug-in installed by the CLI."""
+    work = gimp_root / inside.lstrip("/")
     shutil.rmtree(work, ignore_errors=True)
     (work / "home").mkdir(parents=True)
     save_png(work / "base.png", make_photo(80, 64, seed=2))
     Image.fromarray((top_layer_pixels() * 255).round().astype(np.uint8), "RGBA").save(work / "top.png")
     save_png(work / "painting.png", make_painting(48, 48))
-    preset = "ink-wash"
-    (work / "spec.json").write_text(json.dumps({"preset": preset, "offsets": OFFSETS,
+    (work / "spec.json").write_text(json.dumps({"preset": "ink-wash", "offsets": OFFSETS,
                                                 "selection": SELECTION}))
-    shutil.copy(BATCH, work / "batch.py")
+    shutil.copy(SCRIPTS / script, work / script)
     stylekit = Path(sys.executable).parent / "stylekit"
     installed = subprocess.run([str(stylekit), "gimp", "install", "--gimp-dir", str(work / "profile"),
                                 "--url", live_server], capture_output=True, text=True, check=True)
     assert "installed the GIMP plug-in" in installed.stdout
-    environment = {"PATH": "/usr/bin:/bin", "HOME": f"{INSIDE}/home", "GIMP3_DIRECTORY": f"{INSIDE}/profile",
-                   "STYLEKIT_GIMP_WORK": INSIDE}
-    gimp = subprocess.run(
-        ["chroot", str(gimp_root), "env", "-i", *(f"{k}={v}" for k, v in environment.items()),
-         "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval",
-         "-b", f"exec(open('{INSIDE}/batch.py').read())", "--quit"],
-        capture_output=True, text=True, timeout=600)
+    return work
+
+
+def gimp_command(gimp_root: Path, inside: str, script: str, *program: str, display: str = "") -> list[str]:
+    """Run a GIMP program in the chroot with a clean environment, executing script as its batch."""
+    environment = {"PATH": "/usr/bin:/bin", "HOME": f"{inside}/home", "GIMP3_DIRECTORY": f"{inside}/profile",
+                   "STYLEKIT_GIMP_WORK": inside, **({"DISPLAY": display} if display else {})}
+    return ["chroot", str(gimp_root), "env", "-i", *(f"{k}={v}" for k, v in environment.items()), *program,
+            "--batch-interpreter=python-fu-eval", "-b", f"exec(open('{inside}/{script}').read())", "--quit"]
+
+
+@pytest.fixture(scope="module")
+def gimp_run(gimp_root: Path, live_server: str) -> dict:
+    """Install the plug-in with `stylekit gimp install`, run batch.py in gimp-console, return its report."""
+    work = prepare(gimp_root, INSIDE, live_server, "batch.py")
+    gimp = subprocess.run(gimp_command(gimp_root, INSIDE, "batch.py", "gimp-console-3.0", "-i"),
+                          capture_output=True, text=True, timeout=600)
     assert gimp.returncode == 0, gimp.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     report["work"] = work
     return report
+
+
+@pytest.fixture(scope="module")
+def gimp_dialog_run(gimp_root: Path, live_server: str) -> list[dict]:
+    """GUI GIMP under Xvfb runs interactive.py; the test presses Return in the real dialog."""
+    inside = f"{INSIDE}-gui"
+    work = prepare(gimp_root, inside, live_server, "interactive.py")
+    xvfb = subprocess.Popen(["chroot", str(gimp_root), "Xvfb", "-displayfd", "1", "-screen", "0",
+                             "1024x768x24", "-nolisten", "tcp"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        display = f":{xvfb.stdout.readline().strip()}"
+        gimp = subprocess.Popen(gimp_command(gimp_root, inside, "interactive.py", "gimp-3.0", "--no-splash",
+                                             display=display),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        xdotool = ["chroot", str(gimp_root), "env", f"DISPLAY={display}", "xdotool"]
+        deadline = time.monotonic() + 180
+        while (found := subprocess.run([*xdotool, "search", "--name", "^Style Transfer$"],
+                                       capture_output=True, text=True)).returncode != 0:
+            assert gimp.poll() is None and time.monotonic() < deadline, "the dialog never appeared"
+            time.sleep(0.5)
+        window = found.stdout.split()[0]
+        time.sleep(1)  # let it finish drawing
+        subprocess.run([*xdotool, "windowfocus", "--sync", window, "key", "Return"], check=True)
+        _, errors = gimp.communicate(timeout=300)
+        assert gimp.returncode == 0, errors[-3000:]
+    finally:
+        xvfb.terminate()
+        xvfb.wait(30)
+    return json.loads((work / "interactive.json").read_text())
 
 
 def new_and_source(before: list[dict], after: list[dict]) -> tuple[dict, dict]:
@@ -137,3 +177,11 @@ def test_failures_are_messages_saying_what_to_do(gimp_run):
     assert nothing["status"] == "calling-error" and "Choose a preset or a style image" in nothing["message"]
     assert grey["status"] == "calling-error" and "Image ▸ Mode ▸ RGB" in grey["message"]
     assert gimp_run["layers_at_end"] == len(gimp_run["after_repeat"])  # failures add nothing
+
+
+def test_interactive_dialog_then_repeat_with_last_values(gimp_dialog_run, live_server):
+    first_preset = httpx.get(f"{live_server}/v1/presets").json()[0]["title"]
+    interactive, repeat = gimp_dialog_run
+    assert interactive == {"status": "success", "layers": [first_preset, "Background"]}
+    # WITH_LAST_VALS was given no preset: it reused the dialog's values
+    assert repeat == {"status": "success", "layers": [first_preset, f"{first_preset} #1", "Background"]}

@@ -205,7 +205,7 @@ class StyleTransfer(Gimp.PlugIn):
             quality.add(nick, index, label, help_text)
         procedure.add_choice_argument("quality", "_Quality", "Fast, balanced or best (time vs. detail)",
                                       quality, "balanced", flags)
-        procedure.add_int_argument("max-size", "Size _limit", "Longest side the server works at, in "
+        procedure.add_int_argument("max-size", "Si_ze limit", "Longest side the server works at, in "
                                    "pixels; the result is scaled back to the layer", 64, 8192, 1024, flags)
         procedure.add_boolean_argument("preserve-colors", "Keep colo_urs", "Keep the layer's colours, "
                                        "take only the texture", False, flags)

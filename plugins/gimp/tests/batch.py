@@ -87,6 +87,8 @@ if PROCEDURE is not None:
     grey.insert_layer(grey_layer, None, 0)
     report["calls"].append(call(grey, grey_layer, preset=SPEC["preset"]))
     report["layers_at_end"] = len(image.get_layers())
+    grey.delete()
+    image.delete()
 
 with open(os.path.join(WORK, "report.json"), "w") as stream:
     json.dump(report, stream, indent=1)

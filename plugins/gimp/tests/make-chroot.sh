@@ -4,11 +4,12 @@
 # usage: make-chroot.sh [ROOT]   (default: $STYLEKIT_GIMP_ROOT or /var/cache/stylekit/gimp3-root)
 # Needs root and Debian's package archive. A root in which GIMP 3 and its Python bindings already run
 # is reused; a missing or broken one is built afresh beside it and moved into place only when whole.
-# STYLEKIT_GIMP_EXTRA="xvfb x11-utils netpbm" adds packages (used for the dialog screenshot).
+# Xvfb and xdotool drive the plug-in's dialog; STYLEKIT_GIMP_EXTRA="x11-apps netpbm" adds packages
+# (the screenshot script uses those).
 set -eu
 ROOT=${1:-${STYLEKIT_GIMP_ROOT:-/var/cache/stylekit/gimp3-root}}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-PACKAGES="gimp python3-gi gir1.2-gimp-3.0 ${STYLEKIT_GIMP_EXTRA:-}"
+PACKAGES="gimp python3-gi gir1.2-gimp-3.0 xvfb xdotool ${STYLEKIT_GIMP_EXTRA:-}"
 PYCHECK="import gi; gi.require_version('Gimp', '3.0'); gi.require_version('GimpUi', '3.0')"
 
 works() {
@@ -39,7 +40,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 if works "$ROOT"; then
-    if [ -n "${STYLEKIT_GIMP_EXTRA:-}" ]; then install_packages "$ROOT"; fi
+    chroot "$ROOT" dpkg-query -W $PACKAGES >/dev/null 2>&1 || install_packages "$ROOT"
     echo "GIMP 3 chroot ready: $ROOT ($(chroot "$ROOT" gimp-console-3.0 --version))"
     exit 0
 fi
