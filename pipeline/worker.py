@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stylekit import __version__
-from stylekit.engine import DEFAULT_LONG_SIDE, stylize
+from stylekit.engine import DEFAULT_LONG_SIDE, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, StylekitError
 from stylekit.image import LoadedImage, load_image, output_format, save_image
 from stylekit.presets import Preset, get_preset, preset_request
@@ -77,17 +77,33 @@ def stylize_group(requests: Sequence[StyleRequest],
                   progress: ProgressCallback) -> Iterator[Result | Exception]:
     """Style requests that share a preset and options, yielding each result (or failure) in order.
 
-    One engine call per image for now: the batched engine call (several same-size images optimised
-    together on a GPU) replaces this loop and nothing else. Style targets are shared through the
-    engine's warm caches, keyed by the preset.
+    On a GPU, images of the same size are optimised together in one batch (stylize_batch); on a CPU
+    batching gains nothing, so each image runs alone. Style targets are shared either way, through the
+    engine's warm caches keyed by the preset.
     """
-    for request in requests:
+    options = requests[0].options
+    on_gpu = pick_runtime(options.device, options.precision).device.type == "cuda"
+    batches: list[list[int]] = []
+    for index, request in enumerate(requests):
+        batch = next((b for b in batches if on_gpu
+                      and requests[b[0]].content.shape == request.content.shape), None)
+        if batch is None:
+            batches.append([index])
+        else:
+            batch.append(index)
+    outcomes: dict[int, Result | Exception] = {}
+    ready = 0
+    for batch in batches:
         try:
-            yield stylize(request, progress=progress)
+            results: Sequence[Result | Exception] = stylize_batch([requests[i] for i in batch], progress)
         except Cancelled:
             raise
         except Exception as error:  # the caller sorts failures into retries and failed/
-            yield error
+            results = [error] * len(batch)
+        outcomes.update(zip(batch, results, strict=True))
+        while ready in outcomes:  # hand results back in request order as soon as they exist
+            yield outcomes.pop(ready)
+            ready += 1
 
 
 def warm_up(folder: FolderConfig) -> None:

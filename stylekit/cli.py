@@ -320,8 +320,8 @@ def presets_validate(file: Path) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="Port (0: any free one).")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Bearer token file (default: server-token in stylekit's config folder, created "
-                   "with mode 0600 when missing).")
+              help="Require the bearer token in this file (off loopback the default is server-token "
+                   "in stylekit's config folder, created with mode 0600 when missing).")
 @click.option("--require-token", is_flag=True, help="Ask for the token on loopback too.")
 @click.option("--weights", default="auto", show_default=True, metavar="auto|imagenet|random|PATH",
               help="Network weights for every job.")
@@ -398,6 +398,60 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
         raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
     watcher.watch(config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle,
                                   log_json, status_file))
+
+
+@cli.command()
+@click.argument("inputs", metavar="INPUT_DIR_OR_GLOB")
+@click.option("--preset", required=True, help="The preset every image gets (flags override its options).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the outputs, <stem>.<preset>.png (created if missing).")
+@click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: this process; ray: a Ray cluster's workers.")
+@click.option("--ray-address", default="auto", show_default=True, metavar="auto|ADDRESS",
+              help="The Ray cluster to join (auto: the one `ray start` runs here, or $RAY_ADDRESS).")
+@click.option("--gpus-per-task", type=click.FloatRange(min=0),
+              help="GPUs per Ray worker (default 1 if the cluster has GPUs; 0: one worker per CPU).")
+@engine_options
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: str,
+          gpus_per_task: float | None, debug: bool, **flags: object) -> None:
+    """Style every image of a folder or glob with --preset into --out, each exactly once.
+
+    A re-run skips images whose output exists; failures are listed in OUT/stylekit-failed.json.
+
+    \b
+    Examples: stylekit batch photos/ --preset ink-wash --out styled/
+              stylekit batch 'shoots/**/*.jpg' --preset woodcut --out styled/ --engine ray
+    """
+    from tqdm import tqdm
+
+    from . import batch as batching
+    from . import ray_engine
+
+    changes, init_file = flag_changes(flags)
+    if init_file:
+        raise click.UsageError("batch cannot use an --init FILE (use content, noise or style)")
+    recipe = batching.make_recipe(get_preset(preset), changes)
+    items = batching.plan(batching.discover(inputs), out, recipe.preset)
+
+    def started(pool: ray_engine.Pool) -> None:
+        hosts = {worker.rpartition(":")[0] for worker in pool.workers}
+        click.echo(f"{len(pool.actors)} Ray worker(s) on {len(hosts)} node(s); loading the network", err=True)
+
+    engine = batching.run_local if engine_name == "local" else \
+        ray_engine.engine(ray_address, gpus_per_task, on_start=started)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=len(items), unit="img", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+        def show(outcome: batching.Outcome) -> None:
+            if outcome.status == "failed":
+                bar.write(f"failed: {outcome.item.source}: {outcome.reason}", file=sys.stderr)
+            bar.update(1)
+
+        summary = batching.run_batch(out, items, recipe, engine, show)
+    click.echo(f"batch: {summary.line()}", err=True)
+    if summary.failures:
+        raise StylekitError(f"{len(summary.failures)} of {len(items)} images failed "
+                            f"(reasons in {out / batching.FAILED_FILE})")
 
 
 cli.add_command(gimp)

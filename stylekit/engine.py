@@ -8,7 +8,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -75,16 +75,28 @@ def validate(options: StyleOptions) -> None:
                             f"{len(style_layers)} style layers")
 
 
+MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
+MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
+
+
 def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
                 min_scale: int) -> list[tuple[int, int]]:
-    """Coarse-to-fine (width, height) pairs, halving the long side down to about min_scale."""
+    """Coarse-to-fine (width, height) pairs, halving the long side down to about min_scale.
+
+    Coarse scales whose short side would fall under MIN_COARSE_SIDE are dropped; an output whose
+    short side is under MIN_SIDE is refused.
+    """
     if scales is None:
         scales = 1 + int(math.log2(long_side / min_scale)) if long_side >= 2 * min_scale else 1
     sizes = []
     for index in reversed(range(scales)):
-        side = max(16, round(long_side / 2**index))
-        ratio = side / max(width, height)
-        sizes.append((max(1, round(width * ratio)), max(1, round(height * ratio))))
+        ratio = round(long_side / 2**index) / max(width, height)
+        size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+        if index == 0 or min(size) >= MIN_COARSE_SIDE:
+            sizes.append(size)
+    if min(sizes[-1]) < MIN_SIDE:
+        raise StylekitError(f"image too small: the output would be {sizes[-1][0]}×{sizes[-1][1]} px, "
+                            f"and at least {MIN_SIDE} px on each side are needed")
     return sizes
 
 
@@ -186,9 +198,9 @@ def _evaluate(image: torch.Tensor, extractor: FeatureExtractor, runtime: Runtime
     """The canonical total loss of one image against its targets."""
     with runtime.autocast():
         features = extractor(image)
-    content = losses.content_loss(features, content_targets).sum()
-    style = losses.style_loss(features, style_targets, layer_weights).sum()
-    tv = losses.tv_loss(image).sum()
+    content = losses.content_loss(features, content_targets)
+    style = losses.style_loss(features, style_targets, layer_weights)
+    tv = losses.tv_loss(image)
     total = options.content_weight * content + options.style_weight * style \
         + options.tv_weight * tv
     return _Losses(content, style, tv, total)
@@ -249,8 +261,7 @@ def _peak_memory(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _initial_image(request: StyleRequest, content: torch.Tensor,
-                   styles: list[torch.Tensor]) -> torch.Tensor:
+def _initial_image(request: StyleRequest, content: torch.Tensor) -> torch.Tensor:
     """The first scale's starting point: content, noise, the first style, or a given image."""
     _, _, h, w = content.shape
     if request.init_image is not None:
@@ -259,7 +270,7 @@ def _initial_image(request: StyleRequest, content: torch.Tensor,
         gen = torch.Generator().manual_seed(request.options.seed)
         return torch.rand(content.shape, generator=gen).to(content.device)
     if request.options.init == "style":
-        return resize(styles[0], w, h)
+        return resize(to_tensor(request.styles[0], content.device), w, h)
     return content.clone()
 
 
@@ -274,7 +285,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         with torch.no_grad():
             image.clamp_(0, 1)
         optimizer.zero_grad(set_to_none=True)
-        loss = evaluate(image).total
+        loss = evaluate(image).total.sum()
         loss.backward()
         count += 1
         report(count, loss.detach())
@@ -303,13 +314,49 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
 
     `progress` gets a Progress after every loss evaluation; raising errors.Cancelled there stops.
     """
-    options = request.options
+    return stylize_batch([request], progress)[0]
+
+
+def _check_batch(requests: Sequence[StyleRequest]) -> None:
+    """A batch shares options and content size (each image may have its own styles and init)."""
+    if not requests:
+        raise ValueError("stylize_batch needs at least one request")
+    first = requests[0]
+    for request in requests[1:]:
+        if request.options != first.options:
+            raise ValueError("requests in one batch must have the same options")
+        if request.content.shape != first.content.shape:
+            raise ValueError("requests in one batch must have contents of the same size")
+    for request in requests:
+        if not request.styles:
+            raise StylekitError("at least one style image is needed")
+        blend = request.options.style_blend or (1.0,) * len(request.styles)
+        if len(blend) != len(request.styles) or min(blend) < 0 or sum(blend) <= 0:
+            raise StylekitError(f"--style-blend needs {len(request.styles)} weights ≥ 0, not all 0")
+
+
+def _same_styles(a: StyleRequest, b: StyleRequest) -> bool:
+    """Whether two requests can share style targets (then they are computed once)."""
+    if a.options.preserve_color == "histogram":  # the style is recoloured to each content
+        return a is b
+    if a.style_key is not None or b.style_key is not None:
+        return a.style_key == b.style_key
+    return len(a.styles) == len(b.styles) and all(
+        x is y or np.array_equal(x, y) for x, y in zip(a.styles, b.styles, strict=True))
+
+
+def stylize_batch(requests: Sequence[StyleRequest],
+                  progress: ProgressCallback | None = None) -> list[Result]:
+    """Stylise several same-size images together in one batch (one network pass for all per step).
+
+    On a GPU this is what keeps the device busy for small images; style targets are computed once per
+    distinct style. With Adam every image follows exactly its own optimisation; with L-BFGS the batch
+    shares one curvature history (the summed loss is minimised), so results differ slightly from
+    single runs.
+    """
+    _check_batch(requests)
+    options = requests[0].options
     validate(options)
-    if not request.styles:
-        raise StylekitError("at least one style image is needed")
-    blend = options.style_blend or tuple(1.0 for _ in request.styles)
-    if len(blend) != len(request.styles) or min(blend) < 0 or sum(blend) <= 0:
-        raise StylekitError(f"--style-blend needs {len(request.styles)} weights ≥ 0, not all 0")
     started = time.perf_counter()
     if options.seed is not None:
         torch.manual_seed(options.seed)
@@ -326,14 +373,22 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
     layers = tuple(dict.fromkeys(content_layers + style_layers))
     extractor = _extractor(key, layers, options.pooling, runtime.device)
 
-    targets = _pick_targets(request, weights, layers, style_layers, extractor, runtime)
-    content_full = to_tensor(request.content, runtime.device)
-    height, width = content_full.shape[-2:]
+    targets = _pick_targets(requests[0], weights, layers, style_layers, extractor, runtime)
+    contents_full = [to_tensor(r.content, runtime.device) for r in requests]
+    height, width = contents_full[0].shape[-2:]
     long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
-    style_full = [to_tensor(style, runtime.device) for style in request.styles]
-    if options.preserve_color == "histogram":
-        style_full = [color.match_color_statistics(s, content_full) for s in style_full]
+    # One entry per distinct style: (its style images at full size, the request indices using it).
+    style_groups: list[tuple[list[torch.Tensor], StyleRequest, list[int]]] = []
+    for index, request in enumerate(requests):
+        group = next((g for g in style_groups if _same_styles(g[1], request)), None)
+        if group is None:
+            full = [to_tensor(style, runtime.device) for style in request.styles]
+            if options.preserve_color == "histogram":
+                full = [color.match_color_statistics(s, contents_full[index]) for s in full]
+            style_groups.append((full, request, [index]))
+        else:
+            group[2].append(index)
     total_steps = options.steps * len(sizes)
     done = 0
     last_loss: float | None = None
@@ -346,22 +401,28 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
     image: torch.Tensor | None = None
     for scale, (w, h) in enumerate(sizes, start=1):
         emit("prepare", scale, (w, h))
-        content = resize(content_full, w, h)
-        styles = [_fit_long_side(s, max(1, round(max(w, h) * options.style_scale)))
-                  for s in style_full]
+        content = torch.cat([resize(c, w, h) for c in contents_full])
+        long_style = max(1, round(max(w, h) * options.style_scale))
+        per_image: list[dict[str, torch.Tensor]] = [{} for _ in requests]
+        for full, _, indices in style_groups:
+            styles = [_fit_long_side(s, long_style) for s in full]
+            blend = options.style_blend or (1.0,) * len(styles)
+            grams = losses.blend_grams(
+                [{name: g[f"gram_{name}"] for name in style_layers}
+                 for g in (targets.style(s, (), style_layers) for s in styles)], blend)
+            for index in indices:
+                per_image[index] = grams
+        style_targets = {name: torch.cat([g[name] for g in per_image]) for name in style_layers}
         content_targets = targets.content(content, content_layers, ())
-        style_targets = losses.blend_grams(
-            [{name: grams[f"gram_{name}"] for name in style_layers}
-             for grams in (targets.style(s, (), style_layers) for s in styles)], blend)
-        image = _initial_image(request, content, styles) if image is None \
-            else resize(image, w, h)
+        image = resize(image, w, h) if image is not None else torch.cat(
+            [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
         def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets) -> _Losses:
             return _evaluate(x, extractor, runtime, ct, st, layer_weights, options)
 
         def report(count: int, loss: torch.Tensor, base=done, size=(w, h), index=scale) -> None:
             nonlocal done, last_loss
-            done, last_loss = base + count, float(loss)
+            done, last_loss = base + count, float(loss) / len(requests)
             emit("optimise", index, size)
 
         image = image.detach().clone()
@@ -372,14 +433,14 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
         final = evaluate(image)
     output = image
     if options.preserve_color == "luminance":
-        output = color.keep_content_chroma(image, resize(content_full, *sizes[-1]))
+        output = color.keep_content_chroma(image, torch.cat([resize(c, *sizes[-1]) for c in contents_full]))
     emit("done", len(sizes), sizes[-1])
     warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings
-    return Result(
-        image=to_array(output), seconds=time.perf_counter() - started, iterations=done,
-        content_loss=float(final.content), style_loss=float(final.style),
-        tv_loss=float(final.tv), total_loss=float(final.total), device=str(runtime.device),
+    seconds, peak = time.perf_counter() - started, _peak_memory(runtime.device)
+    return [Result(
+        image=to_array(output[i:i + 1]), seconds=seconds, iterations=done,
+        content_loss=float(final.content[i]), style_loss=float(final.style[i]),
+        tv_loss=float(final.tv[i]), total_loss=float(final.total[i]), device=str(runtime.device),
         precision=runtime.precision, width=sizes[-1][0], height=sizes[-1][1],
-        peak_memory_bytes=_peak_memory(runtime.device), weights=weights.description,
-        targets=targets.name, options=options, warnings=warnings)
-
+        peak_memory_bytes=peak, weights=weights.description, targets=targets.name, options=options,
+        warnings=warnings) for i in range(len(requests))]

@@ -44,7 +44,7 @@ from .request import Progress, Result, StyleOptions, StyleRequest
 log = logging.getLogger("stylekit.server")
 
 SERVER_OWNED = ("weights", "device", "backbone")  # fixed by `stylekit serve` for every job
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
+Status = typing.Literal["queued", "running", "done", "failed", "cancelled"]
 FINISHED = ("done", "failed", "cancelled")
 KEEP_FINISHED = 64  # finished jobs (and their PNGs) kept for clients to fetch; older ones are dropped
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -90,7 +90,7 @@ class JobView(BaseModel):
     """A job as clients see it."""
 
     id: str
-    status: typing.Literal["queued", "running", "done", "failed", "cancelled"]
+    status: Status
     progress: float = Field(description="Share of the work done, 0–1.")
     message: str
     preset: str | None
@@ -182,7 +182,7 @@ class JobQueue:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what runs, drop what waits, and let the worker end."""
+        """Cancel what runs and let the worker end (queued jobs stay queued for a restart)."""
         with self._cond:
             self._stopping = True
             if self._running:

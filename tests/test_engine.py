@@ -5,7 +5,7 @@ import pytest
 from conftest import make_painting, make_photo
 
 from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, stylize
-from stylekit.engine import scale_sizes
+from stylekit.engine import scale_sizes, stylize_batch
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_coarse_to_fine_scales_double_up_to_the_size():
 
 
 def test_every_scale_is_optimised(run):
-    result = run(scales=2, steps=2)
+    result = run(size=80, scales=2, steps=2)
     assert result.iterations == 4
 
 
@@ -129,3 +129,37 @@ def test_missing_gpu_is_a_clear_error(run):
 def test_bad_options_are_refused_with_their_name(run, option, value, message):
     with pytest.raises(StylekitError, match=message):
         run(**{option: value})
+
+
+def test_a_batch_with_adam_gives_each_image_its_own_result(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=3, targets="torch", optimizer="adam")
+    photos = [make_photo(seed=0), make_photo(seed=4)]
+    batch = stylize_batch([StyleRequest(p, [make_painting()], options) for p in photos])
+    alone = [stylize(StyleRequest(p, [make_painting()], options)) for p in photos]
+    for together, single in zip(batch, alone, strict=True):  # equal up to float rounding
+        assert np.abs(together.image - single.image).mean() < 1e-3
+        assert together.total_loss == pytest.approx(single.total_loss, rel=1e-3)
+
+
+def test_a_batch_can_mix_styles(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=2, targets="torch")
+    requests = [StyleRequest(make_photo(), [make_painting(seed=s)], options) for s in (1, 2)]
+    first, second = stylize_batch(requests)
+    assert not np.allclose(first.image, second.image)
+
+
+def test_a_batch_refuses_different_sizes(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=1, targets="torch")
+    with pytest.raises(ValueError, match="same size"):
+        stylize_batch([StyleRequest(make_photo(48, 40), [make_painting()], options),
+                       StyleRequest(make_photo(40, 40), [make_painting()], options)])
+
+
+def test_coarse_scales_too_small_to_help_are_dropped():
+    assert scale_sizes(1000, 60, 1000, 3, 128) == [(1000, 60)]
+    assert scale_sizes(1000, 100, 1000, 3, 128) == [(500, 50), (1000, 100)]
+
+
+def test_an_output_under_sixteen_pixels_is_refused(run):
+    with pytest.raises(StylekitError, match="too small"):
+        run(size=12)

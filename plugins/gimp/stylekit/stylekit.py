@@ -115,7 +115,6 @@ def insert_result(image, source, png, source_rgba, name):
         image.undo_group_end()
         os.unlink(path)
     Gimp.displays_flush()
-    return layer
 
 
 def stylize_layer(procedure, run_mode, image, drawables, config):

@@ -8,7 +8,14 @@
 # (the screenshot script uses those).
 set -eu
 ROOT=${1:-${STYLEKIT_GIMP_ROOT:-/var/cache/stylekit/gimp3-root}}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+
+# the Debian mirror this machine's apt already uses (MIRROR=URL overrides)
+host_mirror() {
+    { cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's|^URIs: *\([^ ]*/debian\)/*$|\1|p'
+      sed -n 's|^deb \(\[[^]]*\] \)\{0,1\}\([^ ]*/debian\)/* .*|\2|p' /etc/apt/sources.list 2>/dev/null
+    } | head -n 1
+}
+MIRROR=${MIRROR:-$(host_mirror)}
 PACKAGES="gimp python3-gi gir1.2-gimp-3.0 xvfb xdotool ${STYLEKIT_GIMP_EXTRA:-}"
 PYCHECK="import gi; gi.require_version('Gimp', '3.0'); gi.require_version('GimpUi', '3.0')"
 
@@ -44,12 +51,13 @@ if works "$ROOT"; then
     echo "GIMP 3 chroot ready: $ROOT ($(chroot "$ROOT" gimp-console-3.0 --version))"
     exit 0
 fi
+[ -n "$MIRROR" ] || { echo "make-chroot.sh: no Debian mirror in this machine's apt sources; set MIRROR=URL" >&2; exit 1; }
 command -v debootstrap >/dev/null || step /tmp/stylekit-debootstrap-apt.log \
     sh -c "apt-get update && apt-get install -y debootstrap"
 BUILD="$ROOT.building"
 rm -rf "$BUILD"
 mkdir -p "$BUILD"
-echo "building the GIMP 3 chroot in $ROOT (Debian trixie; a few minutes, about 750 MB)"
+echo "building the GIMP 3 chroot in $ROOT (Debian trixie; a few minutes, about 950 MB)"
 step "$BUILD.debootstrap.log" debootstrap --variant=minbase trixie "$BUILD" "$MIRROR"
 rm -f "$BUILD.debootstrap.log"
 install_packages "$BUILD"

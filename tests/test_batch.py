@@ -1,0 +1,135 @@
+"""`stylekit batch` with the local engine: inputs, output names, exactly once, resuming, failures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from batch_support import PRESET, make_inputs, once_each, output_name, stamps, tiny, tiny_flags
+
+from stylekit.batch import FAILED_FILE, Outcome, discover, make_recipe, plan, run_batch, run_local
+from stylekit.cli import main
+from stylekit.errors import StylekitError
+from stylekit.image import read_metadata
+from stylekit.presets import get_preset
+
+
+@pytest.fixture
+def batch(tmp_path, weights_file, capsys):
+    """Run `stylekit batch` in-process with tiny options; returns (exit code, stderr)."""
+    def go(inputs: Path | str, *extra: str, out: Path | None = None) -> tuple[int, str]:
+        code = main(["batch", str(inputs), "--preset", PRESET, "--out", str(out or tmp_path / "out"),
+                     *tiny_flags(weights_file), *extra])
+        return code, capsys.readouterr().err
+    return go
+
+
+def test_discover_takes_images_only_in_sorted_order(tmp_path):
+    folder = tmp_path / "in"
+    make_inputs(folder, 3)
+    (folder / "b.JPG").write_bytes(b"x")
+    (folder / ".hidden.png").write_bytes(b"x")
+    (folder / "notes.txt").write_text("x")
+    make_inputs(folder / "sub", 1)
+    names = [path.name for path in discover(str(folder))]
+    assert names == ["b.JPG", "img0.png", "img1.png", "img2.png"]
+    assert [p.name for p in discover(str(folder / "**" / "*.png"))] == ["img0.png", "img1.png", "img2.png",
+                                                                       "img0.png"]
+    assert discover(str(folder / "notes.txt")) == [folder / "notes.txt"]  # one file is taken as given
+    with pytest.raises(StylekitError, match="no folder or file"):
+        discover(str(tmp_path / "missing"))
+    with pytest.raises(StylekitError, match="no images in"):
+        discover(str(folder / "*.txt"))
+
+
+def test_output_names_are_fixed_and_never_shared(tmp_path):
+    sources = [tmp_path / "a.jpg", tmp_path / "a.png", tmp_path / "sub" / "A.png", tmp_path / "b.png"]
+    items = plan(sources, tmp_path / "out", "ink")
+    names = [item.output.name for item in items]
+    assert names[3] == "b.ink.png" and len(set(names)) == 4
+    assert all(name.startswith(("a-", "A-")) and name.endswith(".ink.png") for name in names[:3])
+    assert plan(sources, tmp_path / "out", "ink") == items
+    with pytest.raises(StylekitError, match="holds input images"):
+        plan(sources, tmp_path, "ink")
+
+
+def test_each_image_is_styled_exactly_once_and_a_rerun_does_no_work(batch, tmp_path):
+    sources = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    code, err = batch(tmp_path / "in")
+    assert code == 0, err
+    assert "batch: 8 done, 0 skipped (already there), 0 failed" in err
+    assert sorted(stamps(out)) == sorted(output_name(source) for source in sources)  # no temporaries
+    metadata = read_metadata(out / "img3.woodcut.png")
+    assert metadata["content"] == "img3.png" and metadata["preset"] == PRESET
+    assert metadata["options"]["steps"] == 2
+    before = stamps(out)
+    code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 0 done, 8 skipped (already there), 0 failed" in err
+    assert stamps(out) == before
+
+
+def test_a_stopped_batch_resumes_where_it_stopped(tmp_path, weights_file):
+    sources = make_inputs(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    items = plan(sources, out, PRESET)
+    seen: list[Outcome] = []
+
+    def stop_after_two(outcome: Outcome) -> None:
+        seen.append(outcome)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(out, items, recipe, run_local, stop_after_two)
+    assert sorted(stamps(out)) == ["img0.woodcut.png", "img1.woodcut.png"]
+    summary = run_batch(out, items, recipe, run_local, seen.append)
+    assert (summary.done, summary.skipped, summary.failures) == (3, 2, [])
+    assert set(once_each([o for o in seen if o.status == "done"]).values()) == {1}
+    assert len(seen) == 2 + 5
+
+
+def test_a_failed_image_is_recorded_with_its_reason_and_retried_next_time(batch, tmp_path):
+    sources = make_inputs(tmp_path / "in", 3)
+    broken = tmp_path / "in" / "img1.png"
+    broken.write_bytes(b"not a png")
+    code, err = batch(tmp_path / "in")
+    assert code == 1
+    assert "batch: 2 done, 0 skipped (already there), 1 failed" in err
+    assert err.strip().splitlines()[-1] == (f"stylekit: error: 1 of 3 images failed (reasons in "
+                                            f"{tmp_path / 'out' / FAILED_FILE})")
+    record = json.loads((tmp_path / "out" / FAILED_FILE).read_text())["failed"]
+    assert len(record) == 1 and record[0]["input"] == str(broken)
+    assert "is not an image stylekit can read" in record[0]["reason"] and record[0]["attempts"] == 1
+    make_inputs(tmp_path / "in", 3)  # the broken one replaced by a good image
+    code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 1 done, 2 skipped" in err
+    assert sorted(stamps(tmp_path / "out")) == sorted(output_name(source) for source in sources)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing-folder"], "no folder or file"),
+    (["IN", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    (["IN", "--init", "photo.png"], "batch cannot use an --init FILE"),
+    (["IN", "--out", "IN"], "holds input images"),
+    (["IN", "--weights", "missing.pth"], "weights file 'missing.pth' not found"),
+    (["IN", "--style-layers", "relu9_9"], "unknown layer 'relu9_9'"),
+])
+def test_bad_input_is_one_line(batch, tmp_path, args, message):
+    make_inputs(tmp_path / "IN", 1)
+    args = [str(tmp_path / arg) if arg in ("IN", "missing-folder") else arg for arg in args]
+    code, err = batch(*args)
+    assert code != 0 and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_engine_ray_without_ray_says_how_to_install(batch, tmp_path, monkeypatch):
+    make_inputs(tmp_path / "in", 1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    code, err = batch(tmp_path / "in", "--engine", "ray")
+    assert code == 1
+    assert err.strip() == "stylekit: error: --engine ray needs Ray: pip install 'stylekit[ray]'"

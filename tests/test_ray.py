@@ -1,0 +1,172 @@
+"""The Ray engine on a real one-node Ray cluster on 127.0.0.1, started (and stopped) by this module."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from batch_support import PRESET, make_inputs, once_each, output_name, pixels, stamps, tiny, tiny_flags
+from conftest import make_photo
+
+from stylekit import ray_engine
+from stylekit.batch import Outcome, make_recipe, plan, run_batch, run_local
+from stylekit.cli import main
+from stylekit.errors import Cancelled, StylekitError
+from stylekit.presets import get_preset
+from stylekit.request import Result
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'stylekit[ray]')")
+
+RAY = str(Path(sys.executable).parent / "ray")
+START_TIMEOUT_S = 120
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(isolated_environment) -> Iterator[str]:
+    """`ray start --head --block` (2 CPUs, 200 MB object store, no dashboard), joined; yields its address.
+
+    --block keeps every Ray process a child of the one started here, so stopping it stops them all
+    (`ray stop` would stop every Ray on the machine). Workers inherit the isolated caches.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="skray-", dir="/tmp"))  # Ray's socket paths must stay short
+    port, agent_port = free_ports(2)
+    log = temp / "ray-start.log"
+    with log.open("w") as stream:
+        process = subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+             "--object-store-memory=200000000", f"--temp-dir={temp}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={agent_port}"],
+            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Ray runtime started" not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        address = f"127.0.0.1:{port}"
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        yield address
+    finally:
+        ray.shutdown()
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_eight_images_are_styled_once_each_and_a_rerun_does_no_work(cluster, tmp_path, weights_file,
+                                                                   capsys):
+    sources = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ["batch", str(tmp_path / "in"), "--preset", PRESET, "--out", str(out), "--engine", "ray",
+            "--ray-address", cluster, *tiny_flags(weights_file)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "2 Ray worker(s) on 1 node(s)" in err
+    assert "batch: 8 done, 0 skipped (already there), 0 failed" in err
+    assert sorted(stamps(out)) == sorted(output_name(source) for source in sources)
+    before = stamps(out)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "batch: 0 done, 8 skipped (already there), 0 failed" in err
+    assert "Ray worker" not in err  # nothing to do: no worker was even started
+    assert stamps(out) == before
+
+
+def test_a_killed_worker_costs_a_retry_elsewhere_and_every_image_is_done_once(cluster, tmp_path,
+                                                                              weights_file):
+    # img0 is tiny and img1 large, so when img0 is done the other worker is still busy with img1
+    sources = make_inputs(tmp_path / "in", 8, sides=(24, 160))
+    out = tmp_path / "out"
+    out.mkdir()
+    pools: list[ray_engine.Pool] = []
+    outcomes: list[Outcome] = []
+    killed: list[str] = []
+
+    def kill_the_busy_worker(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if not killed:
+            busy = next(worker for worker in pools[0].workers if worker != outcome.worker)
+            os.kill(int(busy.rpartition(":")[2]), signal.SIGKILL)
+            killed.append(busy)
+
+    engine = ray_engine.engine(cluster, 0, on_start=pools.append)
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    summary = run_batch(out, plan(sources, out, PRESET), recipe, engine, kill_the_busy_worker)
+    assert (summary.done, summary.skipped, summary.failures) == (8, 0, [])
+    assert set(once_each(outcomes).values()) == {1} and len(outcomes) == 8
+    retried = [outcome for outcome in outcomes if outcome.attempts > 1]
+    assert [outcome.item.source.name for outcome in retried] == ["img1.png"]
+    assert retried[0].attempts == 2 and retried[0].worker != killed[0]
+    assert sorted(stamps(out)) == sorted(output_name(source) for source in sources)
+
+
+def test_local_and_ray_engines_give_the_same_pixels(cluster, tmp_path, weights_file):
+    sources = make_inputs(tmp_path / "in", 3, sides=(40,))
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    for folder, engine in (("local", run_local), ("ray", ray_engine.engine(cluster, 0))):
+        (tmp_path / folder).mkdir()
+        summary = run_batch(tmp_path / folder, plan(sources, tmp_path / folder, PRESET), recipe, engine)
+        assert summary.done == 3
+    for source in sources:
+        local, remote = pixels(tmp_path / "local" / output_name(source)), pixels(tmp_path / "ray" /
+                                                                               output_name(source))
+        assert local.shape == remote.shape and np.array_equal(local, remote)
+
+
+def test_the_hot_folder_call_keeps_order_returns_failures_and_can_be_stopped(cluster, weights_file):
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    large, small, other = (recipe.request(make_photo(side, side, seed=side)) for side in (160, 24, 32))
+    no_styles = dataclasses.replace(other, styles=[])
+    with ray_engine.open_pool(cluster, 0) as pool:
+        ray_engine.warm_up(pool, recipe.template)
+        values = list(ray_engine.stylize_group(pool, [large, small, no_styles, other]))
+        assert [v.width if isinstance(v, Result) else type(v) for v in values] == [160, 24, StylekitError, 32]
+        assert "at least one style image" in str(values[2])
+
+        def stop() -> None:
+            raise Cancelled
+
+        with pytest.raises(Cancelled):
+            list(ray_engine.stylize_group(pool, [large], heartbeat=stop))
+
+
+def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
+    make_inputs(tmp_path / "in", 1)
+    port = free_ports(1)[0]
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "stylekit"), "batch", str(tmp_path / "in"), "--preset", PRESET,
+         "--out", str(tmp_path / "out"), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"stylekit: error: no Ray cluster answers at '127.0.0.1:{port}' "
+                                     "(Connection refused); start one with `ray start --head` or fix "
+                                     "--ray-address")
