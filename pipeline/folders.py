@@ -9,9 +9,7 @@ import contextlib
 import errno
 import fcntl
 import itertools
-import json
 import os
-import secrets
 import stat
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -143,22 +141,6 @@ def link_no_clobber(source: Path, target: Path) -> bool:
         return True
     os.unlink(source)
     return True
-
-
-def write_json(path: Path, data: dict[str, object]) -> None:
-    """Write JSON whole or not at all: a hidden temporary name, fsync, then rename into place."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
 
 
 @contextlib.contextmanager

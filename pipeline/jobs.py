@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from stylekit.atomic import write_json
 from stylekit.errors import StylekitError
 from stylekit.image import read_metadata
 
-from .folders import ERROR_SUFFIX, Drop, Layout, free_name, is_temporary, link_no_clobber, write_json
+from .folders import ERROR_SUFFIX, Drop, Layout, free_name, is_temporary, link_no_clobber
 
 JOURNAL_SUFFIX = ".job.json"
 ORPHAN_REASON = "found in processing/ without its job record"

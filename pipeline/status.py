@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from stylekit.atomic import write_json
 from stylekit.errors import StylekitError
 
 from .config import FolderConfig, load
-from .folders import ERROR_SUFFIX, Layout, is_temporary, lock_holder, scan, write_json
+from .folders import ERROR_SUFFIX, Layout, is_temporary, lock_holder, scan
 from .jobs import JOURNAL_SUFFIX
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
 from .features import backbone_spec
@@ -121,13 +122,6 @@ def _warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    """Write JSON to a temporary name and rename it, so a report is whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stylekit")
 def cli() -> None:
@@ -183,7 +177,7 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
                 "preset": preset, "styles": [Path(s).name for s in style_files], **result.report()}
     save_image(output, result.image, picture.alpha, metadata=metadata)
     if report is not None:
-        _write_json_atomically(report, {"output": str(output), **result.report()})
+        write_json(report, {"output": str(output), **result.report()})
     if progress_mode == "json":
         click.echo(json.dumps({"event": "done", "output": str(output), **result.report()}))
     else:

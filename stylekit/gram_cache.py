@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .atomic import replacing
 from .weights import cache_dir
 
 if TYPE_CHECKING:
@@ -55,18 +54,12 @@ def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
 
 def _write(path: Path, targets: dict[str, torch.Tensor]) -> None:
     """Save atomically (temp file, then rename); a cache that cannot be written only costs speed."""
-    temp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "wb") as stream:
-            torch.save({name: value.detach().cpu() for name, value in targets.items()}, stream)
-        os.replace(temp, path)
+        with replacing(path) as temp:
+            torch.save({name: value.detach().cpu() for name, value in targets.items()}, temp)
     except OSError as exc:
         log.warning("cannot write Gram cache file %s (%s)", path, exc)
-    finally:
-        if temp is not None and os.path.exists(temp):
-            os.unlink(temp)
 
 
 def cached_targets(compute: TargetFn, context: str, label: str) -> TargetFn:

@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import os
-import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from stylekit.atomic import write_bytes
 from stylekit.errors import StylekitError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # guard against decompression bombs
@@ -292,20 +292,8 @@ def _encode(
 
 
 def _write_atomically(target: Path, data: bytes, label: str) -> None:
-    """Write to a hidden temporary file beside the target, fsync, then rename it into place."""
-    temp = target.with_name(f".{target.name[:64]}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    """Write whole or not at all, with disk errors as one-line ImageErrors."""
     try:
-        fd = os.open(temp, flags, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
+        write_bytes(target, data)
     except OSError as e:
         raise ImageError(f"cannot save {label}: {e.strerror or e}") from e

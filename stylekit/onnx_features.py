@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from . import losses
+from .atomic import replacing
 from .errors import StylekitError
 from .features import FeatureExtractor, backbone_spec
 from .weights import Weights, cache_dir, state_dict_sha256
@@ -90,18 +90,12 @@ def export_onnx(weights: Mapping[str, torch.Tensor], backbone: str, layers: Sequ
     target = Path(path)
     if not target.parent.is_dir():
         raise StylekitError(f"output folder '{target.parent}' does not exist")
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
     dim = torch.export.Dim
-    try:
-        torch.onnx.export(graph, (torch.rand(1, 3, 64, 64),), temp, input_names=[INPUT_NAME],
+    with replacing(target) as temp:
+        torch.onnx.export(graph, (torch.rand(1, 3, 64, 64),), str(temp), input_names=[INPUT_NAME],
                           output_names=output_names(layers, gram_layers), opset_version=OPSET,
                           dynamo=True, external_data=False, verbose=False,
                           dynamic_shapes={INPUT_NAME: {0: dim("n"), 2: dim("h"), 3: dim("w")}})
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return target
 
 

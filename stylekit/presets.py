@@ -31,6 +31,7 @@ import platformdirs
 import tomli_w
 
 from . import builtin_presets
+from .atomic import write_bytes
 from .engine import validate
 from .errors import StylekitError
 from .image import load_image
@@ -281,9 +282,7 @@ def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options
     images.mkdir(parents=True)
     for copy, payload in copies.items():
         (images / copy).write_bytes(payload)
-    temp = file.with_name(f".{file.name}.tmp")
-    temp.write_text(tomli_w.dumps(data), encoding="utf-8")
-    os.replace(temp, file)
+    write_bytes(file, tomli_w.dumps(data).encode("utf-8"))
     return load_preset_file(file)
 
 

@@ -9,7 +9,6 @@ import hashlib
 import os
 import shutil
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import platformdirs
 import torch
 import torchvision
 
+from .atomic import replacing
 from .errors import StylekitError
 from .features import FeatureExtractor, backbone_spec, build_network, network_state_keys
 
@@ -179,12 +179,8 @@ def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
     official = imagenet_file_name(backbone).rsplit("-", 1)[1].split(".")[0]
     target = imagenet_cache_path(backbone) if digest.startswith(official) else imported_path(backbone)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".import-", delete=False) as tmp:
-        with open(source, "rb") as handle:
-            shutil.copyfileobj(handle, tmp)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, target)
+    with replacing(target) as temp:
+        shutil.copyfile(source, temp)
     if target == imported_path(backbone):
         target.with_suffix(".sha256").write_text(digest + "\n")
     return backbone, target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from batch_support import PRESET, make_inputs, once_each, output_name, pixels, stamps, tiny, tiny_flags
-from conftest import make_photo
+from conftest import WEIGHTS_SEED, make_photo
 
 from stylekit import ray_engine
 from stylekit.batch import Outcome, make_recipe, plan, run_batch, run_local
@@ -25,6 +27,7 @@ from stylekit.cli import main
 from stylekit.errors import Cancelled, StylekitError
 from stylekit.presets import get_preset
 from stylekit.request import Result
+from stylekit.weights import random_state_dict
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'stylekit[ray]')")
 
@@ -82,6 +85,14 @@ def cluster(isolated_environment) -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    """Seeded random VGG19 features without the classifier: each worker process loads it quickly."""
+    path = tmp_path_factory.mktemp("weights") / "vgg19-features.pth"
+    torch.save(random_state_dict("vgg19", seed=WEIGHTS_SEED), path)
+    return path
+
+
 def test_eight_images_are_styled_once_each_and_a_rerun_does_no_work(cluster, tmp_path, weights_file,
                                                                    capsys):
     sources = make_inputs(tmp_path / "in")
@@ -101,25 +112,33 @@ def test_eight_images_are_styled_once_each_and_a_rerun_does_no_work(cluster, tmp
     assert stamps(out) == before
 
 
-def test_a_killed_worker_costs_a_retry_elsewhere_and_every_image_is_done_once(cluster, tmp_path,
+@pytest.fixture(scope="module")
+def pool(cluster, weights_file) -> Iterator[ray_engine.Pool]:
+    """Two warm workers shared by the tests below (the CLI test above starts and stops its own)."""
+    with ray_engine.open_pool(cluster, 0) as pool:
+        ray_engine.warm_up(pool, make_recipe(get_preset(PRESET), tiny(weights_file)).template)
+        yield pool
+
+
+def test_a_killed_worker_costs_a_retry_elsewhere_and_every_image_is_done_once(pool, tmp_path,
                                                                               weights_file):
     # img0 is tiny and img1 large, so when img0 is done the other worker is still busy with img1
     sources = make_inputs(tmp_path / "in", 8, sides=(24, 160))
     out = tmp_path / "out"
     out.mkdir()
-    pools: list[ray_engine.Pool] = []
+    workers = ray.get([actor.where.remote() for actor in pool.actors])
     outcomes: list[Outcome] = []
     killed: list[str] = []
 
     def kill_the_busy_worker(outcome: Outcome) -> None:
         outcomes.append(outcome)
         if not killed:
-            busy = next(worker for worker in pools[0].workers if worker != outcome.worker)
+            busy = next(worker for worker in workers if worker != outcome.worker)
             os.kill(int(busy.rpartition(":")[2]), signal.SIGKILL)
             killed.append(busy)
 
-    engine = ray_engine.engine(cluster, 0, on_start=pools.append)
     recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    engine = functools.partial(ray_engine.run_items, pool)
     summary = run_batch(out, plan(sources, out, PRESET), recipe, engine, kill_the_busy_worker)
     assert (summary.done, summary.skipped, summary.failures) == (8, 0, [])
     assert set(once_each(outcomes).values()) == {1} and len(outcomes) == 8
@@ -129,34 +148,32 @@ def test_a_killed_worker_costs_a_retry_elsewhere_and_every_image_is_done_once(cl
     assert sorted(stamps(out)) == sorted(output_name(source) for source in sources)
 
 
-def test_local_and_ray_engines_give_the_same_pixels(cluster, tmp_path, weights_file):
+def test_local_and_ray_engines_give_the_same_pixels(pool, tmp_path, weights_file):
     sources = make_inputs(tmp_path / "in", 3, sides=(40,))
     recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
-    for folder, engine in (("local", run_local), ("ray", ray_engine.engine(cluster, 0))):
+    for folder, engine in (("local", run_local), ("ray", functools.partial(ray_engine.run_items, pool))):
         (tmp_path / folder).mkdir()
         summary = run_batch(tmp_path / folder, plan(sources, tmp_path / folder, PRESET), recipe, engine)
         assert summary.done == 3
     for source in sources:
-        local, remote = pixels(tmp_path / "local" / output_name(source)), pixels(tmp_path / "ray" /
-                                                                               output_name(source))
+        local, remote = (pixels(tmp_path / folder / output_name(source)) for folder in ("local", "ray"))
         assert local.shape == remote.shape and np.array_equal(local, remote)
 
 
-def test_the_hot_folder_call_keeps_order_returns_failures_and_can_be_stopped(cluster, weights_file):
+def test_the_hot_folder_call_keeps_order_returns_failures_and_can_be_stopped(pool, weights_file):
     recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
     large, small, other = (recipe.request(make_photo(side, side, seed=side)) for side in (160, 24, 32))
     no_styles = dataclasses.replace(other, styles=[])
-    with ray_engine.open_pool(cluster, 0) as pool:
-        ray_engine.warm_up(pool, recipe.template)
-        values = list(ray_engine.stylize_group(pool, [large, small, no_styles, other]))
-        assert [v.width if isinstance(v, Result) else type(v) for v in values] == [160, 24, StylekitError, 32]
-        assert "at least one style image" in str(values[2])
+    values = list(ray_engine.stylize_group(pool, [large, small, no_styles, other]))
+    assert [v.width if isinstance(v, Result) else type(v) for v in values] == [160, 24, StylekitError, 32]
+    assert "at least one style image" in str(values[2])
 
-        def stop() -> None:
-            raise Cancelled
+    def stop() -> None:
+        raise Cancelled
 
-        with pytest.raises(Cancelled):
-            list(ray_engine.stylize_group(pool, [large], heartbeat=stop))
+    slow = dataclasses.replace(large, options=large.options.replace(steps=1000))  # far over a second
+    with pytest.raises(Cancelled):  # the watcher's shutdown: its heartbeat stops a group mid-image
+        list(ray_engine.stylize_group(pool, [slow], heartbeat=stop))
 
 
 def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
