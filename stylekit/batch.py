@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .atomic import write_json
 from .engine import stylize, validate
 from .errors import StylekitError
 from .image import LoadedImage, load_image, save_image
@@ -190,9 +190,7 @@ def write_failures(out: Path, failures: Sequence[Outcome]) -> None:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = [{"input": str(o.item.source), "output": str(o.item.output), "reason": o.reason,
              "attempts": o.attempts, "worker": o.worker, "time": stamp} for o in failures]
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps({"failed": rows}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    write_json(path, {"failed": rows})
 
 
 def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,

@@ -75,6 +75,7 @@ def validate(options: StyleOptions) -> None:
                             f"{len(style_layers)} style layers")
 
 
+COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
 
@@ -131,6 +132,8 @@ def pick_runtime(device: str, precision: str) -> Runtime:
     if precision == "auto":
         precision = ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes within a scale: let cuDNN pick kernels once
     if dtype == torch.float16 and device == "cpu":
         raise StylekitError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     return Runtime(torch.device(device), dtype)
@@ -261,6 +264,18 @@ def _peak_memory(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _upscale(image: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """The previous scale's result at this scale's size, with the content's new fine detail added.
+
+    Plain upsampling leaves the image blurred, which the fine scale would spend its first evaluations
+    undoing; the content's detail band (content minus its own down-and-up-sampled copy) restores it.
+    """
+    h, w = content.shape[-2:]
+    ph, pw = image.shape[-2:]
+    detail = content - resize(resize(content, pw, ph), w, h)
+    return (resize(image, w, h) + detail).clamp(0, 1)
+
+
 def _initial_image(request: StyleRequest, content: torch.Tensor) -> torch.Tensor:
     """The first scale's starting point: content, noise, the first style, or a given image."""
     _, _, h, w = content.shape
@@ -276,17 +291,28 @@ def _initial_image(request: StyleRequest, content: torch.Tensor) -> torch.Tensor
 
 def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
               report) -> int:
-    """Run one scale's optimiser for `steps` loss evaluations; returns how many were made."""
+    """Run one scale's optimiser for `steps` loss evaluations, leaving in `image` the best iterate.
+
+    L-BFGS without line search is not monotonic late in a run, so each image keeps the lowest-loss
+    pixels it has been evaluated at (a copy per step, no host synchronisation).
+    """
     image.requires_grad_(True)
     count = 0
+    best_image = image.detach().clone()
+    best_loss = torch.full((image.shape[0],), float("inf"), device=image.device)
 
     def closure() -> torch.Tensor:
-        nonlocal count
+        nonlocal count, best_image, best_loss
         with torch.no_grad():
             image.clamp_(0, 1)
         optimizer.zero_grad(set_to_none=True)
-        loss = evaluate(image).total.sum()
+        per_image = evaluate(image).total
+        loss = per_image.sum()
         loss.backward()
+        with torch.no_grad():
+            improved = per_image.detach() < best_loss
+            best_loss = torch.where(improved, per_image.detach(), best_loss)
+            best_image = torch.where(improved.view(-1, 1, 1, 1), image.detach(), best_image)
         count += 1
         report(count, loss.detach())
         return loss
@@ -303,9 +329,9 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         optimizer = torch.optim.Adam([image], lr=options.learning_rate)
         while count < steps:
             optimizer.step(closure)
-    with torch.no_grad():
-        image.clamp_(0, 1)
     image.requires_grad_(False)
+    with torch.no_grad():
+        image.copy_(best_image)
     return count
 
 
@@ -389,7 +415,7 @@ def stylize_batch(requests: Sequence[StyleRequest],
             style_groups.append((full, request, [index]))
         else:
             group[2].append(index)
-    total_steps = options.steps * len(sizes)
+    total_steps = options.steps + (len(sizes) - 1) * max(1, round(options.steps * COARSE_SHARE))
     done = 0
     last_loss: float | None = None
 
@@ -414,7 +440,7 @@ def stylize_batch(requests: Sequence[StyleRequest],
                 per_image[index] = grams
         style_targets = {name: torch.cat([g[name] for g in per_image]) for name in style_layers}
         content_targets = targets.content(content, content_layers, ())
-        image = resize(image, w, h) if image is not None else torch.cat(
+        image = _upscale(image, content) if image is not None else torch.cat(
             [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
         def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets) -> _Losses:
@@ -427,7 +453,8 @@ def stylize_batch(requests: Sequence[StyleRequest],
 
         image = image.detach().clone()
         base = done
-        done = base + _optimise(image, evaluate, options.steps, options, report)
+        steps = options.steps if scale == len(sizes) else max(1, round(options.steps * COARSE_SHARE))
+        done = base + _optimise(image, evaluate, steps, options, report)
     assert image is not None
     with torch.no_grad():
         final = evaluate(image)

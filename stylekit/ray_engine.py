@@ -56,8 +56,8 @@ def _lost_errors(ray: ModuleType) -> tuple[type[BaseException], ...]:
 class StyleWorker:
     """The actor: its process keeps the network (engine caches) and style Grams warm between images."""
 
-    def __init__(self, threads: int) -> None:
-        torch.set_num_threads(threads)
+    def __init__(self) -> None:
+        torch.set_num_threads(1)  # each actor holds one Ray CPU
 
     def where(self) -> str:
         """host:pid, for logs and failure records."""
@@ -135,7 +135,7 @@ def open_pool(address: str = "auto", gpus_per_task: float | None = None, most: i
                                 "worker" + (" (try --gpus-per-task 0)" if gpus_per_task else ""))
         actor_class = ray.remote(StyleWorker).options(num_cpus=1, num_gpus=gpus_per_task,
                                                       max_restarts=-1, max_task_retries=0)
-        actors = [actor_class.remote(1) for _ in range(min(count, most or count))]
+        actors = [actor_class.remote() for _ in range(min(count, most or count))]
         try:
             workers = ray.get([actor.where.remote() for actor in actors])
         except _lost_errors(ray) as error:
@@ -218,7 +218,7 @@ def stream(pool: Pool, work: Iterable[tuple[K, StyleRequest | Exception]],
             exhausted = True
             return None
         if isinstance(request, Exception):
-            return Finished(key, request, 0, "")
+            return Finished(key, request, 1, "")
         return _Task(key, request)
 
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -133,3 +134,15 @@ def test_engine_ray_without_ray_says_how_to_install(batch, tmp_path, monkeypatch
     code, err = batch(tmp_path / "in", "--engine", "ray")
     assert code == 1
     assert err.strip() == "stylekit: error: --engine ray needs Ray: pip install 'stylekit[ray]'"
+
+
+def test_a_ray_cluster_that_does_not_answer_is_one_line(batch, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'stylekit[ray]')")
+    make_inputs(tmp_path / "in", 1)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    code, err = batch(tmp_path / "in", "--engine", "ray", "--ray-address", address)
+    assert code == 1
+    assert err.strip() == (f"stylekit: error: no Ray cluster answers at '{address}' (Connection refused); "
+                           "start one with `ray start --head` or fix --ray-address")

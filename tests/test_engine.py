@@ -18,6 +18,12 @@ def run(weights_file):
     return go
 
 
+def test_the_result_is_the_best_iterate_not_the_last(run):
+    seen = []
+    result = run(steps=12, progress=lambda p: seen.append(p.loss) if p.stage == "optimise" else None)
+    assert result.total_loss <= min(seen) * (1 + 1e-5)
+
+
 def test_optimiser_lowers_the_total_loss_substantially(run):
     before = run(steps=1)
     after = run(steps=30)
@@ -88,9 +94,9 @@ def test_coarse_to_fine_scales_double_up_to_the_size():
     assert scale_sizes(48, 40, 48, None, 128) == [(48, 40)]
 
 
-def test_every_scale_is_optimised(run):
-    result = run(size=80, scales=2, steps=2)
-    assert result.iterations == 4
+def test_every_scale_is_optimised_coarse_ones_with_half_the_steps(run):
+    result = run(size=80, scales=2, steps=4)
+    assert result.iterations == 4 + 2
 
 
 def test_progress_reports_every_evaluation_in_order(run):
