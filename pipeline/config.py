@@ -46,11 +46,15 @@ class WatchConfig:
     rescan: float = 30.0  # seconds between full scans, in case the observer missed an event
     log_json: bool = False
     status_file: Path | None = None
+    engine: str = "local"  # where images are styled: "local" (this process) or "ray" (a Ray pool)
+    ray_address: str = "auto"  # the Ray cluster to join (auto: the one `ray start` runs here)
+    gpus_per_task: float | None = None  # GPUs per Ray worker (None: 1 if the cluster has GPUs, else 0)
 
 
 def from_cli(inbox: Path | None, config_file: Path | None, preset: str | None, out: Path | None,
              out_format: str | None, overrides: Mapping[str, object], settle: float | None,
-             log_json: bool, status_file: Path | None) -> WatchConfig:
+             log_json: bool, status_file: Path | None, *, engine: str = "local",
+             ray_address: str = "auto", gpus_per_task: float | None = None) -> WatchConfig:
     """Build the configuration from `stylekit watch` arguments; command-line values win."""
     if config_file is not None:
         if inbox is not None or preset is not None or out is not None or out_format is not None:
@@ -65,7 +69,8 @@ def from_cli(inbox: Path | None, config_file: Path | None, preset: str | None, o
         config = WatchConfig(folders=())
     config = checked(replace(config, folders=folders, log_json=log_json or config.log_json,
                              settle=config.settle if settle is None else settle,
-                             status_file=status_file or config.status_file))
+                             status_file=status_file or config.status_file, engine=engine,
+                             ray_address=ray_address, gpus_per_task=gpus_per_task))
     if config_file is not None:
         outside_inboxes(config_file, "config file", list(config.folders))
     return config

@@ -35,7 +35,7 @@ from .jobs import Job, recover
 from .log import EventLog
 from .settle import Settler
 from .status import write_status
-from .worker import Hotfolder, Worker, warm_up
+from .worker import Engine, Hotfolder, Worker, open_engine, warm_up
 
 TICK_S = 0.05  # how often the settle check runs while idle
 STATUS_EVERY_S = 1.0  # the status file is rewritten at most this often (and at least every 30 s)
@@ -60,7 +60,7 @@ class Watcher:
     """The loop over configured inboxes: recover, notice, settle, claim a group, style it."""
 
     def __init__(self, config: WatchConfig, hots: list[Hotfolder], log: EventLog,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, engine: Engine) -> None:
         self.config = config
         self.hots = hots
         self.log = log
@@ -69,7 +69,7 @@ class Watcher:
         self.settler = Settler(config.settle)
         self.ready: dict[Path, tuple[Hotfolder, Drop]] = {}
         self.again: list[tuple[Hotfolder, list[Job]]] = []
-        self.worker = Worker(log, stop, config.retries, heartbeat=self.write_status)
+        self.worker = Worker(log, stop, config.retries, heartbeat=self.write_status, engine=engine)
         self._status_written = 0.0
         self._changed = True
 
@@ -216,9 +216,11 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
             hots.append(Hotfolder(folder, layout))
         if threading.current_thread() is threading.main_thread():
             stack.enter_context(_stop_on_signals(stop))
+        engine = stack.enter_context(open_engine(config))
         for hot in hots:
-            warm_up(hot.config)
-        watcher = Watcher(config, hots, log, stop)
+            warm_up(hot.config, engine)
+        log("engine", f"styling {engine.where}", engine=config.engine)
+        watcher = Watcher(config, hots, log, stop, engine)
         observer = Observer()
         for hot in hots:
             observer.schedule(_Events(watcher.paths), str(hot.layout.inbox), recursive=True,

@@ -1,6 +1,7 @@
 """Claimed jobs through the engine: a preset's images together, bounded retries at a smaller size.
 
 The engine work is `stylize(preset_request(...))` then `save_image`; nothing here re-implements either.
+Where stylize() runs, this process or a Ray pool, is the Engine chosen once at start (open_engine).
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from stylekit import __version__
+from stylekit import __version__, ray_engine
+from stylekit.batch import warm_up_request
 from stylekit.engine import DEFAULT_LONG_SIDE, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, StylekitError
 from stylekit.image import LoadedImage, load_image, output_format, save_image
 from stylekit.presets import Preset, get_preset, preset_request
 from stylekit.request import Progress, ProgressCallback, Result, StyleRequest
 
-from .config import FolderConfig
+from .config import FolderConfig, WatchConfig
 from .folders import Drop, Layout, free_name
 from .jobs import Job, claim, claimed_path, finish, hand_back, output_temp, publish, save
 from .log import EventLog
@@ -106,25 +110,80 @@ def stylize_group(requests: Sequence[StyleRequest],
             ready += 1
 
 
-def warm_up(folder: FolderConfig) -> None:
+class Engine(Protocol):
+    """Where groups of requests are styled: LocalEngine or RayEngine, chosen once by open_engine."""
+
+    where: str  # for the log: "in this process", "on 2 Ray worker(s) on 1 node(s)"
+
+    def warm_up(self, request: StyleRequest) -> None:
+        """Load the network with a tiny run of the request, so a bad setup fails at start."""
+
+    def stylize_group(self, requests: Sequence[StyleRequest], progress: ProgressCallback,
+                      heartbeat: Callable[[], None]) -> Iterator[Result | Exception]:
+        """One Result or exception per request, in order; progress or heartbeat may raise Cancelled."""
+
+
+class LocalEngine:
+    """This process: the engine's caches keep the network and style targets warm between groups."""
+
+    where = "in this process"
+
+    def warm_up(self, request: StyleRequest) -> None:
+        """A one-step run on a small grey image."""
+        stylize(warm_up_request(request))
+
+    def stylize_group(self, requests: Sequence[StyleRequest], progress: ProgressCallback,
+                      heartbeat: Callable[[], None]) -> Iterator[Result | Exception]:
+        """The local stylize_group, which calls progress at every loss evaluation."""
+        return stylize_group(requests, progress)
+
+
+class RayEngine:
+    """A Ray pool's actors, the same pool as `stylekit batch --engine ray`."""
+
+    def __init__(self, pool: ray_engine.Pool) -> None:
+        self.pool = pool
+        hosts = {worker.rpartition(":")[0] for worker in pool.workers}
+        self.where = f"on {len(pool.actors)} Ray worker(s) on {len(hosts)} node(s)"
+
+    def warm_up(self, request: StyleRequest) -> None:
+        """A one-step run on every actor."""
+        ray_engine.warm_up(self.pool, request)
+
+    def stylize_group(self, requests: Sequence[StyleRequest], progress: ProgressCallback,
+                      heartbeat: Callable[[], None]) -> Iterator[Result | Exception]:
+        """The requests spread over the pool; heartbeat is called every second while waiting."""
+        return ray_engine.stylize_group(self.pool, requests, heartbeat)
+
+
+@contextmanager
+def open_engine(config: WatchConfig) -> Iterator[Engine]:
+    """The engine for the whole watch: this process, or a Ray pool whose actors end with the block."""
+    if config.engine == "ray":
+        with ray_engine.open_pool(config.ray_address, config.gpus_per_task) as pool:
+            yield RayEngine(pool)
+    else:
+        yield LocalEngine()
+
+
+def warm_up(folder: FolderConfig, engine: Engine) -> None:
     """Load the preset, weights and network once before watching, so a bad setup fails at start."""
     if folder.preset is None:
         return
-    preset = get_preset(folder.preset)
     blank = np.full((32, 32, 3), 0.5, dtype=np.float32)
-    request = preset_request(preset, blank, {**folder.overrides, "size": 32, "steps": 1, "scales": 1})
-    stylize(request)
+    engine.warm_up(preset_request(get_preset(folder.preset), blank, dict(folder.overrides)))
 
 
 class Worker:
     """Runs groups of claimed jobs to their end: published and done, failed with a reason, or handed back."""
 
     def __init__(self, log: EventLog, stop: threading.Event, retries: int,
-                 heartbeat: Callable[[], None]) -> None:
+                 heartbeat: Callable[[], None], engine: Engine) -> None:
         self.log = log
         self.stop = stop
         self.retries = retries
         self.heartbeat = heartbeat
+        self.engine = engine
         self.current: str | None = None
         self._logged = 0.0
 
@@ -165,7 +224,7 @@ class Worker:
                 work.append((job, picture, self._request(preset, hot, job, picture)))
             except StylekitError as error:
                 self.fail(hot, job, str(error))
-        outcomes = stylize_group([request for _, _, request in work], self._progress)
+        outcomes = self._stylize([request for _, _, request in work])
         for job, picture, request in work:
             self.current = job.source
             self.log("start", f"{job.source} with preset {preset.name}", file=job.source,
@@ -201,7 +260,7 @@ class Worker:
                      file=job.source, size=request.options.size, attempts=job.attempts)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            outcome = next(stylize_group([request], self._progress))
+            outcome = next(self._stylize([request]))
         if isinstance(outcome, Result):
             self._deliver(hot, preset, job, picture, outcome)
         elif is_transient(outcome):
@@ -233,11 +292,19 @@ class Worker:
                  file=job.source, preset=preset.name, output=str(output), moved_to=str(where),
                  **{k: v for k, v in result.report().items() if k != "options"})
 
-    def _progress(self, progress: Progress) -> None:
-        """Stop at the next loss evaluation on shutdown; log and refresh the status file now and then."""
+    def _stylize(self, requests: Sequence[StyleRequest]) -> Iterator[Result | Exception]:
+        """The requests through the engine, stopping on shutdown."""
+        return self.engine.stylize_group(requests, self._progress, self._tick)
+
+    def _tick(self) -> None:
+        """Stop on shutdown (the jobs are handed back); refresh the status file now and then."""
         if self.stop.is_set():
             raise Cancelled
         self.heartbeat()
+
+    def _progress(self, progress: Progress) -> None:
+        """Stop at the next loss evaluation on shutdown; log and refresh the status file now and then."""
+        self._tick()
         now = time.monotonic()
         if progress.stage == "optimise" and now - self._logged >= PROGRESS_EVERY_S:
             self._logged = now

@@ -84,6 +84,21 @@ def engine_options(function):
     return function
 
 
+def ray_options(function):
+    """Where stylize() runs, for the commands that can hand their images to a Ray pool (batch, watch)."""
+    decorators = [
+        click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="local: this process; ray: a Ray cluster's workers."),
+        click.option("--ray-address", default="auto", show_default=True, metavar="auto|ADDRESS",
+                     help="The Ray cluster to join (auto: the one `ray start` runs here, or $RAY_ADDRESS)."),
+        click.option("--gpus-per-task", type=click.FloatRange(min=0),
+                     help="GPUs per Ray worker (default 1 if the cluster has GPUs; 0: one worker per CPU)."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
 def flag_changes(flags: dict) -> tuple[dict[str, object], str | None]:
     """The options the user gave (None = not given), parsed; returns them and an init file."""
     init = flags.pop("init", None)
@@ -363,6 +378,7 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
               help="A pipeline.toml watching several folders (see pipeline/pipeline.example.toml).")
 @click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS),
               help="Output format (default: the input's where possible, else png).")
+@ray_options
 @engine_options
 @click.option("--settle", type=click.FloatRange(min=0),
               help="Seconds a file must stay unchanged before it is taken (default 2).")
@@ -373,13 +389,15 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
               help="Print the counts for INBOX (or a pipeline.toml) and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_file: Path | None,
-          out_format: str | None, settle: float | None, log_json: bool, status_file: Path | None,
-          show_status: bool, debug: bool, **flags: object) -> None:
+          out_format: str | None, engine_name: str, ray_address: str, gpus_per_task: float | None,
+          settle: float | None, log_json: bool, status_file: Path | None, show_status: bool,
+          debug: bool, **flags: object) -> None:
     """Hot folder: style every image dropped into INBOX with --preset and write it to --out.
 
     \b
     Examples: stylekit watch inbox --preset ink-wash --out outbox
               stylekit watch --config pipeline.toml
+              stylekit watch --config pipeline.toml --engine ray
               stylekit watch --status inbox
     """
     from .pipeline import config, status, watcher  # watchdog loads only for this command
@@ -391,7 +409,8 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
     if init_file:
         raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
     watcher.watch(config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle,
-                                  log_json, status_file))
+                                  log_json, status_file, engine=engine_name, ray_address=ray_address,
+                                  gpus_per_task=gpus_per_task))
 
 
 @cli.command()
@@ -399,12 +418,7 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
 @click.option("--preset", required=True, help="The preset every image gets (flags override its options).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the outputs, <stem>.<preset>.png (created if missing).")
-@click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True, help="local: this process; ray: a Ray cluster's workers.")
-@click.option("--ray-address", default="auto", show_default=True, metavar="auto|ADDRESS",
-              help="The Ray cluster to join (auto: the one `ray start` runs here, or $RAY_ADDRESS).")
-@click.option("--gpus-per-task", type=click.FloatRange(min=0),
-              help="GPUs per Ray worker (default 1 if the cluster has GPUs; 0: one worker per CPU).")
+@ray_options
 @engine_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: str,

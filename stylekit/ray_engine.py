@@ -194,7 +194,7 @@ def stream(pool: Pool, work: Iterable[tuple[K, StyleRequest | Exception]],
     source = iter(work)
     idle = list(range(len(pool.actors)))
     retry: list[_Task[K]] = []
-    pending: dict[Any, tuple[_Task[K], int]] = {}
+    pending: dict[Any, tuple[_Task[K] | None, int]] = {}  # None: probing a worker that died
     shipped: dict[int, tuple[object, Any]] = {}  # id(styles) → (styles kept alive, object ref)
     exhausted = False
 
@@ -231,7 +231,8 @@ def stream(pool: Pool, work: Iterable[tuple[K, StyleRequest | Exception]],
             job = dataclasses.replace(task.request, styles=())
             pending[pool.actors[actor].stylize.remote(job, styles_ref(task.request))] = (task, actor)
             idle.remove(actor)
-        if not pending:
+        working = any(task is not None for task, _ in pending.values())
+        if not pending or (not working and not retry and exhausted):
             return
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S if heartbeat else None)
         if not ready:
@@ -239,10 +240,18 @@ def stream(pool: Pool, work: Iterable[tuple[K, StyleRequest | Exception]],
             heartbeat()
             continue
         task, actor = pending.pop(ready[0])
-        idle.append(actor)
+        if task is None:  # a dead worker's probe: it takes images again once Ray has restarted it
+            try:
+                ray.get(ready[0])
+                idle.append(actor)
+            except lost:
+                pending[pool.actors[actor].where.remote()] = (None, actor)
+            continue
         try:
             worker, value = ray.get(ready[0])
+            idle.append(actor)
         except lost as error:
+            pending[pool.actors[actor].where.remote()] = (None, actor)
             task.tried.add(actor)
             if task.attempts < pool.max_attempts:
                 retry.append(task)

@@ -288,6 +288,18 @@ def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsy
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_watch_on_ray_without_a_reachable_cluster_is_a_one_line_error(boxes, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'stylekit[ray]')")
+    inbox, outbox = boxes
+    drop(inbox / "photo.png")
+    assert main(["watch", str(inbox), "--preset", PRESET, "--out", str(outbox), "--engine", "ray",
+                 "--ray-address", "127.0.0.1:1"]) == 1  # nothing listens on port 1
+    err = capsys.readouterr().err
+    assert "no Ray cluster answers at '127.0.0.1:1'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (inbox / "photo.png").exists() and files(inbox / "processing") == []  # nothing was claimed
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("settle = 1\n", "no [[folder]] tables"),
     ("speed = 1\n[[folder]]\ninbox = 'i'\nout = 'o'\n", "unknown key 'speed'"),

@@ -20,11 +20,13 @@ import pytest
 import torch
 from batch_support import PRESET, make_inputs, once_each, output_name, pixels, stamps, tiny, tiny_flags
 from conftest import WEIGHTS_SEED, make_photo
+from pipeline_support import drop, files, settled, wait_for, watching
 
 from stylekit import ray_engine
 from stylekit.batch import Outcome, make_recipe, plan, run_batch, run_local
 from stylekit.cli import main
 from stylekit.errors import Cancelled, StylekitError
+from stylekit.pipeline.config import from_cli
 from stylekit.presets import get_preset
 from stylekit.request import Result
 from stylekit.weights import random_state_dict
@@ -112,9 +114,30 @@ def test_eight_images_are_styled_once_each_and_a_rerun_does_no_work(cluster, tmp
     assert stamps(out) == before
 
 
+def test_the_hot_folder_hands_its_groups_to_the_pool_and_each_image_comes_out_once(cluster, tmp_path,
+                                                                                  weights_file, capsys):
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    names = [f"photo {i}.png" for i in range(5)]  # a group of 4, then one more
+    originals = {name: drop(inbox / name, seed=i) for i, name in enumerate(names)}
+    config = from_cli(inbox, None, PRESET, outbox, None, tiny(weights_file), 0.2, False,
+                      tmp_path / "status.json", engine="ray", ray_address=cluster, gpus_per_task=0)
+    with watching(config):
+        wait_for(lambda: settled(inbox, len(names)), 180, "every image")
+    err = capsys.readouterr().err
+    assert "styling on 2 Ray worker(s) on 1 node(s)" in err
+    assert err.count(" done ") == len(names) and " failed " not in err
+    assert files(outbox) == sorted(names)
+    assert files(inbox / "done") == sorted(names)
+    assert all((inbox / "done" / name).read_bytes() == data for name, data in originals.items())
+    assert files(inbox / "processing") == [] and files(inbox / "failed") == []
+    wait_for(lambda: ray.available_resources().get("CPU") == 2, 60, "the watcher's workers to end")
+
+
 @pytest.fixture(scope="module")
 def pool(cluster, weights_file) -> Iterator[ray_engine.Pool]:
-    """Two warm workers shared by the tests below (the CLI test above starts and stops its own)."""
+    """Two warm workers shared by the tests below (the CLI tests above start and stop their own)."""
     with ray_engine.open_pool(cluster, 0) as pool:
         ray_engine.warm_up(pool, make_recipe(get_preset(PRESET), tiny(weights_file)).template)
         yield pool
