@@ -18,7 +18,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m stylekit.examples $(OUT)
 	$(BIN)/stylekit apply $(OUT)/example-photo.png --style $(OUT)/example-painting.png \
-		-o $(OUT)/demo.png --size 256 --progress bar
+		-o $(OUT)/demo.png --size 256 --steps 100 --progress bar
 	@echo "demo result: $(abspath $(OUT))/demo.png"
 
 ## test: install, then run the whole test suite (CPU, no network)

@@ -138,9 +138,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "CPU"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """Device name and versions, recorded with every result."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     cores = torch.get_num_threads()
     return {"device": f"{name} ({cores} threads)" if device.type == "cpu" else name,
             "kind": device.type, "torch": torch.__version__, "stylekit": stylekit.__version__,
