@@ -109,3 +109,30 @@ def live_server(weights_file: Path, tmp_path_factory: pytest.TempPathFactory) ->
     yield url
     process.terminate()
     process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a shared 2-core machine tiny images run several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipeline_preset():
+    """The hot-folder tests' user preset (a tiny generated style image), removed afterwards."""
+    from pipeline_support import user_preset
+
+    with user_preset() as name:
+        yield name
+
+
+@pytest.fixture
+def boxes(tmp_path: Path) -> tuple[Path, Path]:
+    """An empty inbox and outbox."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    outbox.mkdir()
+    return inbox, outbox

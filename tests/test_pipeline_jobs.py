@@ -12,30 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_photo
-from pipeline_support import PRESET, config_for, drop, files, settled, user_preset, wait_for, watching
+from pipeline_support import PRESET, config_for, drop, files, settled, wait_for, watching
 
 from stylekit.image import read_metadata, save_image
 from stylekit.pipeline.folders import Layout, free_name, is_temporary, link_no_clobber
 from stylekit.pipeline.jobs import ORPHAN_REASON, Job, claimed_path, output_temp, save
 from stylekit.pipeline.settle import Settler
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "pipeline_preset")
+
 JOB_ID = "0123456789ab"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def preset():
-    with user_preset() as name:
-        yield name
 
 
 @pytest.fixture

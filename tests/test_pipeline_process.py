@@ -10,23 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_support import PRESET, drop, files, settled, user_preset, wait_for
+from pipeline_support import PRESET, drop, files, settled, wait_for
 
 from stylekit.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def preset():
-    with user_preset() as name:
-        yield name
-
-
-@pytest.fixture
-def boxes(tmp_path: Path) -> tuple[Path, Path]:
-    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    inbox.mkdir()
-    outbox.mkdir()
-    return inbox, outbox
+pytestmark = pytest.mark.usefixtures("pipeline_preset")
 
 
 def start(inbox: Path, outbox: Path, weights: Path, log: Path, steps: int) -> subprocess.Popen:

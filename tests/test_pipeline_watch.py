@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_photo, save_png
 from PIL import Image
 from pipeline_support import (
@@ -21,7 +20,6 @@ from pipeline_support import (
     files,
     photo_png,
     settled,
-    user_preset,
     wait_for,
     watching,
 )
@@ -32,28 +30,7 @@ from stylekit.image import read_metadata
 from stylekit.pipeline.config import from_cli, load
 from stylekit.pipeline.status import count
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine tiny images run several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def preset():
-    with user_preset() as name:
-        yield name
-
-
-@pytest.fixture
-def boxes(tmp_path: Path) -> tuple[Path, Path]:
-    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    inbox.mkdir()
-    outbox.mkdir()
-    return inbox, outbox
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "pipeline_preset")
 
 
 def error_of(failed: Path) -> dict:
