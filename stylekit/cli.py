@@ -16,7 +16,7 @@ from . import __version__
 from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
-from .features import backbone_spec
+from .features import BACKBONES, backbone_spec
 from .gimp_install import gimp
 from .image import load_image, output_format, save_image
 from .onnx_features import OPSET, checked_layers, export_onnx
@@ -71,7 +71,7 @@ def engine_options(function):
         click.option("--preserve-color", type=click.Choice(COLOR_MODES)),
         click.option("--scales", type=click.IntRange(min=1), help="Coarse-to-fine scales (default by size)."),
         click.option("--weights", metavar="auto|imagenet|random|PATH", help="Weights (default auto)."),
-        click.option("--backbone", type=click.Choice(["vgg19", "vgg16", "resnet50"])),
+        click.option("--backbone", type=click.Choice(list(BACKBONES))),
         click.option("--pooling", type=click.Choice(POOLINGS)),
         click.option("--device", type=click.Choice(DEVICES)),
         click.option("--precision", type=click.Choice(PRECISIONS)),
@@ -213,7 +213,7 @@ def weights_status_command() -> None:
 
 
 @weights.command("download")
-@click.option("--backbone", type=click.Choice(["vgg19", "vgg16", "resnet50"]), default="vgg19",
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="vgg19",
               show_default=True)
 def weights_download(backbone: str) -> None:
     """Download torchvision's ImageNet weights into torch's cache (checksum verified)."""
@@ -234,7 +234,7 @@ def weights_import(file: Path) -> None:
               help="The .onnx file to write.")
 @click.option("--weights", "weights_spec", default="auto", show_default=True,
               metavar="auto|imagenet|random|PATH", help="Network weights to bake in.")
-@click.option("--backbone", type=click.Choice(["vgg19", "vgg16", "resnet50"]), default="vgg19",
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="vgg19",
               show_default=True)
 @click.option("--layers", help="Feature outputs, comma-separated (default: content and style layers).")
 @click.option("--gram-layers", help="Layers that also get a gram_<layer> output "

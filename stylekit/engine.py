@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import color, gram_cache, losses
-from .errors import StylekitError
+from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .onnx_features import onnx_targets
 from .request import (
@@ -247,8 +247,7 @@ def _pick_targets(request: StyleRequest, weights: Weights, layers: tuple[str, ..
                                              use_gpu=runtime.device.type == "cuda")
             name = f"onnx:{provider}"
         except Exception as exc:  # an exporter or onnxruntime failure must not cost the user the image
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            notes = (f"ONNX feature extractor unavailable ({reason}); targets computed with torch",)
+            notes = (f"ONNX feature extractor unavailable ({one_line(exc)}); targets computed with torch",)
     style = compute
     if request.style_key and options.preserve_color != "histogram":  # histogram styles follow the content
         context = f"{weights.sha256}|{options.backbone}|{options.pooling}|{name}|{runtime.precision}"

@@ -7,3 +7,9 @@ class StylekitError(Exception):
 
 class Cancelled(Exception):
     """Raised by a progress callback to stop a running job; the caller decides what that means."""
+
+
+def one_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's first line, shortened, for a user message (its type name when it has no text)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]

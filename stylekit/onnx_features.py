@@ -24,7 +24,7 @@ from torch import nn
 
 from . import losses
 from .atomic import replacing
-from .errors import StylekitError
+from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .weights import Weights, cache_dir, state_dict_sha256
 
@@ -144,7 +144,7 @@ def cached_session(weights: Weights, layers: Sequence[str], gram_layers: Sequenc
         try:
             session = open_session(path, use_gpu)
         except Exception as exc:  # onnxruntime raises a dozen unrelated types for a bad file
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            reason = one_line(exc)
         else:
             if _signature(session) == expected:
                 return session

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from .atomic import replacing
-from .errors import StylekitError
+from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec, build_network, network_state_keys
 
 IMAGENET_WEIGHTS = {
@@ -90,8 +90,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StylekitError(f"'{path}' is not a torchvision weights file ({reason[:120]})") from exc
+        raise StylekitError(f"'{path}' is not a torchvision weights file ({one_line(exc, 120)})") from exc
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise StylekitError(f"'{path}' is not a torchvision weights file (no state dict inside)")
     return data
@@ -138,9 +137,9 @@ def download_imagenet(backbone: str, progress: bool = True) -> Path:
         torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True,
                                            map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise StylekitError(
-            f"ImageNet {backbone} weights are not cached and could not be downloaded ({reason}); "
+            f"ImageNet {backbone} weights are not cached and could not be downloaded "
+            f"({one_line(exc, 120)}); "
             f"copy {imagenet_file_name(backbone)} here and run `stylekit weights import FILE`, "
             "or use --weights random") from exc
     finally:
@@ -283,7 +282,7 @@ def resolve_weights(spec: str, backbone: str = "vgg19", *, progress: bool = True
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 fallback = resolve_weights("random", backbone)
-            note = (f"ImageNet weights unavailable ({str(exc).split('(')[1].split(')')[0]}); "
+            note = (f"ImageNet weights unavailable ({one_line(exc.__cause__ or exc, 120)}); "
                     "using seeded random weights: results are mostly colour and fine texture. "
                     "Run `stylekit weights download` or `stylekit weights import FILE`.")
             return Weights(backbone, fallback.state_dict, "random", fallback.description,
