@@ -35,6 +35,7 @@ gimp-test: install
 ## bench: side-by-side benchmarks; results go to docs/benchmarks.md and bench/results/
 bench: install
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.hotfolder
 	$(BIN)/python -m bench.onnx_vs_torch
 
 lint: install

@@ -72,6 +72,16 @@ def peak_memory(device: torch.device) -> Iterator[Callable[[], int]]:
         thread.join()
 
 
+EVAL_FLOPS = 3  # a loss evaluation (forward + backward to the input) ≈ 3 forward passes
+
+
+def tflops(flops: float, seconds: float, precision: str) -> dict[str, float]:
+    """Achieved TFLOP/s, and its share of the device's dense peak in that precision when known."""
+    achieved = flops / seconds / 1e12
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    return {"tflops": achieved, **({"share_of_peak": achieved / peak[precision]} if peak else {})}
+
+
 def vgg_flops(width: int, height: int) -> float:
     """Forward FLOPs of VGG19 up to relu5_1 at this size (2·Cin·Cout·9 per output pixel per conv)."""
     cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]
@@ -101,12 +111,13 @@ def bench_size(content: np.ndarray, style: np.ndarray, size: int, state: dict, w
                             "iterations_per_second": len(reference.history) / reference.seconds,
                             "peak_memory_bytes": peak(),
                             **score(reference.image, content_t, style_t, state)}
-    trace: list[tuple[float, int, float, float]] = []  # elapsed, scale, loss, share of a full-size eval
+    trace: list[tuple] = []  # elapsed, scale, loss, share of a full-size eval, evaluations, w, h
     options = StyleOptions(steps=steps, weights=weights, device=device.type, size=size, targets="torch")
     request = StyleRequest(to_array(content_t), [to_array(style_t)], options)
     with peak_memory(device) as peak:
         result = stylize(request, progress=lambda p: trace.append(
-            (p.elapsed, p.scale, p.loss, p.width * p.height / (width * height)))
+            (p.elapsed, p.scale, p.loss, p.width * p.height / (width * height), p.iteration,
+             p.width, p.height))
             if p.stage == "optimise" else None)
         _sync(device)
     final_scale = max(point[1] for point in trace)
@@ -116,14 +127,19 @@ def bench_size(content: np.ndarray, style: np.ndarray, size: int, state: dict, w
                     "peak_memory_bytes": peak(), "scales": len(sizes), "precision": result.precision,
                     **score(to_tensor(result.image, device), content_t, style_t, state)}
     if device.type == "cuda":
-        flops = 3 * vgg_flops(width, height) * steps  # forward + backward ≈ 3 forwards, final scale
-        stylekit_row["tflops"] = flops / result.seconds / 1e12
-        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-        if peak_tflops:
-            stylekit_row["share_of_peak"] = stylekit_row["tflops"] / peak_tflops[result.precision]
+        # Every evaluation at its own scale's size (progress may be throttled: spread over the gaps).
+        done, flops = 0, 0.0
+        for point in trace:
+            flops += (point[4] - done) * EVAL_FLOPS * vgg_flops(point[5], point[6])
+            done = point[4]
+        stylekit_row.update(tflops(flops, result.seconds, result.precision))
+        if reference is not None:
+            row["reference"].update(tflops(EVAL_FLOPS * vgg_flops(width, height) * steps,
+                                           reference.seconds, "fp32"))
     if reference is not None:
         # Also in full-size evaluations spent, a figure that other load on the machine cannot skew.
-        spent = np.cumsum([point[3] for point in trace])
+        spent = np.cumsum([point[3] * (point[4] - before[4]) for before, point in
+                           zip([(0,) * 7, *trace[:-1]], trace, strict=True)])
         reached = [(point[0], cost) for point, cost in zip(trace, spent, strict=True)
                    if point[1] == final_scale and point[2] <= reference.total_loss]
         stylekit_row["time_to_quality"] = reached[0][0] if reached else None

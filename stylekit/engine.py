@@ -75,6 +75,10 @@ def validate(options: StyleOptions) -> None:
                             f"{len(style_layers)} style layers")
 
 
+CHECKPOINT_PIXELS = 8 << 20  # a batch larger than this recomputes activations in the backward pass
+HISTORY_SIZE = 50  # L-BFGS curvature pairs kept ...
+HISTORY_BYTES = 4 << 30  # ... unless two image-sized vectors per pair would take more than this
+PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
@@ -200,7 +204,7 @@ def _evaluate(image: torch.Tensor, extractor: FeatureExtractor, runtime: Runtime
               layer_weights: dict[str, float], options: StyleOptions) -> _Losses:
     """The canonical total loss of one image against its targets."""
     with runtime.autocast():
-        features = extractor(image)
+        features = extractor(image, checkpoint=image[:, 0].numel() > CHECKPOINT_PIXELS)
     content = losses.content_loss(features, content_targets)
     style = losses.style_loss(features, style_targets, layer_weights)
     tv = losses.tv_loss(image)
@@ -288,12 +292,22 @@ def _initial_image(request: StyleRequest, content: torch.Tensor) -> torch.Tensor
     return content.clone()
 
 
+class _BudgetSpent(Exception):
+    """Raised inside the optimiser's closure when the evaluation budget is used up."""
+
+
+def history_size(image: torch.Tensor) -> int:
+    """L-BFGS history length: HISTORY_SIZE, fewer for huge images (at 4096² one pair is 400 MB)."""
+    pair = 2 * image.numel() * image.element_size()
+    return max(5, min(HISTORY_SIZE, HISTORY_BYTES // pair))
+
+
 def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
               report) -> int:
     """Run one scale's optimiser for `steps` loss evaluations, leaving in `image` the best iterate.
 
-    L-BFGS without line search is not monotonic late in a run, so each image keeps the lowest-loss
-    pixels it has been evaluated at (a copy per step, no host synchronisation).
+    Line-search trials and Adam steps can be worse than earlier points, so each image keeps the
+    lowest-loss pixels it has been evaluated at (a copy per step, no host synchronisation).
     """
     image.requires_grad_(True)
     count = 0
@@ -302,6 +316,8 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
 
     def closure() -> torch.Tensor:
         nonlocal count, best_image, best_loss
+        if count >= steps:
+            raise _BudgetSpent  # a line search may ask for more than the budget: stop it there
         with torch.no_grad():
             image.clamp_(0, 1)
         optimizer.zero_grad(set_to_none=True)
@@ -317,11 +333,17 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         return loss
 
     if options.optimizer == "lbfgs":
+        # The strong-Wolfe line search costs a few evaluations early on and saves many later: at
+        # 256 px it reaches the textbook loop's 300-evaluation loss after 238 evaluations, not 266.
         optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=steps, max_eval=steps + 1,
-                                      history_size=50, tolerance_grad=0.0, tolerance_change=0.0)
+                                      history_size=history_size(image), tolerance_grad=0.0,
+                                      tolerance_change=0.0, line_search_fn="strong_wolfe")
         while count < steps:
             before = count
-            optimizer.step(closure)
+            try:
+                optimizer.step(closure)
+            except _BudgetSpent:
+                break
             if count == before:
                 break
     else:
@@ -417,6 +439,9 @@ def stylize_batch(requests: Sequence[StyleRequest],
     total_steps = options.steps + (len(sizes) - 1) * max(1, round(options.steps * COARSE_SHARE))
     done = 0
     last_loss: float | None = None
+    # On a GPU, reading the loss waits for the device: report at most every PROGRESS_EVERY_S there.
+    throttle = PROGRESS_EVERY_S if runtime.device.type == "cuda" else 0.0
+    last_report = 0.0
 
     def emit(stage: str, scale: int, size: tuple[int, int]) -> None:
         if progress:
@@ -442,17 +467,23 @@ def stylize_batch(requests: Sequence[StyleRequest],
         image = _upscale(image, content) if image is not None else torch.cat(
             [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
+        steps = options.steps if scale == len(sizes) else max(1, round(options.steps * COARSE_SHARE))
+
         def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets) -> _Losses:
             return _evaluate(x, extractor, runtime, ct, st, layer_weights, options)
 
-        def report(count: int, loss: torch.Tensor, base=done, size=(w, h), index=scale) -> None:
-            nonlocal done, last_loss
-            done, last_loss = base + count, float(loss) / len(requests)
+        def report(count: int, loss: torch.Tensor, base=done, size=(w, h), index=scale,
+                   last=steps) -> None:
+            nonlocal done, last_loss, last_report
+            done = base + count
+            now = time.perf_counter()
+            if count < last and now - last_report < throttle:
+                return
+            last_loss, last_report = float(loss) / len(requests), now
             emit("optimise", index, size)
 
         image = image.detach().clone()
         base = done
-        steps = options.steps if scale == len(sizes) else max(1, round(options.steps * COARSE_SHARE))
         done = base + _optimise(image, evaluate, steps, options, report)
     assert image is not None
     with torch.no_grad():

@@ -115,6 +115,7 @@ class FeatureExtractor(nn.Module):
         stages = _named_stages(model, backbone)[:cut]
         self.names = [name for name, _ in stages]
         self.stages = nn.ModuleList(_with_pooling(module, pooling) for _, module in stages)
+        self.blocks = _blocks(self.names, self.stages)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -122,16 +123,42 @@ class FeatureExtractor(nn.Module):
             if isinstance(module, nn.ReLU):
                 module.inplace = False
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the network once and keep only the requested activations."""
+    def forward(self, image: torch.Tensor, checkpoint: bool = False) -> dict[str, torch.Tensor]:
+        """Run the network once and keep only the requested activations.
+
+        With `checkpoint`, activations inside each block (up to a pooling layer) are not kept for the
+        backward pass but recomputed: about a third more compute for the memory of a huge image.
+        """
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
-        wanted = set(self.layers)
         out: dict[str, torch.Tensor] = {}
-        for name, stage in zip(self.names, self.stages, strict=True):
-            x = stage(x)
-            if name in wanted:
-                out[name] = x
+        for block in self.blocks:
+            if checkpoint and torch.is_grad_enabled() and x.requires_grad:
+                x, *kept = torch.utils.checkpoint.checkpoint(self._run_block, block, x,
+                                                             use_reentrant=False)
+            else:
+                x, *kept = self._run_block(block, x)
+            out.update(zip([self.names[i] for i in block if self.names[i] in self.layers], kept,
+                           strict=True))
         return out
+
+    def _run_block(self, block: tuple[int, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One block: its output, then the requested activations inside it, in block order."""
+        kept = []
+        for index in block:
+            x = self.stages[index](x)
+            if self.names[index] in self.layers:
+                kept.append(x)
+        return (x, *kept)
+
+
+def _blocks(names: list[str], stages: Iterable[nn.Module]) -> list[tuple[int, ...]]:
+    """Stage indices split after each pooling layer and around composite stages (checkpoint units)."""
+    blocks: list[tuple[int, ...]] = [()]
+    for index, (name, stage) in enumerate(zip(names, stages, strict=True)):
+        blocks[-1] += (index,)
+        if isinstance(stage, (nn.MaxPool2d, nn.AvgPool2d)) or not name.startswith(("conv", "relu")):
+            blocks.append(())
+    return [block for block in blocks if block]
 
 
 def _with_pooling(module: nn.Module, pooling: str) -> nn.Module:

@@ -11,3 +11,13 @@ def test_bench_compares_stylekit_with_the_reference_at_the_same_loss(tmp_path):
         assert row[side]["total_loss"] > 0 and row[side]["peak_memory_bytes"] > 0
     assert list(tmp_path.glob("cpu-*.json"))
     assert "| 32×" in markdown(results)
+
+
+def test_hotfolder_bench_times_a_real_watcher_against_the_reference(tmp_path):
+    from bench.hotfolder import main as hotfolder_main
+    results = hotfolder_main(["--count", "2", "--size", "32", "--steps", "3", "--stylekit-steps", "3",
+                              "--no-doc", "--output", str(tmp_path)])
+    row = results["row"]
+    for side in ("hotfolder", "reference"):
+        assert row[side]["images_per_minute"] > 0 and row[side]["mean_total_loss"] > 0
+    assert list(tmp_path.glob("hotfolder-cpu-*.json"))

@@ -169,3 +169,20 @@ def test_coarse_scales_too_small_to_help_are_dropped():
 def test_an_output_under_sixteen_pixels_is_refused(run):
     with pytest.raises(StylekitError, match="too small"):
         run(size=12)
+
+
+def test_large_images_are_checkpointed_without_changing_the_result(run, monkeypatch):
+    from stylekit import engine
+    plain = run(steps=6)
+    monkeypatch.setattr(engine, "CHECKPOINT_PIXELS", 0)  # treat the tiny image as a huge one
+    checkpointed = run(steps=6)
+    np.testing.assert_allclose(checkpointed.image, plain.image, atol=1e-4)
+
+
+def test_lbfgs_history_shrinks_for_huge_images_only():
+    import torch
+
+    from stylekit.engine import HISTORY_SIZE, history_size
+    assert history_size(torch.empty(1, 3, 1024, 1024, device="meta")) == HISTORY_SIZE
+    huge = history_size(torch.empty(1, 3, 4096, 4096, device="meta"))
+    assert 5 <= huge < HISTORY_SIZE

@@ -54,3 +54,42 @@ def test_other_backbones_give_their_default_layers(backbone):
                                  spec.content_layers + spec.style_layers)
     out = extractor(torch.rand(1, 3, 32, 32))
     assert set(out) == set(spec.content_layers + spec.style_layers)
+
+
+def _features_and_gradient(extractor, image, checkpoint):
+    image = image.clone().requires_grad_(True)
+    out = extractor(image, checkpoint=checkpoint)
+    sum(feature.pow(2).mean() for feature in out.values()).backward()
+    return out, image.grad
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet50"])
+def test_checkpointing_gives_the_same_features_and_gradient(backbone):
+    spec = BACKBONES[backbone]
+    extractor = FeatureExtractor(backbone, random_state_dict(backbone, seed=1),
+                                 spec.content_layers + spec.style_layers)
+    image = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    plain, plain_grad = _features_and_gradient(extractor, image, checkpoint=False)
+    saved, saved_grad = _features_and_gradient(extractor, image, checkpoint=True)
+    assert list(saved) == list(plain)
+    for name in plain:
+        torch.testing.assert_close(saved[name], plain[name])
+    torch.testing.assert_close(saved_grad, plain_grad)
+
+
+def test_checkpointing_keeps_fewer_tensors_for_the_backward_pass(vgg19_state):
+    extractor = FeatureExtractor("vgg19", vgg19_state, BACKBONES["vgg19"].style_layers)
+    image = torch.rand(1, 3, 64, 64, requires_grad=True)
+
+    def saved_bytes(checkpoint: bool) -> int:
+        sizes: list[int] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            extractor(image, checkpoint=checkpoint)
+        return sum(sizes)
+
+    assert saved_bytes(True) < 0.5 * saved_bytes(False)
