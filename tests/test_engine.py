@@ -186,3 +186,11 @@ def test_lbfgs_history_shrinks_for_huge_images_only():
     assert history_size(torch.empty(1, 3, 1024, 1024, device="meta")) == HISTORY_SIZE
     huge = history_size(torch.empty(1, 3, 4096, 4096, device="meta"))
     assert 5 <= huge < HISTORY_SIZE
+
+
+def test_long_runs_stop_exactly_at_the_evaluation_budget(run):
+    seen = []
+    result = run(steps=60, scales=1,
+                 progress=lambda p: seen.append(p.iteration) if p.stage == "optimise" else None)
+    assert result.iterations == 60 and seen[-1] == 60
+    assert result.total_loss < run(steps=1, scales=1).total_loss
