@@ -9,7 +9,6 @@ the reference's own loss code, so the images-per-minute figures come with their 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from bench.reference import run_reference, score
-from bench.run import ROOT, SHARED_IMAGES, environment, update_doc
+from bench.run import ROOT, SHARED_IMAGES, environment, record
 from pipeline.config import FolderConfig, WatchConfig
 from pipeline.watcher import watch
 from stylekit.engine import _fit_long_side, pick_runtime, resize, to_array, to_tensor
@@ -138,12 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                          "images_per_minute": 60 * args.count / reference_seconds,
                          "steps": args.steps, "mean_total_loss": mean_loss(reference_images)}}
     results = {"environment": environment(device), "weights": weights.description, "row": row}
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.output / f"hotfolder-{device.type}-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    if not args.no_doc:
-        update_doc(markdown(results), f"hotfolder-{device.type}")
-    print(markdown(results))
+    record(results, markdown(results), f"hotfolder-{device.type}", args.output, not args.no_doc)
     return results
 
 

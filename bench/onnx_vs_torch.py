@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.run import ROOT, environment, update_doc
+from bench.run import ROOT, environment, record
 from stylekit.engine import Runtime, TargetFn, pick_runtime, torch_targets
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.onnx_features import onnx_targets
@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         rows.append(row)
     results = {"environment": environment(device), "provider": provider,
                "weights": weights.description, "repeats": args.repeats, "rows": rows}
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.output / f"onnx-{device.type}-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    if not args.no_doc:
-        update_doc(markdown(results), f"onnx-{device.type}")
-    print(markdown(results))
+    record(results, markdown(results), f"onnx-{device.type}", args.output, not args.no_doc)
     return results
 
 

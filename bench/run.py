@@ -215,6 +215,16 @@ def update_doc(section: str, kind: str) -> None:
     DOC.write_text(text)
 
 
+def record(results: dict[str, object], section: str, name: str, folder: Path, doc: bool) -> None:
+    """Keep a run: bench/results/<name>-<time>.json, its docs/benchmarks.md section, and stdout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (folder / f"{name}-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    if doc:
+        update_doc(section, name)
+    print(section)
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Run the benchmark for the current device and record it."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -241,12 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         rows.append(row)
     results = {"environment": environment(device), "images": names, "weights": weights.description,
                "steps": args.steps, "rows": rows}
-    args.output.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.output / f"{device.type}-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    if not args.no_doc:
-        update_doc(markdown(results), device.type)
-    print(markdown(results))
+    record(results, markdown(results), device.type, args.output, not args.no_doc)
     return results
 
 

@@ -79,7 +79,7 @@ CHECKPOINT_PIXELS = 8 << 20  # a batch larger than this recomputes activations i
 HISTORY_SIZE = 50  # L-BFGS curvature pairs kept ...
 HISTORY_BYTES = 4 << 30  # ... unless two image-sized vectors per pair would take more than this
 PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
-LINE_SEARCH_MIN_STEPS = 50  # scales with fewer L-BFGS evaluations than this skip the line search
+LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this skip the line search
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
@@ -104,6 +104,11 @@ def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
         raise StylekitError(f"image too small: the output would be {sizes[-1][0]}×{sizes[-1][1]} px, "
                             f"and at least {MIN_SIDE} px on each side are needed")
     return sizes
+
+
+def scale_steps(steps: int, finest: bool) -> int:
+    """Loss evaluations at one scale: all of --steps at the finest, COARSE_SHARE of them before."""
+    return steps if finest else max(1, round(steps * COARSE_SHARE))
 
 
 @dataclass(frozen=True)
@@ -439,7 +444,7 @@ def stylize_batch(requests: Sequence[StyleRequest],
             style_groups.append((full, request, [index]))
         else:
             group[2].append(index)
-    total_steps = options.steps + (len(sizes) - 1) * max(1, round(options.steps * COARSE_SHARE))
+    total_steps = sum(scale_steps(options.steps, index == len(sizes)) for index in range(1, len(sizes) + 1))
     done = 0
     last_loss: float | None = None
     # On a GPU, reading the loss waits for the device: report at most every PROGRESS_EVERY_S there.
@@ -470,7 +475,7 @@ def stylize_batch(requests: Sequence[StyleRequest],
         image = _upscale(image, content) if image is not None else torch.cat(
             [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
-        steps = options.steps if scale == len(sizes) else max(1, round(options.steps * COARSE_SHARE))
+        steps = scale_steps(options.steps, scale == len(sizes))
 
         def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets) -> _Losses:
             return _evaluate(x, extractor, runtime, ct, st, layer_weights, options)

@@ -1,6 +1,14 @@
 """The benchmark runner itself works (at a tiny size), so `make bench` cannot rot unnoticed."""
 
+import pytest
+import torch
+from conftest import make_painting, make_photo
+
+from bench.hotfolder import main as hotfolder_main
+from bench.reference import run_reference, score
 from bench.run import main, markdown
+from stylekit import StyleOptions, StyleRequest, stylize
+from stylekit.engine import to_tensor
 
 
 def test_bench_compares_stylekit_with_the_reference_at_the_same_loss(tmp_path):
@@ -14,10 +22,27 @@ def test_bench_compares_stylekit_with_the_reference_at_the_same_loss(tmp_path):
 
 
 def test_hotfolder_bench_times_a_real_watcher_against_the_reference(tmp_path):
-    from bench.hotfolder import main as hotfolder_main
     results = hotfolder_main(["--count", "2", "--size", "32", "--steps", "3", "--stylekit-steps", "3",
                               "--no-doc", "--output", str(tmp_path)])
     row = results["row"]
     for side in ("hotfolder", "reference"):
         assert row[side]["images_per_minute"] > 0 and row[side]["mean_total_loss"] > 0
     assert list(tmp_path.glob("hotfolder-cpu-*.json"))
+
+
+def _both_at_the_reference_settings(weights_file, steps):
+    """stylekit with the reference's settings (one scale, same evaluations) and the reference itself."""
+    state = torch.load(weights_file)
+    photo, painting = make_photo(), make_painting(48, 48)
+    content, style = to_tensor(photo, torch.device("cpu")), to_tensor(painting, torch.device("cpu"))
+    reference = run_reference(content, style, state, steps=steps)
+    options = StyleOptions(weights=str(weights_file), steps=steps, scales=1, targets="torch")
+    ours = stylize(StyleRequest(photo, [painting], options))
+    return (score(to_tensor(ours.image, content.device), content, style, state)["total_loss"],
+            score(reference.image, content, style, state)["total_loss"])
+
+
+@pytest.mark.parametrize("steps", [20, 150])
+def test_at_the_reference_settings_the_loss_is_no_worse_than_the_reference(weights_file, steps):
+    ours, reference = _both_at_the_reference_settings(weights_file, steps)
+    assert ours <= reference * 1.001
