@@ -33,8 +33,8 @@ class StyleOptions:
     style_blend: tuple[float, ...] | None = None  # None: equal weights over the style images
     style_scale: float = 1.0  # style image long side relative to the output's
     preserve_color: str = "none"
-    scales: int | None = None  # number of coarse-to-fine scales; None picks from the size
-    min_scale: int = 128  # long side of the coarsest scale when scales is None
+    scales: int | None = None  # number of coarse-to-fine scales; None picks from min_scale
+    min_scale: int | None = None  # coarsest long side when scales is None; None: half the output's
     learning_rate: float = 0.02  # Adam only, in pixel units of a [0, 1] image
     weights: str = "auto"
     backbone: str = "vgg19"

@@ -89,9 +89,15 @@ def test_histogram_mode_changes_the_result(run):
     assert not np.allclose(run(preserve_color="histogram").image, run().image)
 
 
-def test_coarse_to_fine_scales_double_up_to_the_size():
+def test_coarse_to_fine_scales_double_up_to_the_size_from_min_scale():
     assert scale_sizes(400, 300, 512, None, 128) == [(128, 96), (256, 192), (512, 384)]
     assert scale_sizes(48, 40, 48, None, 128) == [(48, 40)]
+
+
+def test_by_default_a_half_size_scale_comes_before_the_full_size():
+    assert scale_sizes(400, 300, 512, None, None) == [(256, 192), (512, 384)]
+    assert scale_sizes(1000, 750, 1000, None, None) == [(500, 375), (1000, 750)]
+    assert scale_sizes(48, 40, 48, None, None) == [(48, 40)]  # a 24 px scale teaches nothing
 
 
 def test_every_scale_is_optimised_coarse_ones_with_half_the_steps(run):
