@@ -43,7 +43,7 @@ def photos(count: int, size: int) -> list[np.ndarray]:
         cw = int(min(w, h * 4 / 3) * 0.8)
         ch = cw * 3 // 4
         y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = torch.from_numpy(np.ascontiguousarray(image[y:y + ch, x:x + cw])).permute(2, 0, 1)[None]
+        crop = to_tensor(image[y:y + ch, x:x + cw], torch.device("cpu"))
         crops.append(to_array(resize(crop, size, size * 3 // 4)))
     return crops
 

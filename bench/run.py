@@ -26,6 +26,7 @@ from stylekit import StyleOptions, StyleRequest, stylize
 from stylekit.engine import _fit_long_side, pick_runtime, to_array, to_tensor
 from stylekit.examples import example_pair
 from stylekit.image import load_image
+from stylekit.request import Progress
 from stylekit.weights import resolve_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,37 +112,33 @@ def bench_size(content: np.ndarray, style: np.ndarray, size: int, state: dict, w
                             "iterations_per_second": len(reference.history) / reference.seconds,
                             "peak_memory_bytes": peak(),
                             **score(reference.image, content_t, style_t, state)}
-    trace: list[tuple] = []  # elapsed, scale, loss, share of a full-size eval, evaluations, w, h
+    trace: list[Progress] = []  # every optimisation step stylekit reported
     options = StyleOptions(steps=steps, weights=weights, device=device.type, size=size, targets="torch")
     request = StyleRequest(to_array(content_t), [to_array(style_t)], options)
     with peak_memory(device) as peak:
-        result = stylize(request, progress=lambda p: trace.append(
-            (p.elapsed, p.scale, p.loss, p.width * p.height / (width * height), p.iteration,
-             p.width, p.height))
-            if p.stage == "optimise" else None)
+        result = stylize(request, progress=lambda p: trace.append(p) if p.stage == "optimise" else None)
         _sync(device)
-    final_scale = max(point[1] for point in trace)
-    sizes = sorted({point[1] for point in trace})
+    final_scale = max(point.scale for point in trace)
     stylekit_row = {"seconds": result.seconds, "iterations": result.iterations,
                     "iterations_per_second": result.iterations / result.seconds,
-                    "peak_memory_bytes": peak(), "scales": len(sizes), "precision": result.precision,
+                    "peak_memory_bytes": peak(), "scales": final_scale, "precision": result.precision,
                     **score(to_tensor(result.image, device), content_t, style_t, state)}
+    # Evaluations since the previous report (progress may be throttled on a GPU), each at its scale.
+    new_evaluations = [point.iteration - before for before, point in
+                       zip([0, *(p.iteration for p in trace[:-1])], trace, strict=True)]
     if device.type == "cuda":
-        # Every evaluation at its own scale's size (progress may be throttled: spread over the gaps).
-        done, flops = 0, 0.0
-        for point in trace:
-            flops += (point[4] - done) * EVAL_FLOPS * vgg_flops(point[5], point[6])
-            done = point[4]
+        flops = sum(count * EVAL_FLOPS * vgg_flops(point.width, point.height)
+                    for count, point in zip(new_evaluations, trace, strict=True))
         stylekit_row.update(tflops(flops, result.seconds, result.precision))
         if reference is not None:
             row["reference"].update(tflops(EVAL_FLOPS * vgg_flops(width, height) * steps,
                                            reference.seconds, "fp32"))
     if reference is not None:
         # Also in full-size evaluations spent, a figure that other load on the machine cannot skew.
-        spent = np.cumsum([point[3] * (point[4] - before[4]) for before, point in
-                           zip([(0,) * 7, *trace[:-1]], trace, strict=True)])
-        reached = [(point[0], cost) for point, cost in zip(trace, spent, strict=True)
-                   if point[1] == final_scale and point[2] <= reference.total_loss]
+        spent = np.cumsum([count * point.width * point.height / (width * height)
+                           for count, point in zip(new_evaluations, trace, strict=True)])
+        reached = [(point.elapsed, cost) for point, cost in zip(trace, spent, strict=True)
+                   if point.scale == final_scale and point.loss <= reference.total_loss]
         stylekit_row["time_to_quality"] = reached[0][0] if reached else None
         stylekit_row["evaluations_to_quality"] = float(reached[0][1]) if reached else None
         stylekit_row["speedup"] = reference.seconds / reached[0][0] if reached else None

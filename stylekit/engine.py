@@ -91,9 +91,9 @@ def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
                 min_scale: int | None) -> list[tuple[int, int]]:
     """Coarse-to-fine (width, height) pairs, halving the long side down to about min_scale.
 
-    By default (min_scale None) that is two scales, half size then full: measured at 128, 256 and
-    512 px, a third, coarser scale only moved the fine scale's start further from where it ends (at
-    512 px: final loss 1.120 with 128 → 256 → 512, 1.081 with 256 → 512; see docs/benchmarks.md).
+    By default (min_scale None) that is two scales, half size then full: at 256 px a third, coarser
+    scale needed more evaluations, and at 512 px three scales ended worse than the textbook loop
+    (1.120 vs 1.116) where two ended at 1.081 in one run, 1.140 in another (see docs/benchmarks.md).
     Coarse scales whose short side would fall under MIN_COARSE_SIDE are dropped; an output whose
     short side is under MIN_SIDE is refused.
     """
