@@ -349,17 +349,23 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         # textbook loop's 300-evaluation loss after 238 evaluations instead of 266) but starts slowly,
         # so short budgets (previews, tests) take plain L-BFGS steps.
         line_search = "strong_wolfe" if steps >= LINE_SEARCH_MIN_STEPS else None
-        optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=steps, max_eval=steps + 1,
-                                      history_size=history_size(image), tolerance_grad=0.0,
-                                      tolerance_change=0.0, line_search_fn=line_search)
         while count < steps:
-            before = count
+            # torch's L-BFGS returns early only when its history yields no usable step (a failed line
+            # search, often after the clamp moved the iterate); called again it would repeat that
+            # step forever (the built-in pair at 256 px sat at one loss for its last 230 evaluations).
+            # So each round starts afresh from the best point; a round that gains nothing ends it.
+            optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=steps, max_eval=steps + 1,
+                                          history_size=history_size(image), tolerance_grad=0.0,
+                                          tolerance_change=0.0, line_search_fn=line_search)
+            round_start = best_loss.clone()
             try:
                 optimizer.step(closure)
             except _BudgetSpent:
                 break
-            if count == before:
+            if not bool((best_loss < round_start).any()):
                 break
+            with torch.no_grad():
+                image.copy_(best_image)
     else:
         optimizer = torch.optim.Adam([image], lr=options.learning_rate)
         while count < steps:

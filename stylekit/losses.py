@@ -10,11 +10,26 @@ from collections.abc import Mapping, Sequence
 import torch
 
 
+class _SelfProduct(torch.autograd.Function):
+    """F Fᵀ whose backward is one product, (dG + dGᵀ) F, where autograd's is two plus a sum."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        return flat @ flat.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (flat,) = ctx.saved_tensors
+        return (grad + grad.transpose(1, 2)) @ flat
+
+
 def gram(features: torch.Tensor) -> torch.Tensor:
     """G = F Fᵀ / (C·H·W) per image (N×C×C), so Grams compare across layer sizes."""
     n, c, h, w = features.shape
     flat = features.float().reshape(n, c, h * w)
-    return flat @ flat.transpose(1, 2) / (c * h * w)
+    product = _SelfProduct.apply(flat) if flat.requires_grad else flat @ flat.transpose(1, 2)
+    return product / (c * h * w)
 
 
 def content_loss(features: Mapping[str, torch.Tensor],

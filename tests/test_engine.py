@@ -1,11 +1,14 @@
 """stylize(): the optimisation loop, its options, progress and cancellation."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 from conftest import make_painting, make_photo
 
 from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, stylize
-from stylekit.engine import scale_sizes, stylize_batch
+from stylekit.engine import _optimise, scale_sizes, stylize_batch
 
 
 @pytest.fixture
@@ -186,8 +189,6 @@ def test_large_images_are_checkpointed_without_changing_the_result(run, monkeypa
 
 
 def test_lbfgs_history_shrinks_for_huge_images_only():
-    import torch
-
     from stylekit.engine import HISTORY_SIZE, history_size
     assert history_size(torch.empty(1, 3, 1024, 1024, device="meta")) == HISTORY_SIZE
     huge = history_size(torch.empty(1, 3, 4096, 4096, device="meta"))
@@ -200,3 +201,41 @@ def test_long_runs_stop_exactly_at_the_evaluation_budget(run):
                  progress=lambda p: seen.append(p.iteration) if p.stage == "optimise" else None)
     assert result.iterations == 120 and seen[-1] == 120
     assert result.total_loss < run(steps=1, scales=1).total_loss
+
+
+def _gram_to_five(x):
+    """A bounded Gram-matching toy problem on which torch's L-BFGS line search fails early."""
+    flat = x.flatten(2)
+    return SimpleNamespace(total=(flat @ flat.transpose(1, 2) - 5 * torch.eye(3)).pow(2).sum((1, 2)))
+
+
+def _torch_lbfgs_called_again(steps):
+    """What a plain loop gets: the same torch L-BFGS stepped until the budget is spent."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 4, 4, requires_grad=True)
+    optimizer = torch.optim.LBFGS([x], max_iter=steps, max_eval=steps + 1, tolerance_grad=0.0,
+                                  tolerance_change=0.0, line_search_fn="strong_wolfe")
+    count = 0
+
+    def closure():
+        nonlocal count
+        with torch.no_grad():
+            x.clamp_(0, 1)
+        optimizer.zero_grad()
+        loss = _gram_to_five(x).total.sum()
+        loss.backward()
+        count += 1
+        return loss
+
+    while count < steps:
+        optimizer.step(closure)
+    return float(_gram_to_five(x.detach().clamp(0, 1)).total)
+
+
+def test_lbfgs_restarts_after_its_line_search_fails_instead_of_stalling():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 4, 4)
+    spent = _optimise(image, _gram_to_five, 200, StyleOptions(), lambda count, loss: None)
+    stalled = _torch_lbfgs_called_again(200)
+    assert spent == 200
+    assert float(_gram_to_five(image).total) < 1.01 < 1.1 < stalled

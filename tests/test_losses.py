@@ -47,3 +47,12 @@ def test_blended_grams_are_the_weighted_mean():
     first, second = {"relu1_1": torch.ones(1, 2, 2)}, {"relu1_1": torch.zeros(1, 2, 2)}
     blended = blend_grams([first, second], [0.7, 0.3])
     assert torch.allclose(blended["relu1_1"], torch.full((1, 2, 2), 0.7))
+
+
+def test_gram_gradient_matches_the_plain_product():
+    features = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 3, 3, dtype=torch.float64)  # an asymmetric upstream gradient
+    (grad,) = torch.autograd.grad((gram(features) * weights).sum(), features)
+    flat = features.reshape(2, 3, 20)
+    (expected,) = torch.autograd.grad(((flat @ flat.transpose(1, 2)) / 60 * weights).sum(), features)
+    torch.testing.assert_close(grad, expected)
