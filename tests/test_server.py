@@ -287,3 +287,22 @@ NOT_APPLICABLE = [
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzzing_the_api_finds_no_server_error(case):
     case.call_and_validate(excluded_checks=NOT_APPLICABLE)  # not_a_server_error and schema conformance
+
+
+def test_warm_up_keeps_torch_off_the_calling_thread(weights_file, monkeypatch):
+    import threading
+
+    from stylekit import server
+    threads = []
+    real = server.stylize
+    monkeypatch.setattr(server, "stylize",
+                        lambda request: threads.append(threading.current_thread()) or real(request))
+    result = server.warm_up(ServerSettings(weights=str(weights_file), device="cpu"))
+    assert result.width == 16 and threads and threading.current_thread() not in threads
+
+
+def test_warm_up_reports_bad_weights_as_a_stylekit_error(tmp_path):
+    from stylekit import StylekitError, server
+    (tmp_path / "bad.pth").write_bytes(b"not weights")
+    with pytest.raises(StylekitError):
+        server.warm_up(ServerSettings(weights=str(tmp_path / "bad.pth"), device="cpu"))
