@@ -93,7 +93,7 @@ def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
 
     By default (min_scale None) that is two scales, half size then full: at 256 px a third, coarser
     scale needed more evaluations, and at 512 px three scales ended worse than the textbook loop
-    (1.120 vs 1.116) where two ended at 1.081 in one run, 1.140 in another (see docs/benchmarks.md).
+    (1.120 vs 1.116) where two end at 1.080 (see docs/benchmarks.md).
     Coarse scales whose short side would fall under MIN_COARSE_SIDE are dropped; an output whose
     short side is under MIN_SIDE is refused.
     """
