@@ -73,14 +73,16 @@ def peak_memory(device: torch.device) -> Iterator[Callable[[], int]]:
         thread.join()
 
 
-EVAL_FLOPS = 3  # a loss evaluation (forward + backward to the input) ≈ 3 forward passes
+EVAL_FLOPS = 2  # a loss evaluation: forward, then the input gradient only (the weights are frozen)
 
 
 def tflops(flops: float, seconds: float, precision: str) -> dict[str, float]:
     """Achieved TFLOP/s, and its share of the device's dense peak in that precision when known."""
     achieved = flops / seconds / 1e12
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-    return {"tflops": achieved, **({"share_of_peak": achieved / peak[precision]} if peak else {})}
+    peak_in_precision = peak and peak.get(precision)  # bf16-grad mixes two: no single peak
+    return {"tflops": achieved,
+            **({"share_of_peak": achieved / peak_in_precision} if peak_in_precision else {})}
 
 
 def vgg_flops(width: int, height: int) -> float:
@@ -175,7 +177,8 @@ def markdown(results: dict[str, object]) -> str:
     lines = [f"### {env['kind'].upper()}: {env['device']}", "",
              f"{env['date']} · torch {env['torch']} · stylekit {env['stylekit']} · images: "
              f"{results['images']} · weights: {results['weights']} · reference: {results['steps']} "
-             "L-BFGS evaluations at full size, fp32", "",
+             "L-BFGS evaluations at full size, fp32 · stylekit precision: "
+             f"{results['rows'][0]['stylekit']['precision']}", "",
              "| size | reference s | reference loss | stylekit time-to-quality s | speed-up | "
              "full-size evaluations to quality (ref) | stylekit it/s (ref it/s) | stylekit final loss | "
              "peak memory stylekit / ref |",

@@ -117,17 +117,26 @@ def scale_steps(steps: int, finest: bool) -> int:
     return steps if finest else max(1, round(steps * COARSE_SHARE))
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """Where and in what precision the network runs."""
+    """Where and in what precision the network runs (forward, and the gradient's convolutions)."""
 
     device: torch.device
     dtype: torch.dtype
+    gradient_dtype: torch.dtype | None = None  # None: the gradient in the forward's precision
 
     @property
     def precision(self) -> str:
         """The precision's user-facing name."""
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return "bf16-grad" if self.gradient_dtype else _DTYPE_NAMES[self.dtype]
+
+    @property
+    def forward_precision(self) -> str:
+        """What the features, and so the targets and every loss, are computed in."""
+        return _DTYPE_NAMES[self.dtype]
 
     def autocast(self):
         """Convolutions in reduced precision when asked; losses stay fp32 (see losses.py)."""
@@ -136,8 +145,22 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), read from Linux's cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_runtime(device: str, precision: str) -> Runtime:
-    """Resolve `auto` choices: CUDA, then MPS, then CPU; bf16 on GPUs that support it, else fp32."""
+    """Resolve `auto` choices: CUDA, then MPS, then CPU; bf16 on GPUs that support it; on a CPU
+    with native bf16, fp32 losses with bf16 gradient convolutions (same loss, ~20% less time per
+    evaluation); else fp32."""
     if device == "auto":
         device = ("cuda" if torch.cuda.is_available()
                   else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -146,13 +169,16 @@ def pick_runtime(device: str, precision: str) -> Runtime:
     if device == "mps" and not torch.backends.mps.is_available():
         raise StylekitError("--device mps asked for, but Apple's MPS is not available")
     if precision == "auto":
-        precision = ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        precision = ("bf16" if device == "cuda" and torch.cuda.is_bf16_supported()
+                     else "bf16-grad" if device == "cpu" and cpu_has_native_bf16() else "fp32")
+    dtype = {"fp32": torch.float32, "bf16-grad": torch.float32, "bf16": torch.bfloat16,
+             "fp16": torch.float16}[precision]
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes within a scale: let cuDNN pick kernels once
     if dtype == torch.float16 and device == "cpu":
-        raise StylekitError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    return Runtime(torch.device(device), dtype)
+        raise StylekitError("--precision fp16 needs a GPU; use bf16-grad, bf16 or fp32 on the CPU")
+    return Runtime(torch.device(device), dtype,
+                   torch.bfloat16 if precision == "bf16-grad" else None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -216,7 +242,8 @@ def _evaluate(image: torch.Tensor, extractor: FeatureExtractor, runtime: Runtime
               layer_weights: dict[str, float], options: StyleOptions) -> _Losses:
     """The canonical total loss of one image against its targets."""
     with runtime.autocast():
-        features = extractor(image, checkpoint=image[:, 0].numel() > CHECKPOINT_PIXELS)
+        features = extractor(image, checkpoint=image[:, 0].numel() > CHECKPOINT_PIXELS,
+                             gradient_dtype=runtime.gradient_dtype)
     content = losses.content_loss(features, content_targets)
     style = losses.style_loss(features, style_targets, layer_weights)
     tv = losses.tv_loss(image)
@@ -266,7 +293,7 @@ def _pick_targets(request: StyleRequest, weights: Weights, layers: tuple[str, ..
             notes = (f"ONNX feature extractor unavailable ({one_line(exc)}); targets computed with torch",)
     style = compute
     if request.style_key and options.preserve_color != "histogram":  # histogram styles follow the content
-        context = f"{weights.sha256}|{options.backbone}|{options.pooling}|{name}|{runtime.precision}"
+        context = f"{weights.sha256}|{options.backbone}|{options.pooling}|{name}|{runtime.forward_precision}"
         style = gram_cache.cached_targets(compute, context, request.style_key)
     return _Targets(compute, style, name, notes)
 

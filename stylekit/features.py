@@ -6,11 +6,14 @@ This module knows networks and tensors only: no files, no downloads (see weights
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,6 +94,10 @@ def _named_stages(model: nn.Module, backbone: str) -> list[tuple[str, nn.Module]
             ("layer4", model.layer4)]
 
 
+_WeightCopies = dict[int, tuple[torch.Tensor, torch.Tensor]]
+"""Convolution weights by id: (the weight itself, its low-precision copy)."""
+
+
 class FeatureExtractor(nn.Module):
     """Maps images in [0, 1] (N×3×H×W, RGB) to a dict of raw activations at the named layers.
 
@@ -122,33 +129,88 @@ class FeatureExtractor(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.ReLU):
                 module.inplace = False
+        self._low_weights: dict[tuple[torch.dtype, torch.device], _WeightCopies] = {}
 
-    def forward(self, image: torch.Tensor, checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, checkpoint: bool = False,
+                gradient_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Run the network once and keep only the requested activations.
 
         With `checkpoint`, activations inside each block (up to a pooling layer) are not kept for the
         backward pass but recomputed: about a third more compute for the memory of a huge image.
+        With `gradient_dtype`, the convolutions' gradients to their inputs run in that precision
+        (bf16: about twice as fast on CPUs with native bf16) while the forward pass, and so every
+        activation and loss, stays in the image's precision.
         """
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        low = self._low_precision_weights(gradient_dtype) if gradient_dtype else None
         out: dict[str, torch.Tensor] = {}
         for block in self.blocks:
             if checkpoint and torch.is_grad_enabled() and x.requires_grad:
-                x, *kept = torch.utils.checkpoint.checkpoint(self._run_block, block, x,
+                x, *kept = torch.utils.checkpoint.checkpoint(self._run_block, block, x, low,
                                                              use_reentrant=False)
             else:
-                x, *kept = self._run_block(block, x)
+                x, *kept = self._run_block(block, x, low)
             out.update(zip([self.names[i] for i in block if self.names[i] in self.layers], kept,
                            strict=True))
         return out
 
-    def _run_block(self, block: tuple[int, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _run_block(self, block: tuple[int, ...], x: torch.Tensor,
+                   low_weights: _WeightCopies | None = None) -> tuple[torch.Tensor, ...]:
         """One block: its output, then the requested activations inside it, in block order."""
         kept = []
-        for index in block:
-            x = self.stages[index](x)
-            if self.names[index] in self.layers:
-                kept.append(x)
+        with _LowPrecisionInputGradients(low_weights) if low_weights else nullcontext():
+            for index in block:
+                x = self.stages[index](x)
+                if self.names[index] in self.layers:
+                    kept.append(x)
         return (x, *kept)
+
+    def _low_precision_weights(self, dtype: torch.dtype) -> _WeightCopies:
+        """Each convolution weight's copy in `dtype` (made once: the weights are frozen)."""
+        device = self.mean.device
+        if (dtype, device) not in self._low_weights:
+            self._low_weights[dtype, device] = {
+                id(module.weight): (module.weight, module.weight.detach().to(dtype))
+                for module in self.stages.modules() if isinstance(module, nn.Conv2d)}
+        return self._low_weights[dtype, device]
+
+
+class _LowPrecisionInputGradient(torch.autograd.Function):
+    """A convolution as given, whose input gradient is computed from a low-precision weight copy.
+
+    The weights are frozen, so the input gradient is the whole backward of a convolution.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                low_weight: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+        ctx.input_shape, ctx.low_weight = x.shape, low_weight
+        ctx.geometry = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        low = ctx.low_weight
+        grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, low, grad.to(low.dtype),
+                                                *ctx.geometry)
+        return grad_input.to(grad.dtype), None, None, None, None, None, None, None
+
+
+class _LowPrecisionInputGradients(TorchFunctionMode):
+    """Routes the network's own convolutions (known by weight id) through the function above."""
+
+    def __init__(self, low_weights: _WeightCopies) -> None:
+        super().__init__()
+        self.low_weights = low_weights
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # nn.Conv2d calls conv2d(input, weight, bias, stride, padding, dilation, groups).
+        if func is torch.conv2d and len(args) == 7 and not kwargs:
+            weight, low = self.low_weights.get(id(args[1]), (None, None))
+            if (weight is args[1] and args[0].requires_grad and torch.is_grad_enabled()
+                    and not isinstance(args[4], str)):
+                return _LowPrecisionInputGradient.apply(*args[:3], low, *args[3:])
+        return func(*args, **(kwargs or {}))
 
 
 def _blocks(names: list[str], stages: Iterable[nn.Module]) -> list[tuple[int, ...]]:

@@ -11,7 +11,7 @@ OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("content", "noise", "style")
 COLOR_MODES = ("none", "luminance", "histogram")
 DEVICES = ("auto", "cuda", "mps", "cpu")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16-grad", "bf16", "fp16")
 POOLINGS = ("max", "avg")
 TARGET_ENGINES = ("onnx", "torch")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_painting, make_photo
 
-from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, stylize
-from stylekit.engine import _optimise, scale_sizes, stylize_batch
+from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, engine, stylize
+from stylekit.engine import _optimise, pick_runtime, scale_sizes, stylize_batch
 
 
 @pytest.fixture
@@ -126,6 +126,23 @@ def test_cancelling_from_the_callback_stops_the_run(run):
 def test_bf16_precision_runs_on_cpu(run):
     result = run(precision="bf16", steps=2)
     assert result.precision == "bf16" and np.isfinite(result.total_loss)
+
+
+def test_bf16_grad_lowers_the_loss_as_far_as_fp32(run):
+    low, full = run(precision="bf16-grad", steps=30), run(precision="fp32", steps=30)
+    assert low.precision == "bf16-grad" and low.total_loss <= 1.05 * full.total_loss
+
+
+def test_auto_precision_on_a_cpu_with_native_bf16_keeps_fp32_losses_and_bf16_gradients(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    runtime = pick_runtime("cpu", "auto")
+    assert (runtime.dtype, runtime.gradient_dtype) == (torch.float32, torch.bfloat16)
+
+
+def test_auto_precision_on_other_cpus_is_plain_fp32(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    runtime = pick_runtime("cpu", "auto")
+    assert (runtime.dtype, runtime.gradient_dtype, runtime.precision) == (torch.float32, None, "fp32")
 
 
 def test_missing_gpu_is_a_clear_error(run):

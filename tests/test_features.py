@@ -56,9 +56,9 @@ def test_other_backbones_give_their_default_layers(backbone):
     assert set(out) == set(spec.content_layers + spec.style_layers)
 
 
-def _features_and_gradient(extractor, image, checkpoint):
+def _features_and_gradient(extractor, image, checkpoint, gradient_dtype=None):
     image = image.clone().requires_grad_(True)
-    out = extractor(image, checkpoint=checkpoint)
+    out = extractor(image, checkpoint=checkpoint, gradient_dtype=gradient_dtype)
     sum(feature.pow(2).mean() for feature in out.values()).backward()
     return out, image.grad
 
@@ -93,3 +93,50 @@ def test_checkpointing_keeps_fewer_tensors_for_the_backward_pass(vgg19_state):
         return sum(sizes)
 
     assert saved_bytes(True) < 0.5 * saved_bytes(False)
+
+
+def _default_extractor(backbone: str) -> FeatureExtractor:
+    spec = BACKBONES[backbone]
+    return FeatureExtractor(backbone, random_state_dict(backbone, seed=1),
+                            spec.content_layers + spec.style_layers)
+
+
+def _test_image() -> torch.Tensor:
+    return torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet50"])
+def test_bf16_gradient_leaves_the_features_exactly_fp32(backbone):
+    extractor = _default_extractor(backbone)
+    plain, _ = _features_and_gradient(extractor, _test_image(), checkpoint=False)
+    low, _ = _features_and_gradient(extractor, _test_image(), checkpoint=False,
+                                    gradient_dtype=torch.bfloat16)
+    for name in plain:
+        assert low[name].dtype == torch.float32 and torch.equal(low[name], plain[name])
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "resnet50"])
+def test_bf16_gradient_is_computed_in_bf16_and_stays_close_to_fp32(backbone):
+    extractor = _default_extractor(backbone)
+    _, plain = _features_and_gradient(extractor, _test_image(), checkpoint=False)
+    _, low = _features_and_gradient(extractor, _test_image(), checkpoint=False,
+                                    gradient_dtype=torch.bfloat16)
+    error = float((low - plain).norm() / plain.norm())
+    assert low.dtype == torch.float32 and 0 < error < 0.03
+
+
+def test_bf16_gradient_is_the_same_with_checkpointing():
+    extractor = _default_extractor("vgg19")
+    _, plain = _features_and_gradient(extractor, _test_image(), checkpoint=False,
+                                      gradient_dtype=torch.bfloat16)
+    _, saved = _features_and_gradient(extractor, _test_image(), checkpoint=True,
+                                      gradient_dtype=torch.bfloat16)
+    torch.testing.assert_close(saved, plain)
+
+
+def test_bf16_gradient_leaves_forward_only_passes_alone():
+    extractor = _default_extractor("vgg19")
+    with torch.no_grad():
+        plain = extractor(_test_image())
+        low = extractor(_test_image(), gradient_dtype=torch.bfloat16)
+    assert all(torch.equal(low[name], plain[name]) for name in plain)
