@@ -105,22 +105,24 @@ def _test_image() -> torch.Tensor:
     return torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0))
 
 
+def _fp32_and_bf16_gradient_runs(backbone: str):
+    """(features, gradient) of the test image, once in plain fp32 and once with bf16 gradients."""
+    extractor = _default_extractor(backbone)
+    return (_features_and_gradient(extractor, _test_image(), checkpoint=False),
+            _features_and_gradient(extractor, _test_image(), checkpoint=False,
+                                   gradient_dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("backbone", ["vgg19", "resnet50"])
 def test_bf16_gradient_leaves_the_features_exactly_fp32(backbone):
-    extractor = _default_extractor(backbone)
-    plain, _ = _features_and_gradient(extractor, _test_image(), checkpoint=False)
-    low, _ = _features_and_gradient(extractor, _test_image(), checkpoint=False,
-                                    gradient_dtype=torch.bfloat16)
+    (plain, _), (low, _) = _fp32_and_bf16_gradient_runs(backbone)
     for name in plain:
         assert low[name].dtype == torch.float32 and torch.equal(low[name], plain[name])
 
 
 @pytest.mark.parametrize("backbone", ["vgg19", "resnet50"])
 def test_bf16_gradient_is_computed_in_bf16_and_stays_close_to_fp32(backbone):
-    extractor = _default_extractor(backbone)
-    _, plain = _features_and_gradient(extractor, _test_image(), checkpoint=False)
-    _, low = _features_and_gradient(extractor, _test_image(), checkpoint=False,
-                                    gradient_dtype=torch.bfloat16)
+    (_, plain), (_, low) = _fp32_and_bf16_gradient_runs(backbone)
     error = float((low - plain).norm() / plain.norm())
     assert low.dtype == torch.float32 and 0 < error < 0.03
 
