@@ -75,7 +75,9 @@ def engine_options(function):
         click.option("--backbone", type=click.Choice(list(BACKBONES))),
         click.option("--pooling", type=click.Choice(POOLINGS)),
         click.option("--device", type=click.Choice(DEVICES)),
-        click.option("--precision", type=click.Choice(PRECISIONS)),
+        click.option("--precision", type=click.Choice(PRECISIONS),
+                     help="bf16-grad: fp32 losses, bf16 gradient convolutions (auto: bf16 on CUDA; "
+                          "bf16-grad on CPUs with native bf16; else fp32)."),
         click.option("--seed", type=int, help="Seed for noise init and random weights (default 0)."),
         click.option("--targets", type=click.Choice(TARGET_ENGINES),
                      help="What computes the fixed content/style targets (default onnx)."),
