@@ -2,13 +2,17 @@
 
 Entries are keyed by the exact input pixels (which carry the style image, its scale and the output
 size), the layers asked for, and a context string naming the weights checksum, backbone, pooling and
-target engine; any change among those is a different file, so stale entries are never read.
+target engine; any change among those is a different file, so stale entries are never read. Every
+output size makes its own entry (~2.4 MB for VGG19's five style layers), so the folder is kept under
+a size limit by dropping the least recently used entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +31,43 @@ log = logging.getLogger(__name__)
 def grams_dir() -> Path:
     """Where cached Grams live: next to the ONNX exports in stylekit's cache."""
     return cache_dir() / "grams"
+
+
+DEFAULT_LIMIT_MB = 1024.0
+
+
+def limit_bytes() -> int:
+    """The cache's size limit: $STYLEKIT_GRAM_CACHE_MB (0 keeps nothing), else DEFAULT_LIMIT_MB."""
+    value = os.environ.get("STYLEKIT_GRAM_CACHE_MB", "")
+    try:
+        megabytes = float(value) if value else DEFAULT_LIMIT_MB
+        if not megabytes >= 0:
+            raise ValueError
+    except ValueError:
+        log.warning("ignoring STYLEKIT_GRAM_CACHE_MB=%r (not a size in MB); using %g",
+                    value, DEFAULT_LIMIT_MB)
+        megabytes = DEFAULT_LIMIT_MB
+    return int(megabytes * (1 << 20))
+
+
+def prune(folder: Path, limit: int) -> None:
+    """Delete the least recently used entries until the folder holds at most `limit` bytes."""
+    entries = []
+    for path in folder.glob("*.pt"):
+        try:
+            info = path.stat()
+        except OSError:  # another process pruned it first
+            continue
+        entries.append((info.st_mtime_ns, info.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot prune Gram cache file %s (%s)", path, exc)
+        total -= size
 
 
 def _digest(image: torch.Tensor, feature_layers: tuple[str, ...], gram_layers: tuple[str, ...],
@@ -76,10 +117,13 @@ def cached_targets(compute: TargetFn, context: str, label: str) -> TargetFn:
         cached = _read(path, names)
         if cached is not None:
             log.debug("Gram cache hit %s", path)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last to be pruned
             return {name: value.to(image.device) for name, value in cached.items()}
         log.debug("Gram cache miss %s", path)
         targets = compute(image, feature_layers, gram_layers)
         _write(path, targets)
+        prune(path.parent, limit_bytes())
         return targets
 
     return compute_cached

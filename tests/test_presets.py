@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -309,13 +310,17 @@ def relu1_targets(weights_file):
     return torch_targets(extractor, Runtime(torch.device("cpu"), torch.float32))
 
 
+def _counting(targets, calls: list):
+    """The TargetFn, noting each image it really computes."""
+    def compute(image, feature_layers, gram_layers):
+        calls.append(image)
+        return targets(image, feature_layers, gram_layers)
+    return compute
+
+
 def test_gram_cache_skips_the_style_forward_pass_on_a_repeat(relu1_targets):
-    calls = []
-
-    def counted(image, feature_layers, gram_layers):
-        calls.append(image.shape)
-        return relu1_targets(image, feature_layers, gram_layers)
-
+    calls: list[torch.Tensor] = []
+    counted = _counting(relu1_targets, calls)
     compute = cached_targets(counted, "context", "test")
     style = torch.rand(1, 3, 24, 24)
     first, second = compute(style, (), ("relu1_1",)), compute(style.clone(), (), ("relu1_1",))
@@ -332,6 +337,32 @@ def test_gram_cache_recomputes_an_unreadable_entry(relu1_targets):
     for entry in grams_dir().glob("corrupt-*.pt"):
         entry.write_bytes(b"truncated")
     assert torch.equal(compute(style, (), ("relu1_1",))["gram_relu1_1"], expected["gram_relu1_1"])
+
+
+def test_gram_cache_drops_the_least_recently_used_entry_beyond_its_limit(relu1_targets, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    calls: list[torch.Tensor] = []
+    compute = cached_targets(_counting(relu1_targets, calls), "context", "lru")
+    old, unused, new = (torch.rand(1, 3, 20, 20) for _ in range(3))
+    compute(old, (), ("relu1_1",))
+    entry_bytes = next(grams_dir().glob("lru-*.pt")).stat().st_size
+    monkeypatch.setenv("STYLEKIT_GRAM_CACHE_MB", str(2.5 * entry_bytes / (1 << 20)))
+    for image in (unused, old, new):  # `old` is read back, so `unused` is now the least recent
+        time.sleep(0.05)  # distinct modification times even on coarse-clock file systems
+        compute(image, (), ("relu1_1",))
+    assert len(list(grams_dir().glob("lru-*.pt"))) == 2
+    calls.clear()
+    for image in (old, new, unused):
+        compute(image, (), ("relu1_1",))
+    assert len(calls) == 1 and calls[0] is unused
+
+
+def test_gram_cache_limit_of_zero_keeps_nothing_on_disk(relu1_targets, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STYLEKIT_GRAM_CACHE_MB", "0")
+    targets = cached_targets(relu1_targets, "context", "none")(torch.rand(1, 3, 20, 20), (), ("relu1_1",))
+    assert "gram_relu1_1" in targets and not list(grams_dir().glob("*.pt"))
 
 
 def test_applying_a_preset_again_reads_its_grams_from_the_cache(tiny, caplog, empty_gram_cache):
