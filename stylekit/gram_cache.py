@@ -40,14 +40,14 @@ def limit_bytes() -> int:
     """The cache's size limit: $STYLEKIT_GRAM_CACHE_MB (0 keeps nothing), else DEFAULT_LIMIT_MB."""
     value = os.environ.get("STYLEKIT_GRAM_CACHE_MB", "")
     try:
-        megabytes = float(value) if value else DEFAULT_LIMIT_MB
-        if not megabytes >= 0:
+        limit = int(float(value or DEFAULT_LIMIT_MB) * (1 << 20))
+        if limit < 0:
             raise ValueError
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         log.warning("ignoring STYLEKIT_GRAM_CACHE_MB=%r (not a size in MB); using %g",
                     value, DEFAULT_LIMIT_MB)
-        megabytes = DEFAULT_LIMIT_MB
-    return int(megabytes * (1 << 20))
+        limit = int(DEFAULT_LIMIT_MB * (1 << 20))
+    return limit
 
 
 def prune(folder: Path, limit: int) -> None:

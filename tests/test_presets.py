@@ -14,7 +14,7 @@ import torch
 from conftest import make_painting, make_photo, save_png
 from PIL import Image
 
-from stylekit import stylize
+from stylekit import gram_cache, stylize
 from stylekit.cli import main
 from stylekit.engine import Runtime, torch_targets
 from stylekit.errors import StylekitError
@@ -363,6 +363,13 @@ def test_gram_cache_limit_of_zero_keeps_nothing_on_disk(relu1_targets, tmp_path,
     monkeypatch.setenv("STYLEKIT_GRAM_CACHE_MB", "0")
     targets = cached_targets(relu1_targets, "context", "none")(torch.rand(1, 3, 20, 20), (), ("relu1_1",))
     assert "gram_relu1_1" in targets and not list(grams_dir().glob("*.pt"))
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "inf"])
+def test_gram_cache_limit_that_is_no_size_falls_back_to_the_default(value, monkeypatch, caplog):
+    monkeypatch.setenv("STYLEKIT_GRAM_CACHE_MB", value)
+    assert gram_cache.limit_bytes() == gram_cache.DEFAULT_LIMIT_MB * (1 << 20)
+    assert "STYLEKIT_GRAM_CACHE_MB" in caplog.text
 
 
 def test_applying_a_preset_again_reads_its_grams_from_the_cache(tiny, caplog, empty_gram_cache):
