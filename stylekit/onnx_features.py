@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,7 +107,20 @@ def export_cache_path(weights: Weights, layers: Sequence[str], gram_layers: Sequ
            "backbone": weights.backbone, "layers": list(layers), "grams": list(gram_layers),
            "pooling": pooling, "opset": OPSET, "onnxruntime": ort.__version__, "graph": GRAPH_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "onnx" / f"{weights.backbone}-{pooling}-{digest}.onnx"
+    generation = f"ort{ort.__version__}-opset{OPSET}-graph{GRAPH_VERSION}"
+    return cache_dir() / "onnx" / generation / f"{weights.backbone}-{pooling}-{digest}.onnx"
+
+
+def _drop_other_generations(folder: Path) -> None:
+    """Delete exports made for another onnxruntime, opset or graph version: none will be read again."""
+    for entry in folder.parent.iterdir():
+        try:
+            if entry.is_dir() and entry != folder:
+                shutil.rmtree(entry)
+            elif entry.suffix == ".onnx":  # the flat layout of stylekit versions before these folders
+                entry.unlink()
+        except OSError as exc:
+            log.warning("cannot delete old ONNX export %s (%s)", entry, exc)
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,6 +168,7 @@ def cached_session(weights: Weights, layers: Sequence[str], gram_layers: Sequenc
         log.info("exporting %s features to %s", weights.backbone, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(weights.state_dict, weights.backbone, layers, gram_layers, pooling, path)
+    _drop_other_generations(path.parent)
     return open_session(path, use_gpu)
 
 

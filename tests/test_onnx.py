@@ -95,10 +95,25 @@ def test_export_refuses_an_unknown_layer_in_one_line(weights, tmp_path):
 def test_automatic_export_is_cached_and_reused(weights):
     path = export_cache_path(weights, SMALL, SMALL, "max")
     cached_session(weights, SMALL, SMALL, "max")
-    assert path.is_file() and path.parent.name == "onnx"
+    assert path.is_file() and path.parent.parent.name == "onnx"
     before = file_identity(path)
     cached_session(weights, SMALL, SMALL, "max")
     assert file_identity(path) == before
+
+
+def test_a_new_export_deletes_those_of_other_onnxruntime_or_graph_versions(weights):
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    root = path.parent.parent
+    old_generation = root / "ort1.0.0-opset17-graph0" / "vgg19-max-0123.onnx"
+    flat_layout = root / "vgg19-max-4567.onnx"
+    kept = path.parent / "vgg19-avg-89ab.onnx"  # another layer set of this generation
+    for stale in (old_generation, flat_layout, kept):
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(b"an export")
+    path.unlink(missing_ok=True)
+    cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert path.is_file() and kept.is_file()
+    assert not old_generation.parent.exists() and not flat_layout.exists()
 
 
 def test_corrupt_cache_file_is_rebuilt(weights):
