@@ -102,10 +102,14 @@ def export_onnx(weights: Mapping[str, torch.Tensor], backbone: str, layers: Sequ
 
 def export_cache_path(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str],
                       pooling: str) -> Path:
-    """The automatic export's file, keyed by everything that changes the model or its loader."""
+    """The automatic export's file, keyed by everything that changes the model or its loader.
+
+    The loader and graph versions name the folder (see _drop_other_generations); the model's own
+    inputs name the file.
+    """
     key = {"weights": weights.sha256 or state_dict_sha256(weights.state_dict),
            "backbone": weights.backbone, "layers": list(layers), "grams": list(gram_layers),
-           "pooling": pooling, "opset": OPSET, "onnxruntime": ort.__version__, "graph": GRAPH_VERSION}
+           "pooling": pooling}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     generation = f"ort{ort.__version__}-opset{OPSET}-graph{GRAPH_VERSION}"
     return cache_dir() / "onnx" / generation / f"{weights.backbone}-{pooling}-{digest}.onnx"
