@@ -15,6 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import winograd
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -94,8 +96,18 @@ def _named_stages(model: nn.Module, backbone: str) -> list[tuple[str, nn.Module]
             ("layer4", model.layer4)]
 
 
-_WeightCopies = dict[int, tuple[torch.Tensor, torch.Tensor]]
-"""Convolution weights by id: (the weight itself, its low-precision copy)."""
+@dataclass(frozen=True)
+class _Convolution:
+    """How the gradient path runs one of the network's convolutions."""
+
+    weight: torch.Tensor  # the network's own weight, matched by identity
+    gradient_weight: torch.Tensor  # what the input gradient uses: a low-precision copy, or the weight
+    winograd: torch.Tensor | None  # its Winograd kernels, where that is faster than conv2d
+    winograd_gradient: torch.Tensor | None  # those of its input gradient, when that runs in fp32
+
+
+_Convolutions = dict[int, _Convolution]
+"""The network's convolutions by the id of their weight."""
 
 
 class FeatureExtractor(nn.Module):
@@ -129,7 +141,7 @@ class FeatureExtractor(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.ReLU):
                 module.inplace = False
-        self._low_weights: dict[tuple[torch.dtype, torch.device], _WeightCopies] = {}
+        self._convolutions: dict[tuple[torch.dtype | None, bool, torch.device], _Convolutions] = {}
 
     def forward(self, image: torch.Tensor, checkpoint: bool = False,
                 gradient_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -139,77 +151,95 @@ class FeatureExtractor(nn.Module):
         backward pass but recomputed: about a third more compute for the memory of a huge image.
         With `gradient_dtype`, the convolutions' gradients to their inputs run in that precision
         (bf16: about twice as fast on CPUs with native bf16) while the forward pass, and so every
-        activation and loss, stays in the image's precision.
+        activation and loss, stays in the image's precision. On the CPU in fp32, the gradient path
+        runs the deep 3×3 convolutions' forward as Winograd convolutions (see winograd.py);
+        forward-only passes, which compute the targets, keep the direct convolution.
         """
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
-        low = self._low_precision_weights(gradient_dtype) if gradient_dtype else None
+        use_winograd = (image.device.type == "cpu" and image.dtype == torch.float32
+                        and not torch.is_autocast_enabled("cpu"))
+        routed = (self._routed_convolutions(gradient_dtype, use_winograd, image.device)
+                  if gradient_dtype or use_winograd else None)
         out: dict[str, torch.Tensor] = {}
         for block in self.blocks:
             if checkpoint and torch.is_grad_enabled() and x.requires_grad:
-                x, *kept = torch.utils.checkpoint.checkpoint(self._run_block, block, x, low,
+                x, *kept = torch.utils.checkpoint.checkpoint(self._run_block, block, x, routed,
                                                              use_reentrant=False)
             else:
-                x, *kept = self._run_block(block, x, low)
+                x, *kept = self._run_block(block, x, routed)
             out.update(zip([self.names[i] for i in block if self.names[i] in self.layers], kept,
                            strict=True))
         return out
 
     def _run_block(self, block: tuple[int, ...], x: torch.Tensor,
-                   low_weights: _WeightCopies | None = None) -> tuple[torch.Tensor, ...]:
+                   routed: _Convolutions | None = None) -> tuple[torch.Tensor, ...]:
         """One block: its output, then the requested activations inside it, in block order."""
         kept = []
-        with _LowPrecisionInputGradients(low_weights) if low_weights else nullcontext():
+        with _RoutedConvolutions(routed) if routed else nullcontext():
             for index in block:
                 x = self.stages[index](x)
                 if self.names[index] in self.layers:
                     kept.append(x)
         return (x, *kept)
 
-    def _low_precision_weights(self, dtype: torch.dtype) -> _WeightCopies:
-        """Each convolution weight's copy in `dtype` (made once: the weights are frozen)."""
-        device = self.mean.device
-        if (dtype, device) not in self._low_weights:
-            self._low_weights[dtype, device] = {
-                id(module.weight): (module.weight, module.weight.detach().to(dtype))
-                for module in self.stages.modules() if isinstance(module, nn.Conv2d)}
-        return self._low_weights[dtype, device]
+    def _routed_convolutions(self, gradient_dtype: torch.dtype | None, use_winograd: bool,
+                             device: torch.device) -> _Convolutions:
+        """Each convolution's gradient weight and Winograd kernels (made once: weights are frozen)."""
+        key = (gradient_dtype, use_winograd, device)
+        if key not in self._convolutions:
+            self._convolutions[key] = {}
+            for conv in self.stages.modules():
+                if isinstance(conv, nn.Conv2d):
+                    fast = use_winograd and winograd.pays_off(conv.weight, conv.stride, conv.padding,
+                                                             conv.dilation, conv.groups)
+                    self._convolutions[key][id(conv.weight)] = _Convolution(
+                        conv.weight, conv.weight.detach().to(gradient_dtype or conv.weight.dtype),
+                        winograd.transform_weight(conv.weight) if fast else None,
+                        winograd.transform_weight(conv.weight, transposed=True)
+                        if fast and gradient_dtype is None else None)
+        return self._convolutions[key]
 
 
-class _LowPrecisionInputGradient(torch.autograd.Function):
-    """A convolution as given, whose input gradient is computed from a low-precision weight copy.
-
-    The weights are frozen, so the input gradient is the whole backward of a convolution.
+class _RoutedConvolution(torch.autograd.Function):
+    """A convolution whose forward may run as Winograd and whose input gradient may run from a
+    low-precision weight copy. The weights are frozen, so the input gradient is the whole backward.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                low_weight: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
-        ctx.input_shape, ctx.low_weight = x.shape, low_weight
+                how: _Convolution, stride, padding, dilation, groups: int) -> torch.Tensor:
+        ctx.input_shape, ctx.how = x.shape, how
         ctx.geometry = (stride, padding, dilation, groups)
+        if how.winograd is not None and winograd.fits(x):
+            return winograd.conv3x3(x, how.winograd, bias)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        low = ctx.low_weight
-        grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, low, grad.to(low.dtype),
+        if ctx.how.winograd_gradient is not None and winograd.fits(grad):
+            return (winograd.conv3x3(grad, ctx.how.winograd_gradient, None),
+                    None, None, None, None, None, None, None)
+        weight = ctx.how.gradient_weight
+        grad_input = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad.to(weight.dtype),
                                                 *ctx.geometry)
         return grad_input.to(grad.dtype), None, None, None, None, None, None, None
 
 
-class _LowPrecisionInputGradients(TorchFunctionMode):
-    """Routes the network's own convolutions (known by weight id) through the function above."""
+class _RoutedConvolutions(TorchFunctionMode):
+    """Routes the network's own convolutions (known by weight id) on the gradient path through the
+    function above; forward-only passes are left alone."""
 
-    def __init__(self, low_weights: _WeightCopies) -> None:
+    def __init__(self, convolutions: _Convolutions) -> None:
         super().__init__()
-        self.low_weights = low_weights
+        self.convolutions = convolutions
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # nn.Conv2d calls conv2d(input, weight, bias, stride, padding, dilation, groups).
         if func is torch.conv2d and len(args) == 7 and not kwargs:
-            weight, low = self.low_weights.get(id(args[1]), (None, None))
-            if (weight is args[1] and args[0].requires_grad and torch.is_grad_enabled()
-                    and not isinstance(args[4], str)):
-                return _LowPrecisionInputGradient.apply(*args[:3], low, *args[3:])
+            how = self.convolutions.get(id(args[1]))
+            if (how is not None and how.weight is args[1] and args[0].requires_grad
+                    and torch.is_grad_enabled() and not isinstance(args[4], str)):
+                return _RoutedConvolution.apply(*args[:3], how, *args[3:])
         return func(*args, **(kwargs or {}))
 
 

@@ -1,0 +1,115 @@
+"""Winograd F(4×4, 3×3) convolutions: the same numbers as conv2d, on the gradient path only."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stylekit import winograd
+from stylekit.features import BACKBONES, FeatureExtractor
+from stylekit.weights import random_state_dict
+
+
+def _layer(cin: int, cout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(cout, cin, 3, 3, generator=gen) / (9 * cin) ** 0.5,
+            torch.randn(cout, generator=gen))
+
+
+def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((value.detach().double() - exact).abs().max() / exact.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 12, 16), (2, 16, 13, 11), (1, 8, 9, 40)])
+def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    weight, bias = _layer(shape[1], 24)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    out = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    assert _relative_error(out, exact) < 2e-5
+
+
+def test_winograd_convolution_without_bias():
+    x = torch.rand(1, 8, 16, 16, generator=torch.Generator().manual_seed(2))
+    weight, _ = _layer(8, 8)
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    assert _relative_error(winograd.conv3x3(x, winograd.transform_weight(weight), None), exact) < 2e-5
+
+
+def test_transposed_kernels_give_the_input_gradient_of_the_convolution():
+    grad = torch.randn(2, 24, 12, 20, generator=torch.Generator().manual_seed(3))
+    weight, _ = _layer(16, 24)
+    exact = torch.nn.grad.conv2d_input((2, 16, 12, 20), weight.double(), grad.double(), padding=1)
+    out = winograd.conv3x3(grad, winograd.transform_weight(weight, transposed=True), None)
+    assert out.shape == exact.shape and _relative_error(out, exact) < 2e-5
+
+
+def test_winograd_is_used_only_for_plain_3x3_convolutions_with_many_channels():
+    deep, _ = _layer(256, 256)
+    assert winograd.pays_off(deep, (1, 1), (1, 1), (1, 1), 1)
+    assert not winograd.pays_off(deep, (2, 2), (1, 1), (1, 1), 1)  # strided
+    assert not winograd.pays_off(deep, (1, 1), (0, 0), (1, 1), 1)  # 'valid'
+    assert not winograd.pays_off(deep, (1, 1), (1, 1), (1, 1), 2)  # grouped
+    assert not winograd.pays_off(torch.zeros(256, 256, 1, 1), 1, 0, 1, 1)  # 1×1
+    assert not winograd.pays_off(_layer(64, 64)[0], 1, 1, 1, 1)  # too few channels to gain
+
+
+def _normalised(extractor: FeatureExtractor, image: torch.Tensor) -> torch.Tensor:
+    return (image - extractor.mean) / extractor.std
+
+
+def _plain_features(extractor: FeatureExtractor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The extractor's layers run one by one as plain modules: direct convolutions, autograd's backward."""
+    x, out = _normalised(extractor, image), {}
+    for name, stage in zip(extractor.names, extractor.stages, strict=True):
+        x = stage(x)
+        if name in extractor.layers:
+            out[name] = x
+    return out
+
+
+def _loss(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(feature.pow(2).mean() for feature in features.values())
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    spec = BACKBONES["vgg19"]
+    return FeatureExtractor("vgg19", random_state_dict("vgg19", seed=4),
+                            spec.content_layers + spec.style_layers)
+
+
+def _image() -> torch.Tensor:
+    # 64×64: conv3_* run at 16×16 (Winograd), conv4_* and conv5_1 at 8×8 (Winograd), the rest direct.
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+def test_deep_layers_on_the_cpu_gradient_path_run_as_winograd(extractor):
+    image = _image().requires_grad_(True)
+    with torch.profiler.profile() as profile:
+        extractor(image)
+    direct = sum(event.count for event in profile.key_averages() if event.key == "aten::conv2d")
+    # Of VGG19's 13 convolutions up to relu5_1, conv1_1 to conv2_2 have too few channels and conv5_1
+    # (4×4 here) too few pixels; the 8 between run as Winograd.
+    assert direct == 5
+
+
+def test_winograd_features_and_gradient_match_plain_direct_convolutions(extractor):
+    image = _image().requires_grad_(True)
+    features = extractor(image)
+    _loss(features).backward()
+    fast_gradient = image.grad.clone()
+    image.grad = None
+    plain = _plain_features(extractor, image)
+    _loss(plain).backward()
+    for name in plain:
+        assert _relative_error(features[name], plain[name].double()) < 2e-5
+    error = float((fast_gradient - image.grad).norm() / image.grad.norm())
+    assert error < 1e-3
+
+
+def test_forward_only_passes_keep_the_direct_convolution(extractor):
+    with torch.no_grad():
+        features = extractor(_image())
+        plain = _plain_features(extractor, _image())
+    assert all(torch.equal(features[name], plain[name]) for name in plain)
