@@ -20,6 +20,7 @@ _KERNEL_TRANSFORM = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 /
 # than the products saved (VGG19 at 256×192 on two cores: conv2_2, 64, loses; conv3_1, 85, wins).
 MIN_CHANNEL_RATIO = 80
 MIN_PIXELS = 64  # smaller inputs are mostly padding, in tiles of 4×4
+BAND_BYTES = 8 << 20  # transformed tiles per band of tile rows: cache-sized, and no huge temporaries
 
 
 def pays_off(weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
@@ -44,24 +45,36 @@ def transform_weight(weight: torch.Tensor, *, transposed: bool = False) -> torch
 
 
 def conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1) for N×C×H×W fp32 x, from transform_weight(weight)."""
-    n, _, h, w = x.shape
+    """conv2d(x, weight, bias, padding=1) for N×C×H×W fp32 x, from transform_weight(weight).
+
+    Works through bands of tile rows, so the transformed tiles stay small whatever the image size.
+    """
+    n, channels, h, w = x.shape
     th, tw = -(-h // 4), -(-w // 4)
-    pixels = x.permute(0, 2, 3, 1)  # N×H×W×C: a free view when x is channels-last already
-    padded = F.pad(pixels, (0, 0, 1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))
-    rows = x.new_empty(6, n, th, padded.shape[2], x.shape[1])
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))  # N×H×W×C
+    out = x.new_empty(n, transformed.shape[2], th, 4, tw, 4)
+    band = max(1, BAND_BYTES // (36 * n * tw * max(channels, transformed.shape[2]) * x.element_size()))
+    for top in range(0, th, band):
+        bottom = min(th, top + band)
+        _band(padded[:, 4 * top:4 * bottom + 2], transformed, bias, out[:, :, top:bottom])
+    return out.view(n, -1, th * 4, tw * 4)[:, :, :h, :w]
+
+
+def _band(padded: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None,
+          out: torch.Tensor) -> None:
+    """One band of tile rows: N×(4·rows+2)×(4·columns+2)×C pixels into out (N×C'×rows×4×columns×4)."""
+    n, th, tw = out.shape[0], out.shape[2], out.shape[4]
+    rows = padded.new_empty(6, n, th, padded.shape[2], padded.shape[3])
     _input_transform([padded[:, k:k + 4 * th:4] for k in range(6)], rows)
-    tiles = x.new_empty(6, 6, n, th, tw, x.shape[1])  # row, column, N, tile row, tile column, C
+    tiles = padded.new_empty(6, 6, n, th, tw, padded.shape[3])  # row, column, N, tile row, column, C
     _input_transform([rows[:, :, :, k:k + 4 * tw:4] for k in range(6)], tiles.transpose(0, 1))
     products = torch.bmm(tiles.view(36, n * th * tw, -1), transformed).view(6, 6, n, th, tw, -1)
     if bias is not None:  # the output transform adds product (1, 1) to every output pixel once
         products[1, 1] += bias
-    half = x.new_empty(4, 6, n, th, tw, transformed.shape[2])
+    half = padded.new_empty(4, 6, n, th, tw, transformed.shape[2])
     _output_transform(products, half)
-    out = x.new_empty(n, transformed.shape[2], th, 4, tw, 4)
     # By column offset, row offset, N, tile row, tile column, C.
     _output_transform(half.transpose(0, 1), out.permute(5, 3, 0, 2, 4, 1))
-    return out.view(n, -1, th * 4, tw * 4)[:, :, :h, :w]
 
 
 def fits(x: torch.Tensor) -> bool:

@@ -29,6 +29,15 @@ def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape):
     assert _relative_error(out, exact) < 2e-5
 
 
+def test_large_inputs_are_convolved_band_by_band_with_the_same_result(monkeypatch):
+    x = torch.rand(1, 16, 40, 24, generator=torch.Generator().manual_seed(6))
+    weight, bias = _layer(16, 16)
+    whole = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+    monkeypatch.setattr(winograd, "BAND_BYTES", 36 * 6 * 16 * 4 * 3)  # three tile rows per band
+    banded = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+    torch.testing.assert_close(banded, whole)
+
+
 def test_winograd_convolution_without_bias():
     x = torch.rand(1, 8, 16, 16, generator=torch.Generator().manual_seed(2))
     weight, _ = _layer(8, 8)
