@@ -105,4 +105,5 @@ def _output_transform(m: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def _pair(value) -> tuple[int, int]:
+    """nn.Conv2d keeps stride, padding and dilation as pairs; a plain call may pass one int."""
     return (value, value) if isinstance(value, int) else tuple(value)
