@@ -158,8 +158,11 @@ class FeatureExtractor(nn.Module):
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
         use_winograd = (image.device.type == "cpu" and image.dtype == torch.float32
                         and not torch.is_autocast_enabled("cpu"))
+        # Only the image can carry a gradient (the weights are frozen): forward-only passes run
+        # the plain modules, without the routing mode's per-operation dispatch.
+        on_gradient_path = torch.is_grad_enabled() and image.requires_grad
         routed = (self._routed_convolutions(gradient_dtype, use_winograd, image.device)
-                  if gradient_dtype or use_winograd else None)
+                  if on_gradient_path and (gradient_dtype or use_winograd) else None)
         out: dict[str, torch.Tensor] = {}
         for block in self.blocks:
             if checkpoint and torch.is_grad_enabled() and x.requires_grad:
@@ -210,13 +213,14 @@ class _RoutedConvolution(torch.autograd.Function):
                 how: _Convolution, stride, padding, dilation, groups: int) -> torch.Tensor:
         ctx.input_shape, ctx.how = x.shape, how
         ctx.geometry = (stride, padding, dilation, groups)
-        if how.winograd is not None and winograd.fits(x):
+        ctx.fits = winograd.fits(x)  # the gradient has the input's size: one decision for both
+        if how.winograd is not None and ctx.fits:
             return winograd.conv3x3(x, how.winograd, bias)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if ctx.how.winograd_gradient is not None and winograd.fits(grad):
+        if ctx.how.winograd_gradient is not None and ctx.fits:
             return (winograd.conv3x3(grad, ctx.how.winograd_gradient, None),
                     None, None, None, None, None, None, None)
         weight = ctx.how.gradient_weight
