@@ -28,7 +28,8 @@ def match_color_statistics(style: torch.Tensor, content: torch.Tensor) -> torch.
         pixels = image.reshape(3, -1).double()
         mean = pixels.mean(1, keepdim=True)
         centred = pixels - mean
-        cov = centred @ centred.T / pixels.shape[1] + 1e-5 * torch.eye(3, dtype=torch.float64)
+        cov = centred @ centred.T / pixels.shape[1] + 1e-5 * torch.eye(3, dtype=torch.float64,
+                                                                      device=image.device)
         return mean, cov
 
     def sqrt_and_inverse(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
