@@ -76,8 +76,8 @@ def engine_options(function):
         click.option("--pooling", type=click.Choice(POOLINGS)),
         click.option("--device", type=click.Choice(DEVICES)),
         click.option("--precision", type=click.Choice(PRECISIONS),
-                     help="bf16-grad: fp32 losses, bf16 gradient convolutions (auto: bf16 on CUDA; "
-                          "bf16-grad on CPUs with native bf16; else fp32)."),
+                     help="bf16-grad: fp32 losses, bf16 gradient convolutions (auto: bf16-grad on CPUs "
+                          "with native bf16; else fp32, which is TF32 convolutions on CUDA)."),
         click.option("--seed", type=int, help="Seed for noise init and random weights (default 0)."),
         click.option("--targets", type=click.Choice(TARGET_ENGINES),
                      help="What computes the fixed content/style targets (default onnx)."),

@@ -15,7 +15,9 @@ from stylekit.engine import _optimise, pick_runtime, scale_sizes, stylize_batch
 def run(weights_file):
     """Stylise the tiny photo with the tiny painting; options override small, fast defaults."""
     def go(progress=None, styles=None, init_image=None, **changes):
-        options = StyleOptions(weights=str(weights_file), steps=4, targets="torch").replace(**changes)
+        # The CPU: these tests specify behaviour, not devices (a GPU throttles progress, say).
+        options = StyleOptions(weights=str(weights_file), steps=4, targets="torch", device="cpu"
+                               ).replace(**changes)
         request = StyleRequest(make_photo(), styles or [make_painting()], options, init_image=init_image)
         return stylize(request, progress=progress)
     return go
@@ -256,3 +258,18 @@ def test_lbfgs_restarts_after_its_line_search_fails_instead_of_stalling():
     stalled = _torch_lbfgs_called_again(200)
     assert spent == 200
     assert float(_gram_to_five(image).total) < 1.01 < 1.1 < stalled
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_auto_precision_on_cuda_is_fp32_for_the_references_quality():
+    runtime = pick_runtime("cuda", "auto")
+    assert (runtime.dtype, runtime.gradient_dtype) == (torch.float32, None)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["none", "luminance", "histogram"])
+def test_every_colour_mode_runs_on_a_gpu(run, mode):
+    assert run(device="cuda", preserve_color=mode).device == "cuda"

@@ -1,0 +1,132 @@
+"""The GPU path's levers side by side in one run (`python -m bench.gpu_variants`, CUDA only).
+
+Per size: milliseconds per L-BFGS evaluation (strong-Wolfe line search, as the fine scale runs) in
+fp32 (TF32 convolutions, the reference's precision) with plain autograd and with a CUDA-graph
+replay, and with the graph in bf16-grad and bf16. Before those, `stylize` end to end per precision,
+with graphs on and off, and one square image at the largest size with its peak memory. JSON to
+--output after every part; each row also on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.run import ROOT, environment, images
+from stylekit import StyleOptions, StyleRequest, engine, stylize
+from stylekit.engine import (
+    Runtime,
+    _evaluate,
+    _fit_long_side,
+    _optimise,
+    pick_runtime,
+    to_array,
+    to_tensor,
+    torch_targets,
+)
+from stylekit.features import FeatureExtractor, backbone_spec
+from stylekit.weights import resolve_weights
+
+VARIANTS = {  # name: (precision, CUDA graph)
+    "fp32 eager": ("fp32", False),
+    "fp32 graph": ("fp32", True),
+    "bf16-grad graph": ("bf16-grad", True),
+    "bf16 graph": ("bf16", True),
+}
+# The first run meets each shape cold (cuDNN's benchmark trials included); its repeat is warm.
+END_TO_END = (("fp32", True), ("fp32", True), ("fp32", False), ("bf16-grad", True), ("bf16", True))
+
+
+def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
+                   graphed: bool, steps: int) -> float:
+    """Seconds per evaluation of one fine-scale optimisation of `steps` evaluations (warm)."""
+    runtime: Runtime = pick_runtime("cuda", precision)
+    spec = backbone_spec("vgg19")
+    layers = tuple(dict.fromkeys(spec.content_layers + spec.style_layers))
+    extractor = FeatureExtractor("vgg19", state, layers).to(runtime.device)
+    targets = torch_targets(extractor, runtime)
+    content_targets = targets(content, spec.content_layers, ())
+    style_targets = targets(style, (), spec.style_layers)
+    style_targets = {name: style_targets[f"gram_{name}"] for name in spec.style_layers}
+    weights = dict.fromkeys(spec.style_layers, 1.0)
+    options = StyleOptions()
+
+    def evaluate(x: torch.Tensor):
+        return _evaluate(x, extractor, runtime, content_targets, style_targets, weights, options)
+
+    def run(count: int) -> float:
+        image = content.clone()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        _optimise(image, evaluate, count, options, lambda done, loss: None, graphed)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(8)  # cuDNN's benchmark picks kernels for these shapes
+    return run(steps) / steps
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Measure every variant at every size, then the end-to-end and largest-image runs."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 1024, 2048])
+    parser.add_argument("--steps", type=int, default=100, help="Evaluations timed per variant.")
+    parser.add_argument("--end-to-end", type=int, nargs="*", default=[512, 1024])
+    parser.add_argument("--square", type=int, default=4096, help="Side of the square image (0: none).")
+    parser.add_argument("--square-steps", type=int, default=300)
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    content_np, style_np, names = images()
+    weights = resolve_weights("auto", "vgg19", progress=False)
+    spec = "auto" if weights.source == "imagenet" else "random"
+    results: dict[str, object] = {"environment": environment(device), "images": names,
+                                  "weights": weights.description, "per_evaluation_ms": {},
+                                  "end_to_end": [], "square": None}
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"gpu-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save() -> None:  # after every part, so that a run cut short keeps what it measured
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
+    base = StyleOptions(weights=spec, device="cuda", targets="torch")
+    for size in args.end_to_end:
+        for precision, graphs in END_TO_END:
+            engine.CUDA_GRAPHS = graphs
+            result = stylize(StyleRequest(content_np, [style_np], replace(base, size=size,
+                                                                           precision=precision)))
+            results["end_to_end"].append({"size": size, "precision": precision, "graphs": graphs,
+                                          "seconds": result.seconds, "iterations": result.iterations,
+                                          "total_loss": result.total_loss,
+                                          "peak_memory_bytes": result.peak_memory_bytes})
+            print(json.dumps(results["end_to_end"][-1]), flush=True)
+            save()
+    engine.CUDA_GRAPHS = True
+    if args.square:
+        side = min(content_np.shape[:2])
+        square = to_array(_fit_long_side(to_tensor(content_np[:side, :side], device), args.square))
+        result = stylize(StyleRequest(square, [style_np], replace(base, size=args.square,
+                                                                  steps=args.square_steps)))
+        results["square"] = {"width": result.width, "height": result.height, "seconds": result.seconds,
+                             "total_loss": result.total_loss, "iterations": result.iterations,
+                             "peak_memory_bytes": result.peak_memory_bytes}
+        print(json.dumps(results["square"]), flush=True)
+        save()
+    for size in args.sizes:
+        content = _fit_long_side(to_tensor(content_np, device), size)
+        style = _fit_long_side(to_tensor(style_np, device), size)
+        row = {name: 1e3 * per_evaluation(content, style, weights.state_dict, *variant, args.steps)
+               for name, variant in VARIANTS.items()}
+        results["per_evaluation_ms"][f"{content.shape[-1]}×{content.shape[-2]}"] = row
+        print(size, json.dumps(row), flush=True)
+        save()
+    return results
+
+
+if __name__ == "__main__":
+    main()

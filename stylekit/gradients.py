@@ -1,0 +1,69 @@
+"""Loss-and-gradient evaluations of one image, plain or recorded once as a CUDA graph and replayed.
+
+Knows tensors and autograd only: what the loss is comes in as a function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Evaluate = Callable[[torch.Tensor], torch.Tensor]
+"""image → per-image total losses (N values), differentiable with respect to the image."""
+Gradient = Callable[[torch.Tensor], torch.Tensor]
+"""image → per-image total losses (detached), leaving d(their sum)/d(image) in image.grad."""
+
+GRAPH_WARMUPS = 3  # eager evaluations before recording: cuDNN's benchmark and the allocator settle
+
+
+def eager_gradient(evaluate: Evaluate) -> Gradient:
+    """One autograd pass per call, launched operation by operation."""
+    def gradient(image: torch.Tensor) -> torch.Tensor:
+        image.grad = None
+        total = evaluate(image)
+        total.sum().backward()
+        return total.detach()
+    return gradient
+
+
+def graphed_gradient(evaluate: Evaluate, image: torch.Tensor) -> Gradient:
+    """The same evaluation recorded once as a CUDA graph for this image tensor, then replayed.
+
+    Why: at the sizes people edit, a GPU evaluation is a few hundred small kernels whose launches cost
+    more than their work; a replay is one launch. The graph reads `image` in place and writes its
+    gradient into one fixed `image.grad`, so the optimiser must update `image` in place (L-BFGS and
+    Adam do). The returned gradient function accepts only that tensor.
+    """
+    device = image.device
+    warm_up = eager_gradient(evaluate)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUPS):
+            warm_up(image)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    image.grad = None  # so that the recorded backward writes a fresh gradient instead of adding
+    with torch.cuda.graph(graph):
+        total = evaluate(image)
+        total.sum().backward()
+    fixed_gradient = image.grad
+
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        if x is not image:
+            raise ValueError("a graphed gradient replays only for the image it was recorded with")
+        graph.replay()
+        x.grad = fixed_gradient
+        return total.detach().clone()
+    return gradient
+
+
+def gradient_function(evaluate: Evaluate, image: torch.Tensor, use_graph: bool) -> Gradient:
+    """A CUDA graph when asked for and the recording works, else plain autograd (same numbers)."""
+    if use_graph:
+        try:
+            return graphed_gradient(evaluate, image)
+        except RuntimeError:  # an operation that cannot be recorded: the plain path still works
+            image.grad = None
+    return eager_gradient(evaluate)

@@ -1,0 +1,81 @@
+"""Loss-and-gradient evaluations: plain autograd, and the CUDA-graph replay that must match it."""
+
+import pytest
+import torch
+
+from stylekit import StyleOptions, StyleRequest, engine, losses, stylize
+from stylekit.features import FeatureExtractor
+from stylekit.gradients import eager_gradient, graphed_gradient
+from stylekit.weights import random_state_dict
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _squares(image: torch.Tensor) -> torch.Tensor:
+    return image.pow(2).flatten(1).sum(1)
+
+
+def test_eager_gradient_returns_each_images_loss_and_leaves_the_gradient_of_their_sum():
+    image = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    totals = eager_gradient(_squares)(image)
+    torch.testing.assert_close(totals, image.detach().pow(2).flatten(1).sum(1))
+    torch.testing.assert_close(image.grad, 2 * image.detach())
+    assert not totals.requires_grad
+
+
+def test_eager_gradient_does_not_accumulate_across_evaluations():
+    image = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    gradient = eager_gradient(_squares)
+    gradient(image)
+    gradient(image)
+    torch.testing.assert_close(image.grad, 2 * image.detach())
+
+
+def _vgg_loss(device: torch.device):
+    """A real style loss on the extractor at 64 px: Grams of relu1_1..relu3_1 against a fixed target."""
+    extractor = FeatureExtractor("vgg19", random_state_dict("vgg19", 0),
+                                 ("relu1_1", "relu2_1", "relu3_1")).to(device)
+    gen = torch.Generator().manual_seed(3)
+    style = torch.rand(1, 3, 64, 48, generator=gen).to(device)
+    with torch.no_grad():
+        targets = {k: losses.gram(v) for k, v in extractor(style).items()}
+    weights = dict.fromkeys(targets, 1.0)
+
+    def evaluate(image: torch.Tensor) -> torch.Tensor:
+        return losses.style_loss(extractor(image), targets, weights) + losses.tv_loss(image)
+    return evaluate, torch.rand(1, 3, 64, 48, generator=gen).to(device)
+
+
+@needs_cuda
+def test_graphed_gradient_equals_eager_after_the_image_changes_in_place():
+    evaluate, start = _vgg_loss(torch.device("cuda"))
+    image = start.clone().requires_grad_(True)
+    graphed = graphed_gradient(evaluate, image)
+    with torch.no_grad():
+        image.mul_(0.5).add_(0.25)  # the optimiser moves the image in place between replays
+    replayed_totals, replayed = graphed(image), image.grad.clone()
+    fresh = image.detach().clone().requires_grad_(True)
+    eager_totals = eager_gradient(evaluate)(fresh)
+    torch.testing.assert_close(replayed_totals, eager_totals, rtol=1e-4, atol=0)
+    torch.testing.assert_close(replayed, fresh.grad, rtol=1e-3, atol=1e-6)
+
+
+@needs_cuda
+def test_graphed_gradient_refuses_an_image_it_was_not_recorded_with():
+    evaluate, start = _vgg_loss(torch.device("cuda"))
+    graphed = graphed_gradient(evaluate, start.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="recorded with"):
+        graphed(start.clone().requires_grad_(True))
+
+
+@needs_cuda
+def test_stylize_on_a_gpu_reaches_the_same_loss_with_and_without_graphs(weights_file, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    photo, painting = (torch.rand(48, 64, 3, generator=gen).numpy() for _ in range(2))
+    options = StyleOptions(weights=str(weights_file), steps=40, device="cuda", precision="fp32",
+                           targets="torch", seed=0)
+    graphed = stylize(StyleRequest(photo, [painting], options))
+    monkeypatch.setattr(engine, "CUDA_GRAPHS", False)
+    eager = stylize(StyleRequest(photo, [painting], options))
+    assert graphed.iterations == eager.iterations
+    assert graphed.total_loss == pytest.approx(eager.total_loss, rel=0.05)

@@ -1,0 +1,88 @@
+"""stylekit's L-BFGS: torch's iteration, with directions computed without reading the device back."""
+
+import pytest
+import torch
+
+from stylekit import lbfgs
+
+N = 30
+
+
+def _problem():
+    """A smooth, non-quadratic function of 30 variables with a unique minimum (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(N, N, generator=gen, dtype=torch.float64)
+    a = a @ a.T / N + 0.1 * torch.eye(N, dtype=torch.float64)
+    b = torch.randn(N, generator=gen, dtype=torch.float64)
+    return lambda x: 0.5 * x @ a @ x - b @ x + 0.1 * x.pow(4).sum()
+
+
+def _closure(f, x, counter):
+    def closure():
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        counter.append(1)
+        return loss
+    return closure
+
+
+def _with_torch(line_search: bool, evaluations: int) -> torch.Tensor:
+    f, x = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([x], lr=1, max_iter=evaluations, max_eval=evaluations, history_size=4,
+                                  tolerance_grad=0, tolerance_change=0,
+                                  line_search_fn="strong_wolfe" if line_search else None)
+    counter = []
+    closure = _closure(f, x, counter)
+
+    def zeroing():
+        optimizer.zero_grad()
+        return closure()
+    optimizer.step(zeroing)
+    return x.detach()
+
+
+@pytest.mark.parametrize("line_search", [False, True])
+def test_follows_torchs_lbfgs_step_for_step_past_a_full_history(line_search):
+    f, x, counter = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    lbfgs.minimise(_closure(f, x, counter), x, history=4, line_search=line_search, evaluations=25)
+    assert len(counter) == 25
+    torch.testing.assert_close(x.detach(), _with_torch(line_search, 25), rtol=0, atol=1e-12)
+
+
+def test_stops_after_one_evaluation_at_a_stationary_point():
+    x, counter = torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    lbfgs.minimise(_closure(lambda v: v.pow(2).sum(), x, counter), x, 4, True, 50)
+    assert counter == [1] and not x.detach().any()
+
+
+def test_a_pair_without_positive_curvature_is_not_stored():
+    curvature = lbfgs.empty_curvature(3, torch.zeros(4))
+    assert not lbfgs.remember(curvature, torch.ones(4), -torch.ones(4))
+    assert lbfgs.remember(curvature, torch.ones(4), torch.ones(4))
+    assert curvature.stored == 1
+
+
+def test_the_oldest_pair_is_replaced_once_the_history_is_full():
+    curvature = lbfgs.empty_curvature(2, torch.zeros(3))
+    for scale in (1.0, 2.0, 3.0):
+        lbfgs.remember(curvature, scale * torch.ones(3), torch.ones(3))
+    assert curvature.stored == 2 and curvature.oldest == 1
+    assert curvature.pairs[:2, 0].tolist() == [3.0, 2.0]  # slot 0 rewritten by the third pair
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_direction_on_the_gpu_reads_nothing_back_to_the_host():
+    gen = torch.Generator().manual_seed(1)
+    curvature = lbfgs.empty_curvature(4, torch.zeros(64, device="cuda"))
+    for _ in range(6):
+        step = torch.randn(64, generator=gen).cuda()
+        lbfgs.remember(curvature, step, step + 0.1 * torch.randn(64, generator=gen).cuda())
+    gradient = torch.randn(64, generator=gen).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        towards = lbfgs.direction(curvature, gradient)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(towards.dot(gradient)) < 0
