@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_IMAGES = ROOT.parent / "shared" / "images"
 DOC = ROOT / "docs" / "benchmarks.md"
 # Dense peak TFLOP/s by device-name fragment and precision, for the "share of peak" column.
-PEAK_TFLOPS = {"H100": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0},
-               "H200": {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0}}
+PEAK_TFLOPS = {"H100": {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0, "fp16": 989.0},
+               "H200": {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0, "fp16": 989.0}}
 
 
 def images() -> tuple[np.ndarray, np.ndarray, str]:
@@ -78,6 +78,8 @@ EVAL_FLOPS = 2  # a loss evaluation: forward, then the input gradient only (the 
 
 def tflops(flops: float, seconds: float, precision: str) -> dict[str, float]:
     """Achieved TFLOP/s, and its share of the device's dense peak in that precision when known."""
+    if precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        precision = "tf32"  # cuDNN's default: fp32 convolutions run on the TF32 tensor cores
     achieved = flops / seconds / 1e12
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
     peak_in_precision = peak and peak.get(precision)  # bf16-grad mixes two: no single peak
@@ -174,6 +176,7 @@ def environment(device: torch.device) -> dict[str, str]:
 def markdown(results: dict[str, object]) -> str:
     """The results as the docs/benchmarks.md section for this kind of device."""
     env = results["environment"]
+    gpu = env["kind"] == "cuda"
     lines = [f"### {env['kind'].upper()}: {env['device']}", "",
              f"{env['date']} · torch {env['torch']} · stylekit {env['stylekit']} · images: "
              f"{results['images']} · weights: {results['weights']} · reference: {results['steps']} "
@@ -181,8 +184,8 @@ def markdown(results: dict[str, object]) -> str:
              f"{results['rows'][0]['stylekit']['precision']}", "",
              "| size | reference s | reference loss | stylekit time-to-quality s | speed-up | "
              "full-size evaluations to quality (ref) | stylekit it/s (ref it/s) | stylekit final loss | "
-             "peak memory stylekit / ref |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "peak memory stylekit / ref |" + (" stylekit TFLOP/s (share of peak) |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     mib = 1 << 20
     for row in results["rows"]:
         ref, sk = row.get("reference") or {}, row["stylekit"]
@@ -195,6 +198,9 @@ def markdown(results: dict[str, object]) -> str:
                  f"{sk['total_loss']:.4g}",
                  f"{sk['peak_memory_bytes'] / mib:.0f} / "
                  f"{_fmt(ref.get('peak_memory_bytes', 0) / mib if ref else None, '.0f')} MiB"]
+        if gpu:
+            share = sk.get("share_of_peak")
+            cells.append(f"{sk['tflops']:.1f}" + (f" ({share:.0%})" if share is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
