@@ -1,10 +1,10 @@
 """The GPU path's levers side by side in one run (`python -m bench.gpu_variants`, CUDA only).
 
-Per size: milliseconds per L-BFGS evaluation (strong-Wolfe line search, as the fine scale runs) in
-fp32 (TF32 convolutions, the reference's precision) with plain autograd and with a CUDA-graph
-replay, and with the graph in bf16-grad and bf16. Before those, `stylize` end to end per precision,
-with graphs on and off, and one square image at the largest size with its peak memory. JSON to
---output after every part; each row also on stdout.
+In order: optional kernel profiles (--profile); `stylize` end to end per precision, with graphs
+on and off; one square image at the largest size with its peak memory; then per size the
+milliseconds per L-BFGS evaluation (strong-Wolfe line search, as the fine scale runs) in fp32 (TF32
+convolutions, the reference's precision) with plain autograd and with a CUDA-graph replay, and with
+the graph in bf16-grad and bf16. JSON to --output after every part; each row also on stdout.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,9 +43,9 @@ VARIANTS = {  # name: (precision, CUDA graph)
 END_TO_END = (("fp32", True), ("fp32", True), ("fp32", False), ("bf16-grad", True), ("bf16", True))
 
 
-def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
-                   graphed: bool, steps: int) -> float:
-    """Seconds per evaluation of one fine-scale optimisation of `steps` evaluations (warm)."""
+def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
+               graphed: bool) -> Callable[[int], float]:
+    """A function running one fine-scale optimisation of n evaluations, returning its seconds."""
     runtime: Runtime = pick_runtime("cuda", precision)
     spec = backbone_spec("vgg19")
     layers = tuple(dict.fromkeys(spec.content_layers + spec.style_layers))
@@ -66,9 +67,27 @@ def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, prec
         _optimise(image, evaluate, count, options, lambda done, loss: None, graphed)
         torch.cuda.synchronize()
         return time.perf_counter() - start
+    return run
 
-    run(8)  # cuDNN's benchmark picks kernels for these shapes
+
+def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
+                   graphed: bool, steps: int) -> float:
+    """Seconds per evaluation of one fine-scale optimisation of `steps` evaluations (warm)."""
+    run = fine_scale(content, style, state, precision, graphed)
+    run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up stay out of the figure
     return run(steps) / steps
+
+
+def kernel_profile(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
+                   steps: int) -> str:
+    """Where a fine-scale evaluation's GPU time goes: torch.profiler's table of the top operations
+    over `steps` evaluations, without graphs so that every kernel is attributed to its operation."""
+    run = fine_scale(content, style, state, precision, graphed=False)
+    run(8)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as trace:
+        run(steps)
+    return trace.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -79,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--end-to-end", type=int, nargs="*", default=[512, 1024])
     parser.add_argument("--square", type=int, default=4096, help="Side of the square image (0: none).")
     parser.add_argument("--square-steps", type=int, default=300)
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="Long sides to profile (fp32, plain autograd); tables to --output.")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -94,6 +115,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     def save() -> None:  # after every part, so that a run cut short keeps what it measured
         path.write_text(json.dumps(results, indent=2) + "\n")
 
+    for size in args.profile:
+        content = _fit_long_side(to_tensor(content_np, device), size)
+        style = _fit_long_side(to_tensor(style_np, device), size)
+        table = kernel_profile(content, style, weights.state_dict, "fp32", 20)
+        (args.output / f"gpu-profile-{size}.txt").write_text(table)
+        print(table, flush=True)
     base = StyleOptions(weights=spec, device="cuda", targets="torch")
     for size in args.end_to_end:
         for precision, graphs in END_TO_END:

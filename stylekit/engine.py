@@ -176,8 +176,6 @@ def pick_runtime(device: str, precision: str) -> Runtime:
         precision = "bf16-grad" if device == "cpu" and cpu_has_native_bf16() else "fp32"
     dtype = {"fp32": torch.float32, "bf16-grad": torch.float32, "bf16": torch.bfloat16,
              "fp16": torch.float16}[precision]
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes within a scale: let cuDNN pick kernels once
     if dtype == torch.float16 and device == "cpu":
         raise StylekitError("--precision fp16 needs a GPU; use bf16-grad, bf16 or fp32 on the CPU")
     return Runtime(torch.device(device), dtype,
