@@ -81,7 +81,8 @@ def validate(options: StyleOptions) -> None:
 CHECKPOINT_PIXELS = 8 << 20  # a batch larger than this recomputes activations in the backward pass
 HISTORY_SIZE = 50  # L-BFGS curvature pairs kept ...
 HISTORY_BYTES = 4 << 30  # ... unless two image-sized vectors per pair would take more than this
-CUDA_GRAPHS = True  # on a GPU, record each scale's evaluation once and replay it (gradients.py)
+CUDA_GRAPHS = True  # on a GPU, record each scale's evaluation once and replay it (gradients.py) ...
+GRAPH_MIN_STEPS = 20  # ... when it has this many evaluations: recording costs about four
 PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
 LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this skip the line search
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
@@ -530,7 +531,7 @@ def stylize_batch(requests: Sequence[StyleRequest],
 
         image = image.detach().clone()
         base = done
-        graphed = (CUDA_GRAPHS and runtime.device.type == "cuda"
+        graphed = (CUDA_GRAPHS and runtime.device.type == "cuda" and steps >= GRAPH_MIN_STEPS
                    and image[:, 0].numel() <= CHECKPOINT_PIXELS)  # checkpointing recomputes: not recorded
         done = base + _optimise(image, evaluate, steps, options, report, graphed)
     assert image is not None
