@@ -14,7 +14,7 @@ Evaluate = Callable[[torch.Tensor], torch.Tensor]
 Gradient = Callable[[torch.Tensor], torch.Tensor]
 """image → per-image total losses (detached), leaving d(their sum)/d(image) in image.grad."""
 
-GRAPH_WARMUPS = 3  # eager evaluations before recording: cuDNN's benchmark and the allocator settle
+GRAPH_WARMUPS = 3  # eager evaluations before recording: cuDNN, cuBLAS and the allocator set up first
 
 
 def eager_gradient(evaluate: Evaluate) -> Gradient:
@@ -30,8 +30,9 @@ def eager_gradient(evaluate: Evaluate) -> Gradient:
 def graphed_gradient(evaluate: Evaluate, image: torch.Tensor) -> Gradient:
     """The same evaluation recorded once as a CUDA graph for this image tensor, then replayed.
 
-    Why: at the sizes people edit, a GPU evaluation is a few hundred small kernels whose launches cost
-    more than their work; a replay is one launch. The graph reads `image` in place and writes its
+    Why: a GPU evaluation is a few hundred kernels, launched one by one from Python; a replay is one
+    launch (on an H200, 9.5 → 6.0 ms per evaluation at 512 px; no gain from 1024 px up, where the
+    kernels' own time dominates). The graph reads `image` in place and writes its
     gradient into one fixed `image.grad`, so the optimiser must update `image` in place (L-BFGS and
     Adam do). The returned gradient function accepts only that tensor.
     """
