@@ -10,6 +10,7 @@ a size limit by dropping the least recently used entries.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -44,10 +45,15 @@ def limit_bytes() -> int:
         if limit < 0:
             raise ValueError
     except (ValueError, OverflowError):  # OverflowError: inf
-        log.warning("ignoring STYLEKIT_GRAM_CACHE_MB=%r (not a size in MB); using %g",
-                    value, DEFAULT_LIMIT_MB)
+        _warn_unusable_limit(value)
         limit = int(DEFAULT_LIMIT_MB * (1 << 20))
     return limit
+
+
+@functools.cache
+def _warn_unusable_limit(value: str) -> None:
+    """Once per process and value: a long-running hot folder would otherwise repeat it per image."""
+    log.warning("ignoring STYLEKIT_GRAM_CACHE_MB=%r (not a size in MB); using %g", value, DEFAULT_LIMIT_MB)
 
 
 def prune(folder: Path, limit: int) -> None:

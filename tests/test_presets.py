@@ -372,6 +372,14 @@ def test_gram_cache_limit_that_is_no_size_falls_back_to_the_default(value, monke
     assert "STYLEKIT_GRAM_CACHE_MB" in caplog.text
 
 
+def test_an_unusable_gram_cache_limit_is_reported_once_not_per_image(monkeypatch, caplog):
+    gram_cache._warn_unusable_limit.cache_clear()
+    monkeypatch.setenv("STYLEKIT_GRAM_CACHE_MB", "plenty")
+    gram_cache.limit_bytes()
+    gram_cache.limit_bytes()
+    assert caplog.text.count("STYLEKIT_GRAM_CACHE_MB") == 1
+
+
 def test_applying_a_preset_again_reads_its_grams_from_the_cache(tiny, caplog, empty_gram_cache):
     caplog.set_level(logging.DEBUG, logger="stylekit.gram_cache")
     preset = get_preset("swirl")
