@@ -87,21 +87,7 @@ def score(image: torch.Tensor, content: torch.Tensor, style: torch.Tensor, state
 def run_reference(content: torch.Tensor, style: torch.Tensor, state_dict: dict, *, steps: int = 300,
                   content_weight: float = 1.0, style_weight: float = 1e6, tv_weight: float = 10.0,
                   ) -> ReferenceRun:
-    """Stylise `content` (1×3×H×W in [0, 1]) towards `style`, already at their final sizes.
-
-    It runs with torch's default cuDNN settings even where stylekit, earlier in the same process,
-    switched on cuDNN's benchmark mode (whose kernel trials would add seconds and tens of GB here).
-    """
-    benchmark_mode = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        return _run(content, style, state_dict, steps, content_weight, style_weight, tv_weight)
-    finally:
-        torch.backends.cudnn.benchmark = benchmark_mode
-
-
-def _run(content: torch.Tensor, style: torch.Tensor, state_dict: dict, steps: int,
-         content_weight: float, style_weight: float, tv_weight: float) -> ReferenceRun:
+    """Stylise `content` (1×3×H×W in [0, 1]) towards `style`, already at their final sizes."""
     start = time.perf_counter()
     vgg = _vgg(state_dict, content.device)
     with torch.no_grad():
