@@ -362,7 +362,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         if count >= steps:
             raise _BudgetSpent  # a line search may ask for more than the budget: stop it there
         with torch.no_grad():
-            image.clamp_(0, 1)
+            image.clamp_(0, 1)  # Adam's steps leave the box; L-BFGS keeps inside it itself
         per_image = gradient(image)
         loss = per_image.sum()
         with torch.no_grad():
@@ -385,7 +385,8 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
             # So each round starts afresh from the best point; a round that gains nothing ends it.
             round_start = best_loss.clone()
             try:
-                lbfgs.minimise(closure, image, history_size(image), line_search, steps + 1)
+                lbfgs.minimise(closure, image, history_size(image), line_search, steps + 1,
+                               bounds=(0.0, 1.0))
             except _BudgetSpent:
                 break
             if not bool((best_loss < round_start).any()):

@@ -91,21 +91,32 @@ def direction(curvature: Curvature, gradient: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int, line_search: bool,
-             evaluations: int) -> None:
+             evaluations: int, bounds: tuple[float, float] | None = None) -> None:
     """Lower closure() by moving `x` in place until no descent step is found or `evaluations` are spent.
 
     `closure` returns the loss and leaves its gradient in x.grad (it may raise to stop the run).
     With `line_search`, each step is chosen by torch's strong-Wolfe search, else it is 1.
+    With `bounds`, x stays inside them (every point is projected into the box before it is
+    evaluated, and each accepted step after it), the gradient of a value held at a bound and pushed
+    outwards counts as 0, and curvature pairs record the step actually taken. Without that, the
+    iterate drifts outside while the loss is taken at the clamped point, so the pairs and the line
+    search's slopes describe moves that never happen (see docs/benchmarks.md).
     """
     flat = x.detach().view(-1)
     spent = 0
 
     def evaluate() -> tuple[float, torch.Tensor]:
         nonlocal spent
+        if bounds:
+            flat.clamp_(*bounds)
         with torch.enable_grad():
             loss = float(closure().detach())
         spent += 1
-        return loss, x.grad.reshape(-1).clone()  # a copy: x.grad may be rewritten in place next time
+        gradient = x.grad.reshape(-1).clone()  # a copy: x.grad may be rewritten in place next time
+        if bounds:
+            gradient.masked_fill_(((flat <= bounds[0]) & (gradient > 0))
+                                  | ((flat >= bounds[1]) & (gradient < 0)), 0)
+        return loss, gradient
 
     def along(start: torch.Tensor, step: float, towards: torch.Tensor) -> tuple[float, torch.Tensor]:
         flat.add_(towards, alpha=step)
@@ -119,21 +130,24 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     if not size > 0:  # already stationary
         return
     towards, step = gradient.neg(), min(1.0, 1.0 / size)
-    previous = None
+    moved = previous = None
     while spent < evaluations:
         if previous is not None:
-            remember(curvature, towards.mul(step), gradient.sub(previous))
+            remember(curvature, moved, gradient.sub(previous))
             towards, step = direction(curvature, gradient), 1.0
         slope = gradient.dot(towards)
         if not slope < 0:  # not a descent direction (or a zero gradient): nothing left to gain
             return
-        previous = gradient
+        previous, start = gradient, flat.clone()
         if line_search:
-            loss, gradient, step, _ = _strong_wolfe(along, flat.clone(), step, towards, loss, gradient,
+            loss, gradient, step, _ = _strong_wolfe(along, start, step, towards, loss, gradient,
                                                     slope, max_ls=evaluations - spent)
             flat.add_(towards, alpha=step)
+            if bounds:
+                flat.clamp_(*bounds)
         else:
             flat.add_(towards, alpha=step)
             loss, gradient = evaluate()
-        if not float((towards * step).abs().max()) > 0:  # the line search found no step
+        moved = flat - start if bounds else towards.mul(step)
+        if not float(moved.abs().max()) > 0:  # the line search found no step
             return

@@ -50,6 +50,35 @@ def test_follows_torchs_lbfgs_step_for_step_past_a_full_history(line_search):
     torch.testing.assert_close(x.detach(), _with_torch(line_search, 25), rtol=0, atol=1e-12)
 
 
+BOX = (-0.2, 0.2)  # the test problem's unbounded minimum lies outside this box
+
+
+def test_with_bounds_every_evaluated_point_lies_inside_them():
+    f, x, seen = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    closure = _closure(f, x, [])
+
+    def watched():
+        seen.append(x.detach().clone())
+        return closure()
+    lbfgs.minimise(watched, x, history=4, line_search=True, evaluations=40, bounds=BOX)
+    assert len(seen) > 5
+    assert all(float(point.abs().max()) <= 0.2 for point in seen)
+
+
+def test_with_bounds_rounds_restarted_where_one_stopped_end_at_the_minimum_in_the_box():
+    f, x, counter = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    closure = _closure(f, x, counter)
+    for _ in range(20):  # as the engine does: a round whose line search fails is started afresh
+        lbfgs.minimise(closure, x, history=4, line_search=True, evaluations=300, bounds=BOX)
+    x.grad = None
+    f(x).backward()
+    low, high = x.detach() <= BOX[0], x.detach() >= BOX[1]
+    assert low.any() and high.any()  # the box binds on both sides
+    # Optimality in a box: no gradient inside, and at a bound only a pull further out.
+    assert float(x.grad[~low & ~high].abs().max()) < 1e-6
+    assert bool((x.grad[low] >= 0).all()) and bool((x.grad[high] <= 0).all())
+
+
 def test_stops_after_one_evaluation_at_a_stationary_point():
     x, counter = torch.zeros(N, dtype=torch.float64, requires_grad=True), []
     lbfgs.minimise(_closure(lambda v: v.pow(2).sum(), x, counter), x, 4, True, 50)
