@@ -361,8 +361,6 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         nonlocal count, best_image, best_loss
         if count >= steps:
             raise _BudgetSpent  # a line search may ask for more than the budget: stop it there
-        with torch.no_grad():
-            image.clamp_(0, 1)  # Adam's steps leave the box; L-BFGS keeps inside it itself
         per_image = gradient(image)
         loss = per_image.sum()
         with torch.no_grad():
@@ -380,7 +378,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         line_search = steps >= LINE_SEARCH_MIN_STEPS
         while count < steps:
             # L-BFGS returns early only when its history yields no usable step (a failed line
-            # search, often after the clamp moved the iterate); called again it would repeat that
+            # search: projecting onto [0, 1] still bends its path); called again it would repeat that
             # step forever (the built-in pair at 256 px sat at one loss for its last 230 evaluations).
             # So each round starts afresh from the best point; a round that gains nothing ends it.
             round_start = best_loss.clone()
@@ -395,8 +393,13 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
                 image.copy_(best_image)
     else:
         optimizer = torch.optim.Adam([image], lr=options.learning_rate)
+
+        def clamped() -> torch.Tensor:  # Adam's steps leave [0, 1]; L-BFGS keeps inside it itself
+            with torch.no_grad():
+                image.clamp_(0, 1)
+            return closure()
         while count < steps:
-            optimizer.step(closure)
+            optimizer.step(clamped)
     image.requires_grad_(False)
     image.grad = None
     with torch.no_grad():

@@ -41,7 +41,8 @@ def keep_freed_memory() -> bool:
     if libc is None:
         return False
     settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return all(libc.mallopt(option, value) == 1 for option, value in settings)
+    applied = [libc.mallopt(option, value) == 1 for option, value in settings]  # each, even if one fails
+    return all(applied)
 
 
 def release_freed_memory() -> None:
