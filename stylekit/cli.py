@@ -56,7 +56,8 @@ def engine_options(function):
     """The engine flags shared by every command that runs stylize() (apply, watch, batch)."""
     decorators = [
         click.option("--size", type=click.IntRange(min=16), help="Long side of the output in pixels."),
-        click.option("--steps", type=click.IntRange(min=1), help="Loss evaluations per scale."),
+        click.option("--steps", type=click.IntRange(min=1),
+                     help="Loss evaluations at full size; coarser scales get a third."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
         click.option("--init", "init", metavar="content|noise|style|FILE",
                      help="Starting image (default: content)."),
