@@ -86,7 +86,7 @@ GRAPH_MIN_STEPS = 20  # ... when it has this many evaluations: recording costs a
 PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
 LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this skip the line search
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
-# (a third was 5% faster on tubingen × starry_night and 9% slower on golden_gate × shipwreck)
+# (a third took 5% less time on tubingen × starry_night, 5% more on golden_gate × shipwreck)
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
 
