@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +130,20 @@ def load_weights_file(path: str | os.PathLike, backbone: str) -> Weights:
 
 
 def download_imagenet(backbone: str, progress: bool = True) -> Path:
-    """Fetch torchvision's file into torch's cache with a progress bar and its checksum verified."""
-    url = IMAGENET_URLS[backbone]
+    """Fetch torchvision's file into torch's cache, its checksum verified before it is moved there.
+
+    torch.hub's own loader announces "Downloading: …" on stderr even without a progress bar; a quiet
+    caller (the server, a benchmark, a pipe) falling back to random weights offline should not.
+    """
+    url, target = IMAGENET_URLS[backbone], imagenet_cache_path(backbone)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True,
-                                           map_location="cpu", weights_only=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"Downloading {url} to {target}", file=sys.stderr)
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=_expected_digest(target),
+                                       progress=progress)
     except Exception as exc:
         raise StylekitError(
             f"ImageNet {backbone} weights are not cached and could not be downloaded "
@@ -144,7 +152,7 @@ def download_imagenet(backbone: str, progress: bool = True) -> Path:
             "or use --weights random") from exc
     finally:
         socket.setdefaulttimeout(previous)
-    return imagenet_cache_path(backbone)
+    return target
 
 
 def _cached_imagenet(backbone: str) -> Weights | None:

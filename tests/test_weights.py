@@ -1,5 +1,10 @@
 """Where weights come from: seeded random, a user's file, torchvision's cache, `weights import`."""
 
+import functools
+import http.server
+import shutil
+import threading
+
 import pytest
 import torch
 
@@ -14,6 +19,28 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setitem(w.IMAGENET_URLS, "vgg19", "http://127.0.0.1:9/vgg19-dcbb9e9d.pth")
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """A real HTTP server on loopback serving the files of a folder: (folder, base URL)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def serve_as_torchvision_file(weights_server, monkeypatch, source, digest: str) -> None:
+    """Serve `source` under a torchvision-style name (vgg19-<sha256 prefix>.pth) as the ImageNet URL."""
+    root, base = weights_server
+    name = f"vgg19-{digest[:8]}.pth"
+    shutil.copy(source, root / name)
+    monkeypatch.setitem(w.IMAGENET_URLS, "vgg19", f"{base}/{name}")
 
 
 def test_random_weights_are_deterministic_for_a_seed():
@@ -88,6 +115,27 @@ def test_auto_falls_back_to_random_with_a_warning_when_offline(offline):
     resolved = w.resolve_weights("auto", "vgg19")
     assert resolved.source == "random"
     assert "random" in resolved.warning and "weights import" in resolved.warning
+
+
+def test_a_quiet_download_attempt_writes_nothing_to_stderr(offline, capsys):
+    resolved = w.resolve_weights("auto", "vgg19", progress=False)
+    assert resolved.source == "random" and capsys.readouterr().err == ""
+
+
+def test_a_download_with_the_named_checksum_lands_in_the_cache(offline, weights_server, monkeypatch,
+                                                              weights_file):
+    serve_as_torchvision_file(weights_server, monkeypatch, weights_file, w.sha256_of(weights_file))
+    resolved = w.resolve_weights("imagenet", "vgg19", progress=False)
+    assert resolved.source == "imagenet" and w.imagenet_cache_path("vgg19").is_file()
+    assert resolved.sha256 == w.sha256_of(weights_file)
+
+
+def test_a_download_with_the_wrong_checksum_is_refused_and_not_cached(offline, weights_server,
+                                                                      monkeypatch, weights_file):
+    serve_as_torchvision_file(weights_server, monkeypatch, weights_file, "0" * 8)
+    with pytest.raises(StylekitError, match="could not be downloaded"):
+        w.resolve_weights("imagenet", "vgg19", progress=False)
+    assert not w.imagenet_cache_path("vgg19").exists()
 
 
 def test_import_makes_the_file_the_cached_imagenet_weights(offline, weights_file):
