@@ -1,10 +1,11 @@
 """The GPU path's levers side by side in one run (`python -m bench.gpu_variants`, CUDA only).
 
-In order: optional kernel profiles (--profile); `stylize` end to end per precision, with graphs
-on and off; one square image at the largest size with its peak memory; then per size the
-milliseconds per L-BFGS evaluation (strong-Wolfe line search, as the fine scale runs) in fp32 (TF32
-convolutions, the reference's precision) with plain autograd and with a CUDA-graph replay, and with
-the graph in bf16-grad and bf16. JSON to --output after every part; each row also on stdout.
+In order: optional kernel profiles (--profile, channels-last and NCHW); `stylize` end to end per
+precision, with graphs on and off, channels-last and NCHW; one square image at the largest size with
+its peak memory; then per size the milliseconds per L-BFGS evaluation (strong-Wolfe line search, as
+the fine scale runs) in fp32 (TF32 convolutions, the reference's precision) with plain autograd and
+with a CUDA-graph replay, in NCHW, with TF32 Grams, and with the graph in bf16-grad and bf16.
+JSON to --output after every part; each row also on stdout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,14 +35,29 @@ from stylekit.engine import (
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.weights import resolve_weights
 
-VARIANTS = {  # name: (precision, CUDA graph)
-    "fp32 eager": ("fp32", False),
-    "fp32 graph": ("fp32", True),
-    "bf16-grad graph": ("bf16-grad", True),
-    "bf16 graph": ("bf16", True),
+VARIANTS = {  # name: (precision, CUDA graph, channels-last, TF32 Grams)
+    "fp32 eager": ("fp32", False, True, False),
+    "fp32 graph": ("fp32", True, True, False),
+    "fp32 graph NCHW": ("fp32", True, False, False),
+    "fp32 graph TF32 Grams": ("fp32", True, True, True),
+    "bf16-grad graph": ("bf16-grad", True, True, False),
+    "bf16 graph": ("bf16", True, True, False),
 }
-# The first run meets each shape cold (cuDNN's benchmark trials included); its repeat is warm.
-END_TO_END = (("fp32", True), ("fp32", True), ("fp32", False), ("bf16-grad", True), ("bf16", True))
+# The first run meets each shape cold (graph recording, cuDNN's and cuBLAS's set-up); its repeat
+# is warm. (precision, CUDA graph, channels-last, TF32 Grams)
+END_TO_END = (("fp32", True, True, False), ("fp32", True, True, False), ("fp32", True, False, False),
+              ("fp32", True, True, True), ("fp32", False, True, False), ("bf16", True, True, False))
+
+
+@contextmanager
+def levers(channels_last: bool, tf32_grams: bool = False) -> Iterator[None]:
+    """The engine's layout and cuBLAS's fp32 matrix-product mode (the Grams') for one variant."""
+    saved = engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32
+    engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32 = channels_last, tf32_grams
+    try:
+        yield
+    finally:
+        engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
@@ -49,7 +66,8 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
     runtime: Runtime = pick_runtime("cuda", precision)
     spec = backbone_spec("vgg19")
     layers = tuple(dict.fromkeys(spec.content_layers + spec.style_layers))
-    extractor = FeatureExtractor("vgg19", state, layers).to(runtime.device)
+    extractor = FeatureExtractor("vgg19", state, layers).to(
+        runtime.device, memory_format=engine.memory_format(runtime.device))
     targets = torch_targets(extractor, runtime)
     content_targets = targets(content, spec.content_layers, ())
     style_targets = targets(style, (), spec.style_layers)
@@ -71,22 +89,24 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
 
 
 def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
-                   graphed: bool, steps: int) -> float:
+                   graphed: bool, channels_last: bool, tf32_grams: bool, steps: int) -> float:
     """Seconds per evaluation of one fine-scale optimisation of `steps` evaluations (warm)."""
-    run = fine_scale(content, style, state, precision, graphed)
-    run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up stay out of the figure
-    return run(steps) / steps
+    with levers(channels_last, tf32_grams):
+        run = fine_scale(content, style, state, precision, graphed)
+        run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up stay out of the figure
+        return run(steps) / steps
 
 
 def kernel_profile(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
-                   steps: int) -> str:
+                   steps: int, channels_last: bool) -> str:
     """Where a fine-scale evaluation's GPU time goes: torch.profiler's table of the top operations
     over `steps` evaluations, without graphs so that every kernel is attributed to its operation."""
-    run = fine_scale(content, style, state, precision, graphed=False)
-    run(8)
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as trace:
-        run(steps)
+    with levers(channels_last):
+        run = fine_scale(content, style, state, precision, graphed=False)
+        run(8)
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as trace:
+            run(steps)
     return trace.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
@@ -118,16 +138,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for size in args.profile:
         content = _fit_long_side(to_tensor(content_np, device), size)
         style = _fit_long_side(to_tensor(style_np, device), size)
-        table = kernel_profile(content, style, weights.state_dict, "fp32", 20)
-        (args.output / f"gpu-profile-{size}.txt").write_text(table)
-        print(table, flush=True)
+        for layout, channels_last in (("channels-last", True), ("NCHW", False)):
+            table = kernel_profile(content, style, weights.state_dict, "fp32", 20, channels_last)
+            (args.output / f"gpu-profile-{size}-{layout}.txt").write_text(table)
+            print(f"{size} px, {layout}:\n{table}", flush=True)
     base = StyleOptions(weights=spec, device="cuda", targets="torch")
     for size in args.end_to_end:
-        for precision, graphs in END_TO_END:
+        for precision, graphs, channels_last, tf32_grams in END_TO_END:
             engine.CUDA_GRAPHS = graphs
-            result = stylize(StyleRequest(content_np, [style_np], replace(base, size=size,
-                                                                           precision=precision)))
+            with levers(channels_last, tf32_grams):
+                result = stylize(StyleRequest(content_np, [style_np], replace(base, size=size,
+                                                                               precision=precision)))
             results["end_to_end"].append({"size": size, "precision": precision, "graphs": graphs,
+                                          "channels_last": channels_last, "tf32_grams": tf32_grams,
                                           "seconds": result.seconds, "iterations": result.iterations,
                                           "total_loss": result.total_loss,
                                           "peak_memory_bytes": result.peak_memory_bytes})

@@ -83,6 +83,7 @@ HISTORY_SIZE = 50  # L-BFGS curvature pairs kept ...
 HISTORY_BYTES = 4 << 30  # ... unless two image-sized vectors per pair would take more than this
 CUDA_GRAPHS = True  # on a GPU, record each scale's evaluation once and replay it (gradients.py) ...
 GRAPH_MIN_STEPS = 20  # ... when it has this many evaluations: recording costs about four
+CHANNELS_LAST = True  # on a GPU, activations in N×H×W×C order, the tensor cores' own (see memory_format)
 PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
 LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this skip the line search
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
@@ -199,12 +200,22 @@ def weights_key(spec: str, backbone: str) -> tuple[str, str, tuple[int, int] | N
     return spec, backbone, stamp
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The network's layout on `device`: channels-last on a GPU, where cuDNN's tensor-core
+    convolutions would otherwise transpose every N×C×H×W activation in and out; the CPU path
+    (Winograd, oneDNN) is tuned for the plain layout."""
+    if CHANNELS_LAST and device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @functools.lru_cache(maxsize=4)
 def _extractor(key: tuple[str, str, tuple[int, int] | None], layers: tuple[str, ...],
-               pooling: str, device: torch.device) -> FeatureExtractor:
-    """One network per (weights, layers, pooling, device), kept warm."""
+               pooling: str, device: torch.device, layout: torch.memory_format) -> FeatureExtractor:
+    """One network per (weights, layers, pooling, device, memory layout), kept warm."""
     weights = _weights(*key)
-    return FeatureExtractor(weights.backbone, weights.state_dict, layers, pooling).to(device)
+    return FeatureExtractor(weights.backbone, weights.state_dict, layers, pooling).to(
+        device, memory_format=layout)
 
 
 def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -479,7 +490,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     layer_weights = dict(zip(style_layers, options.style_layer_weights
                              or [1.0] * len(style_layers), strict=True))
     layers = tuple(dict.fromkeys(content_layers + style_layers))
-    extractor = _extractor(key, layers, options.pooling, runtime.device)
+    extractor = _extractor(key, layers, options.pooling, runtime.device, memory_format(runtime.device))
 
     targets = _pick_targets(requests[0], weights, layers, style_layers, extractor, runtime)
     contents_full = [to_tensor(r.content, runtime.device) for r in requests]

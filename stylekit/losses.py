@@ -21,13 +21,24 @@ class _SelfProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (flat,) = ctx.saved_tensors
-        return (grad + grad.transpose(1, 2)) @ flat
+        both = grad + grad.transpose(1, 2)  # symmetric: (dG + dGᵀ) F = (Fᵀ (dG + dGᵀ))ᵀ
+        if flat.stride(1) == 1:  # channels-last features: the gradient in their layout, no copy
+            return (flat.transpose(1, 2) @ both).transpose(1, 2)
+        return both @ flat
+
+
+def _as_matrix(features: torch.Tensor) -> torch.Tensor:
+    """N×C×H×W → N×C×(H·W) as a view in either memory layout (a reshape copies channels-last)."""
+    n, c, h, w = features.shape
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        return features.permute(0, 2, 3, 1).reshape(n, h * w, c).transpose(1, 2)
+    return features.reshape(n, c, h * w)
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
     """G = F Fᵀ / (C·H·W) per image (N×C×C), so Grams compare across layer sizes."""
-    n, c, h, w = features.shape
-    flat = features.float().reshape(n, c, h * w)
+    _, c, h, w = features.shape
+    flat = _as_matrix(features.float())
     product = _SelfProduct.apply(flat) if flat.requires_grad else flat @ flat.transpose(1, 2)
     return product / (c * h * w)
 

@@ -79,3 +79,21 @@ def test_stylize_on_a_gpu_reaches_the_same_loss_with_and_without_graphs(weights_
     eager = stylize(StyleRequest(photo, [painting], options))
     assert graphed.iterations == eager.iterations
     assert graphed.total_loss == pytest.approx(eager.total_loss, rel=0.05)
+
+
+@needs_cuda
+def test_gpu_network_runs_channels_last_with_the_plain_layouts_features_and_gradient():
+    start = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(4)).cuda()
+    extractor = FeatureExtractor("vgg19", random_state_dict("vgg19", 0), ("relu3_1",)).cuda()
+    last = FeatureExtractor("vgg19", random_state_dict("vgg19", 0), ("relu3_1",)).to(
+        "cuda", memory_format=engine.memory_format(torch.device("cuda")))
+    grads = []
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact fp32 in both layouts
+        for network in (extractor, last):
+            image = start.clone().requires_grad_(True)
+            features = network(image)["relu3_1"]
+            losses.gram(features).sum().backward()
+            grads.append((features.detach(), image.grad))
+    assert grads[1][0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)

@@ -56,3 +56,18 @@ def test_gram_gradient_matches_the_plain_product():
     flat = features.reshape(2, 3, 20)
     (expected,) = torch.autograd.grad(((flat @ flat.transpose(1, 2)) / 60 * weights).sum(), features)
     torch.testing.assert_close(grad, expected)
+
+
+def test_gram_of_channels_last_features_equals_the_plain_layouts():
+    features = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(gram(features.to(memory_format=torch.channels_last)), gram(features))
+
+
+def test_gram_gradient_keeps_the_channels_last_layout_of_its_features():
+    plain = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    last = plain.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    weights = torch.rand(2, 3, 3, dtype=torch.float64)
+    (expected,) = torch.autograd.grad((gram(plain) * weights).sum(), plain)
+    (grad,) = torch.autograd.grad((gram(last) * weights).sum(), last)
+    torch.testing.assert_close(grad, expected)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
