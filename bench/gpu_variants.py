@@ -90,11 +90,13 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
 
 def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
                    graphed: bool, channels_last: bool, tf32_grams: bool, steps: int) -> float:
-    """Seconds per evaluation of one fine-scale optimisation of `steps` evaluations (warm)."""
+    """Seconds per evaluation of a fine-scale optimisation, warm: the difference between runs of
+    8 and 8 + `steps` evaluations, so that each run's fixed cost (recording its graph: about four
+    evaluations) stays out of the figure."""
     with levers(channels_last, tf32_grams):
         run = fine_scale(content, style, state, precision, graphed)
-        run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up stay out of the figure
-        return run(steps) / steps
+        run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up happen here
+        return (run(8 + steps) - run(8)) / steps
 
 
 def kernel_profile(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,

@@ -87,13 +87,17 @@ def test_gpu_network_runs_channels_last_with_the_plain_layouts_features_and_grad
     extractor = FeatureExtractor("vgg19", random_state_dict("vgg19", 0), ("relu3_1",)).cuda()
     last = FeatureExtractor("vgg19", random_state_dict("vgg19", 0), ("relu3_1",)).to(
         "cuda", memory_format=engine.memory_format(torch.device("cuda")))
-    grads = []
+    runs = []
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact fp32 in both layouts
         for network in (extractor, last):
             image = start.clone().requires_grad_(True)
             features = network(image)["relu3_1"]
             losses.gram(features).sum().backward()
-            grads.append((features.detach(), image.grad))
-    assert grads[1][0].is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
+            runs.append((features.detach(), image.grad))
+    (plain_features, plain_gradient), (features, gradient) = runs
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    # cuDNN's channels-last kernels sum in another order: fp32 rounding, relative to the largest value
+    torch.testing.assert_close(features, plain_features, rtol=0,
+                               atol=1e-4 * float(plain_features.abs().max()))
+    torch.testing.assert_close(gradient, plain_gradient, rtol=0,
+                               atol=1e-4 * float(plain_gradient.abs().max()))

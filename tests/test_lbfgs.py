@@ -115,3 +115,38 @@ def test_a_direction_on_the_gpu_reads_nothing_back_to_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert float(towards.dot(gradient)) < 0
+
+
+@pytest.mark.parametrize("step", [1e-3, 0.3, 3.0, 30.0])  # extrapolates, accepts, or zooms in
+@pytest.mark.parametrize("budget", [2, 25])
+def test_line_search_picks_torchs_strong_wolfe_step_with_host_numbers(step, budget):
+    from torch.optim.lbfgs import _strong_wolfe
+    smooth = _problem()
+
+    def f(x):  # ripples along the line, so that the zoom meets every case of its bracket
+        return smooth(x) + torch.cos(30 * x).sum()
+    x = torch.zeros(N, dtype=torch.float64)
+    x0 = x.clone().requires_grad_(True)
+    loss = f(x0)
+    (gradient,) = torch.autograd.grad(loss, x0)
+    towards = -gradient
+
+    def value_and_gradient(t: float):
+        point = (x + t * towards).requires_grad_(True)
+        value = f(point)
+        (grad,) = torch.autograd.grad(value, point)
+        return value.detach(), grad
+
+    def torchs(x_, t, d):
+        return value_and_gradient(t)
+
+    def ours(t):
+        value, grad = value_and_gradient(t)
+        return float(value), grad, float(grad.dot(towards))
+    slope = float(gradient.dot(towards))
+    expected_loss, _, expected_step, _ = _strong_wolfe(torchs, x, step, towards, loss.detach(), gradient,
+                                                       gradient.dot(towards), max_ls=budget)
+    got_loss, _, got_step = lbfgs.strong_wolfe(ours, step, float(loss.detach()), gradient, slope,
+                                               float(towards.abs().max()), budget)
+    assert got_step == pytest.approx(float(expected_step), rel=1e-12)
+    assert got_loss == pytest.approx(float(expected_loss), rel=1e-12)
