@@ -1,5 +1,7 @@
 """stylekit's L-BFGS: torch's iteration, with directions computed without reading the device back."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -8,12 +10,12 @@ from stylekit import lbfgs
 N = 30
 
 
-def _problem():
+def _problem(device: str = "cpu"):
     """A smooth, non-quadratic function of 30 variables with a unique minimum (float64)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(N, N, generator=gen, dtype=torch.float64)
-    a = a @ a.T / N + 0.1 * torch.eye(N, dtype=torch.float64)
-    b = torch.randn(N, generator=gen, dtype=torch.float64)
+    a = (a @ a.T / N + 0.1 * torch.eye(N, dtype=torch.float64)).to(device)
+    b = torch.randn(N, generator=gen, dtype=torch.float64).to(device)
     return lambda x: 0.5 * x @ a @ x - b @ x + 0.1 * x.pow(4).sum()
 
 
@@ -115,6 +117,24 @@ def test_a_direction_on_the_gpu_reads_nothing_back_to_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert float(towards.dot(gradient)) < 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_an_iteration_reads_the_device_at_most_three_times_per_evaluation():
+    x = torch.zeros(N, dtype=torch.float64, device="cuda", requires_grad=True)
+    counter = []
+    closure = _closure(_problem("cuda"), x, counter)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lbfgs.minimise(closure, x, history=4, line_search=True, evaluations=20)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(counter) == 20
+    assert 0 < len(waits) <= 3 * len(counter)
 
 
 @pytest.mark.parametrize("step", [1e-3, 0.3, 3.0, 30.0])  # extrapolates, accepts, or zooms in
