@@ -195,8 +195,9 @@ def markdown(results: dict[str, object]) -> str:
              f"{results['rows'][0]['stylekit']['precision']}", "",
              "| size | reference s | reference loss | stylekit time-to-quality s | speed-up | "
              "full-size evaluations to quality (ref) | stylekit it/s (ref it/s) | stylekit final loss | "
-             "peak memory stylekit / ref |" + (" stylekit TFLOP/s (share of peak) |" if gpu else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+             "final content / style loss, stylekit (ref) | peak memory stylekit / ref |"
+             + (" stylekit TFLOP/s (share of peak) |" if gpu else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
     mib = 1 << 20
     for row in results["rows"]:
         ref, sk = row.get("reference") or {}, row["stylekit"]
@@ -207,6 +208,7 @@ def markdown(results: dict[str, object]) -> str:
                  f"{_fmt(sk.get('evaluations_to_quality'), '.0f')} ({ref.get('iterations', '—')})",
                  f"{sk['iterations_per_second']:.2f} ({_fmt(ref.get('iterations_per_second'), '.2f')})",
                  f"{sk['total_loss']:.4g}",
+                 f"{_terms(sk)}" + (f" ({_terms(ref)})" if ref else ""),
                  f"{sk['peak_memory_bytes'] / mib:.0f} / "
                  f"{_fmt(ref.get('peak_memory_bytes', 0) / mib if ref else None, '.0f')} MiB"]
         if gpu:
@@ -214,6 +216,11 @@ def markdown(results: dict[str, object]) -> str:
             cells.append(f"{sk['tflops']:.1f}" + (f" ({share:.0%})" if share is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _terms(side: dict[str, float]) -> str:
+    """A run's unweighted content and style losses, e.g. '0.703 / 5.64e-07'."""
+    return f"{side['content_loss']:.3g} / {side['style_loss']:.3g}"
 
 
 def _fmt(value: float | None, spec: str, missing: str = "—") -> str:

@@ -18,7 +18,11 @@ def test_bench_compares_stylekit_with_the_reference_at_the_same_loss(tmp_path):
     for side in ("reference", "stylekit"):
         assert row[side]["total_loss"] > 0 and row[side]["peak_memory_bytes"] > 0
     assert list(tmp_path.glob("cpu-*.json"))
-    assert "| 32×" in markdown(results)
+    table = markdown(results)
+    assert "| 32×" in table
+    ours, theirs = row["stylekit"], row["reference"]
+    assert (f"{ours['content_loss']:.3g} / {ours['style_loss']:.3g} "
+            f"({theirs['content_loss']:.3g} / {theirs['style_loss']:.3g})") in table
 
 
 def test_hotfolder_bench_times_a_real_watcher_against_the_reference(tmp_path):
