@@ -4,7 +4,8 @@ In order: optional kernel profiles (--profile, channels-last and NCHW); `stylize
 precision, with graphs on and off, channels-last and NCHW; one square image at the largest size with
 its peak memory; then per size the milliseconds per L-BFGS evaluation (strong-Wolfe line search, as
 the fine scale runs) in fp32 (TF32 convolutions, the reference's precision) with plain autograd and
-with a CUDA-graph replay, in NCHW, with TF32 Grams, and with the graph in bf16-grad and bf16.
+with a CUDA-graph replay, in NCHW, with TF32 Grams, through torch.compile, and with the graph in
+bf16-grad and bf16.
 JSON to --output after every part; each row also on stdout.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,13 +37,14 @@ from stylekit.engine import (
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.weights import resolve_weights
 
-VARIANTS = {  # name: (precision, CUDA graph, channels-last, TF32 Grams)
-    "fp32 eager": ("fp32", False, True, False),
-    "fp32 graph": ("fp32", True, True, False),
-    "fp32 graph NCHW": ("fp32", True, False, False),
-    "fp32 graph TF32 Grams": ("fp32", True, True, True),
-    "bf16-grad graph": ("bf16-grad", True, True, False),
-    "bf16 graph": ("bf16", True, True, False),
+VARIANTS = {  # name: (precision, CUDA graph, channels-last, TF32 Grams, torch.compile)
+    "fp32 eager": ("fp32", False, True, False, False),
+    "fp32 graph": ("fp32", True, True, False, False),
+    "fp32 graph NCHW": ("fp32", True, False, False, False),
+    "fp32 graph TF32 Grams": ("fp32", True, True, True, False),
+    "fp32 graph compiled": ("fp32", True, True, False, True),
+    "bf16-grad graph": ("bf16-grad", True, True, False, False),
+    "bf16 graph": ("bf16", True, True, False, False),
 }
 # The first run meets each shape cold (graph recording, cuDNN's and cuBLAS's set-up); its repeat
 # is warm. (precision, CUDA graph, channels-last, TF32 Grams)
@@ -61,8 +64,10 @@ def levers(channels_last: bool, tf32_grams: bool = False) -> Iterator[None]:
 
 
 def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
-               graphed: bool) -> Callable[[int], float]:
-    """A function running one fine-scale optimisation of n evaluations, returning its seconds."""
+               graphed: bool, compiled: bool = False) -> Callable[[int], float]:
+    """A function running one fine-scale optimisation of n evaluations, returning its seconds;
+    with `compiled`, the loss goes through torch.compile (inductor fuses the elementwise work
+    between the convolutions) before the graph records it."""
     runtime: Runtime = pick_runtime("cuda", precision)
     spec = backbone_spec("vgg19")
     layers = tuple(dict.fromkeys(spec.content_layers + spec.style_layers))
@@ -75,8 +80,13 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
     weights = dict.fromkeys(spec.style_layers, 1.0)
     options = StyleOptions()
 
-    def evaluate(x: torch.Tensor):
-        return _evaluate(x, extractor, runtime, content_targets, style_targets, weights, options)
+    def losses(x: torch.Tensor) -> torch.Tensor:
+        return _evaluate(x, extractor, runtime, content_targets, style_targets, weights, options).total
+
+    total = torch.compile(losses, dynamic=False) if compiled else losses
+
+    def evaluate(x: torch.Tensor) -> SimpleNamespace:  # what _optimise reads: .total
+        return SimpleNamespace(total=total(x))
 
     def run(count: int) -> float:
         image = content.clone()
@@ -89,13 +99,14 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
 
 
 def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
-                   graphed: bool, channels_last: bool, tf32_grams: bool, steps: int) -> float:
+                   graphed: bool, channels_last: bool, tf32_grams: bool, compiled: bool,
+                   steps: int) -> float:
     """Seconds per evaluation of a fine-scale optimisation, warm: the difference between runs of
     8 and 8 + `steps` evaluations, so that each run's fixed cost (recording its graph: about four
     evaluations) stays out of the figure."""
     with levers(channels_last, tf32_grams):
-        run = fine_scale(content, style, state, precision, graphed)
-        run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up happen here
+        run = fine_scale(content, style, state, precision, graphed, compiled)
+        run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up (and compiling) happen here
         return (run(8 + steps) - run(8)) / steps
 
 
