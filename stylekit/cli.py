@@ -81,7 +81,8 @@ def engine_options(function):
                           "with native bf16; else fp32, which is TF32 convolutions on CUDA)."),
         click.option("--seed", type=int, help="Seed for noise init and random weights (default 0)."),
         click.option("--targets", type=click.Choice(TARGET_ENGINES),
-                     help="What computes the fixed content/style targets (default onnx)."),
+                     help="What computes the fixed content/style targets (default onnx; torch "
+                          "on a GPU that onnxruntime cannot use)."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)

@@ -20,7 +20,7 @@ from . import color, gram_cache, heap, lbfgs, losses
 from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .gradients import gradient_function
-from .onnx_features import onnx_targets
+from .onnx_features import CUDA_PROVIDER, gpu_provider_installed, onnx_targets
 from .request import (
     COLOR_MODES,
     DEVICES,
@@ -295,14 +295,19 @@ class _Targets:
 
 def _pick_targets(request: StyleRequest, weights: Weights, layers: tuple[str, ...],
                   style_layers: tuple[str, ...], extractor: FeatureExtractor, runtime: Runtime) -> _Targets:
-    """ONNX targets unless torch is asked for (or ONNX cannot start: then torch, with a warning)."""
+    """ONNX targets unless torch is asked for (or ONNX cannot start: then torch, with a warning).
+
+    A GPU run whose onnxruntime cannot use the GPU computes them with torch too, on the GPU, which
+    is faster than onnxruntime on the CPU (the plain onnxruntime package has no CUDA provider).
+    """
     options = request.options
     compute, name, notes = torch_targets(extractor, runtime), "torch", ()
-    if options.targets == "onnx":
+    on_gpu = runtime.device.type == "cuda"
+    if options.targets == "onnx" and (gpu_provider_installed() or not on_gpu):
         try:
-            compute, provider = onnx_targets(weights, layers, style_layers, options.pooling,
-                                             use_gpu=runtime.device.type == "cuda")
-            name = f"onnx:{provider}"
+            onnx, provider = onnx_targets(weights, layers, style_layers, options.pooling, use_gpu=on_gpu)
+            if provider == CUDA_PROVIDER or not on_gpu:
+                compute, name = onnx, f"onnx:{provider}"
         except Exception as exc:  # an exporter or onnxruntime failure must not cost the user the image
             notes = (f"ONNX feature extractor unavailable ({one_line(exc)}); targets computed with torch",)
     style = compute

@@ -133,8 +133,14 @@ def _session(path: str, stamp: tuple[int, int, int], use_gpu: bool) -> ort.Infer
     ort.set_default_logger_severity(QUIET)
     options = ort.SessionOptions()
     options.log_severity_level = QUIET
-    providers = [CUDA_PROVIDER, CPU_PROVIDER] if use_gpu else [CPU_PROVIDER]
+    providers = [CUDA_PROVIDER, CPU_PROVIDER] if use_gpu and gpu_provider_installed() else [CPU_PROVIDER]
     return ort.InferenceSession(path, sess_options=options, providers=providers)
+
+
+def gpu_provider_installed() -> bool:
+    """Whether this onnxruntime has the CUDA provider at all (the plain onnxruntime package has not;
+    asking it for CUDA anyway makes it print a warning)."""
+    return CUDA_PROVIDER in ort.get_available_providers()
 
 
 def open_session(path: str | os.PathLike[str], use_gpu: bool = False) -> ort.InferenceSession:

@@ -13,9 +13,9 @@ import torch
 from conftest import make_painting, make_photo
 
 from bench import onnx_vs_torch
-from stylekit import StyleOptions, StyleRequest, stylize
+from stylekit import StyleOptions, StyleRequest, engine, onnx_features, stylize
 from stylekit.cli import main
-from stylekit.engine import Runtime, torch_targets
+from stylekit.engine import Runtime, _pick_targets, torch_targets
 from stylekit.errors import StylekitError
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.onnx_features import (
@@ -217,3 +217,43 @@ def test_onnx_vs_torch_benchmark_times_both_paths(tmp_path):
     assert row["size"] == 32 and row["torch_seconds"] > 0 and row["onnx_seconds"] > 0
     assert results["provider"] == CPU_PROVIDER or torch.cuda.is_available()
     assert "| 32×32 |" in onnx_vs_torch.markdown(results) and list(tmp_path.glob("onnx-*.json"))
+
+
+def test_a_session_asks_only_for_providers_onnxruntime_has(weights, monkeypatch):
+    asked = []
+    real = ort.InferenceSession
+
+    def spy(path, sess_options=None, providers=None):
+        asked.append(list(providers))
+        return real(path, sess_options=sess_options, providers=providers)
+    cached_session(weights, SMALL, SMALL, "max")
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU_PROVIDER])
+    onnx_features._session.cache_clear()
+    open_session(export_cache_path(weights, SMALL, SMALL, "max"), use_gpu=True)
+    assert asked == [[CPU_PROVIDER]]
+
+
+def _targets_name(weights_file, device: str) -> str:
+    """Which targets stylize would pick for a run on `device` (picking touches no GPU)."""
+    weights = resolve_weights(str(weights_file), "vgg19")
+    layers = ("relu4_2", "relu1_1")
+    extractor = FeatureExtractor("vgg19", weights.state_dict, layers)
+    request = StyleRequest(make_photo(), [make_painting(32, 32)], StyleOptions(weights=str(weights_file)))
+    runtime = Runtime(torch.device(device), torch.float32)
+    return _pick_targets(request, weights, layers, ("relu1_1",), extractor, runtime).name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a usable GPU")
+def test_a_gpu_run_whose_onnxruntime_cannot_use_the_gpu_computes_targets_with_torch(weights_file):
+    assert _targets_name(weights_file, "cuda") == "torch"
+
+
+def test_a_gpu_run_without_onnxruntimes_cuda_provider_exports_nothing(weights_file, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU_PROVIDER])
+    monkeypatch.setattr(engine, "onnx_targets", lambda *a, **k: pytest.fail("exported for nothing"))
+    assert _targets_name(weights_file, "cuda") == "torch"
+
+
+def test_a_cpu_run_computes_targets_with_onnxruntime(weights_file):
+    assert _targets_name(weights_file, "cpu") == f"onnx:{CPU_PROVIDER}"
