@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from stylekit.engine import validate
 from stylekit.errors import StylekitError
 from stylekit.presets import OPTION_KINDS
 from stylekit.request import StyleOptions
@@ -117,6 +116,7 @@ def checked(config: WatchConfig) -> WatchConfig:
         if not 1 <= folder.quality <= 100:
             raise StylekitError(f"bad quality {folder.quality} (1 to 100)")
         try:
+            from stylekit.engine import validate  # imports torch: only when a config is read
             validate(StyleOptions().replace(**folder.overrides))
         except (TypeError, ValueError) as error:
             raise StylekitError(f"bad engine option for inbox '{inbox}': {error}") from None

@@ -5,9 +5,16 @@ The one entry point is `stylize(request, progress=callback) -> Result`; everythi
 
 __version__ = "0.1.0"
 
-from .engine import stylize
 from .errors import Cancelled, StylekitError
 from .request import Progress, Result, StyleOptions, StyleRequest
 
 __all__ = ["Cancelled", "Progress", "Result", "StyleOptions", "StyleRequest", "StylekitError",
            "__version__", "stylize"]
+
+
+def __getattr__(name: str):
+    """`stylize` on first use: importing torch takes seconds, which `stylekit --help` should not."""
+    if name == "stylize":
+        from .engine import stylize
+        return stylize
+    raise AttributeError(f"module 'stylekit' has no attribute {name!r}")

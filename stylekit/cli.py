@@ -14,16 +14,14 @@ import click
 
 from . import __version__
 from .atomic import write_json
-from .engine import stylize
 from .errors import StylekitError
-from .features import BACKBONES, backbone_spec
 from .gimp_install import gimp
 from .image import load_image, output_format, save_image
-from .onnx_features import OPSET, checked_layers, export_onnx
 from .pipeline.config import FORMATS as OUTPUT_FORMATS
 from .presets import add_preset, get_preset, list_presets, load_preset_file, preset_request, remove_preset
 from .progress import json_lines, progress_bar
 from .request import (
+    BACKBONE_NAMES,
     COLOR_MODES,
     DEVICES,
     OPTIMIZERS,
@@ -33,7 +31,6 @@ from .request import (
     StyleOptions,
     StyleRequest,
 )
-from .weights import download_imagenet, import_weights, resolve_weights, weights_status
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -73,7 +70,7 @@ def engine_options(function):
         click.option("--scales", type=click.IntRange(min=1),
                      help="Coarse-to-fine scales, each half the next (default 2: half size, then full)."),
         click.option("--weights", metavar="auto|imagenet|random|PATH", help="Weights (default auto)."),
-        click.option("--backbone", type=click.Choice(list(BACKBONES))),
+        click.option("--backbone", type=click.Choice(BACKBONE_NAMES)),
         click.option("--pooling", type=click.Choice(POOLINGS)),
         click.option("--device", type=click.Choice(DEVICES)),
         click.option("--precision", type=click.Choice(PRECISIONS),
@@ -186,6 +183,7 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
                                options=StyleOptions().replace(**changes), init_image=init_image)
     if progress_mode == "auto":
         progress_mode = "bar" if sys.stderr.isatty() else "none"
+    from .engine import stylize  # torch loads here, after the arguments and files are checked
     if progress_mode == "json":
         result = stylize(request, progress=json_lines(sys.stdout))
     else:
@@ -213,15 +211,17 @@ def weights() -> None:
 @weights.command("status")
 def weights_status_command() -> None:
     """Show which ImageNet weights are cached and where."""
+    from .weights import weights_status
     for row in weights_status():
         click.echo(f"{row['backbone']:9} {row['state']:8} {row['path']}")
 
 
 @weights.command("download")
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="vgg19",
+@click.option("--backbone", type=click.Choice(BACKBONE_NAMES), default="vgg19",
               show_default=True)
 def weights_download(backbone: str) -> None:
     """Download torchvision's ImageNet weights into torch's cache (checksum verified)."""
+    from .weights import download_imagenet
     path = download_imagenet(backbone, progress=True)
     click.echo(f"{backbone} weights cached at {path}")
 
@@ -230,6 +230,7 @@ def weights_download(backbone: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def weights_import(file: Path) -> None:
     """Check a torchvision-format weights FILE and copy it into the cache for offline use."""
+    from .weights import import_weights
     backbone, target = import_weights(file)
     click.echo(f"imported {backbone} weights from {file} to {target}")
 
@@ -239,7 +240,7 @@ def weights_import(file: Path) -> None:
               help="The .onnx file to write.")
 @click.option("--weights", "weights_spec", default="auto", show_default=True,
               metavar="auto|imagenet|random|PATH", help="Network weights to bake in.")
-@click.option("--backbone", type=click.Choice(list(BACKBONES)), default="vgg19",
+@click.option("--backbone", type=click.Choice(BACKBONE_NAMES), default="vgg19",
               show_default=True)
 @click.option("--layers", help="Feature outputs, comma-separated (default: content and style layers).")
 @click.option("--gram-layers", help="Layers that also get a gram_<layer> output "
@@ -253,6 +254,9 @@ def export_onnx_command(output: Path, weights_spec: str, backbone: str, layers: 
     """
     if output.suffix.lower() != ".onnx":
         raise StylekitError(f"output '{output}' must end in .onnx")
+    from .features import backbone_spec
+    from .onnx_features import OPSET, checked_layers, export_onnx
+    from .weights import resolve_weights
     spec = backbone_spec(backbone)
     chosen = _names(layers) or tuple(dict.fromkeys(spec.content_layers + spec.style_layers))
     grams = _names(gram_layers) if gram_layers is not None \

@@ -32,7 +32,6 @@ import tomli_w
 
 from . import builtin_presets
 from .atomic import write_bytes
-from .engine import validate
 from .errors import StylekitError
 from .image import load_image
 from .request import StyleOptions, StyleRequest
@@ -165,6 +164,7 @@ def _options(options: object, blend: tuple[float, ...], path: Path) -> dict[str,
         if converted[key] is None:
             _fail(path, f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
     try:
+        from .engine import validate  # engine imports torch: only when a preset is read
         validate(StyleOptions().replace(**converted, style_blend=blend))
     except StylekitError as exc:
         _fail(path, "options", f"is invalid: {exc}")

@@ -14,6 +14,7 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16-grad", "bf16", "fp16")
 POOLINGS = ("max", "avg")
 TARGET_ENGINES = ("onnx", "torch")
+BACKBONE_NAMES = ("vgg19", "vgg16", "resnet50")  # features.BACKBONES, without importing torch
 
 
 @dataclass(frozen=True)

@@ -232,3 +232,14 @@ def test_weights_import_then_imagenet_gives_the_same_pixels(apply, weights_file,
     assert np.array_equal(pixels(by_path), pixels(by_name))
     main(["weights", "status"])
     assert "vgg19     cached" in capsys.readouterr().out
+
+
+def test_help_and_usage_errors_answer_without_loading_torch():
+    # Importing torch takes seconds; only commands that run the network should pay for it.
+    script = ("import sys\nfrom stylekit.cli import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "try:\n    main(['apply', 'photo.jpg', '-o', 'out.png'])\nexcept SystemExit:\n    pass\n"
+              "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert "give either --preset NAME or at least one --style image" in done.stderr

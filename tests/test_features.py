@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stylekit.features import BACKBONES, FeatureExtractor
+from stylekit.request import BACKBONE_NAMES
 from stylekit.weights import random_state_dict
 
 
@@ -142,3 +143,7 @@ def test_bf16_gradient_leaves_forward_only_passes_alone():
         plain = extractor(_test_image())
         low = extractor(_test_image(), gradient_dtype=torch.bfloat16)
     assert all(torch.equal(low[name], plain[name]) for name in plain)
+
+
+def test_the_requests_backbone_names_are_the_backbones():
+    assert tuple(BACKBONES) == BACKBONE_NAMES
