@@ -25,6 +25,15 @@ def test_bench_compares_stylekit_with_the_reference_at_the_same_loss(tmp_path):
             f"({theirs['content_loss']:.3g} / {theirs['style_loss']:.3g})") in table
 
 
+def test_bench_also_times_stylekit_to_the_lowest_loss_the_reference_passed(tmp_path):
+    results = main(["--sizes", "32", "--steps", "5", "--no-doc", "--output", str(tmp_path)])
+    reference, ours = results["rows"][0]["reference"], results["rows"][0]["stylekit"]
+    assert 0 < reference["seconds_to_best"] <= reference["seconds"]
+    if ours["time_to_best"] is not None:
+        assert ours["speedup_to_best"] == pytest.approx(reference["seconds_to_best"] / ours["time_to_best"])
+    assert f"{reference['best_loss']:.4g} ({reference['seconds_to_best']:.1f} s) → " in markdown(results)
+
+
 def test_hotfolder_bench_times_a_real_watcher_against_the_reference(tmp_path):
     results = hotfolder_main(["--count", "2", "--size", "32", "--steps", "3", "--stylekit-steps", "3",
                               "--no-doc", "--output", str(tmp_path)])
