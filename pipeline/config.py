@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stylekit.errors import StylekitError
 from stylekit.presets import OPTION_KINDS
-from stylekit.request import StyleOptions
+from stylekit.request import StyleOptions, validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -116,7 +116,6 @@ def checked(config: WatchConfig) -> WatchConfig:
         if not 1 <= folder.quality <= 100:
             raise StylekitError(f"bad quality {folder.quality} (1 to 100)")
         try:
-            from stylekit.engine import validate  # imports torch: only when a config is read
             validate(StyleOptions().replace(**folder.overrides))
         except (TypeError, ValueError) as error:
             raise StylekitError(f"bad engine option for inbox '{inbox}': {error}") from None

@@ -23,11 +23,11 @@ import numpy as np
 
 from . import __version__
 from .atomic import write_json
-from .engine import stylize, validate
+from .engine import stylize
 from .errors import StylekitError
 from .image import LoadedImage, load_image, save_image
 from .presets import Preset, preset_request
-from .request import Result, StyleRequest
+from .request import Result, StyleRequest, validate
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 FAILED_FILE = "stylekit-failed.json"

@@ -21,61 +21,10 @@ from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .gradients import gradient_function
 from .onnx_features import CUDA_PROVIDER, gpu_provider_installed, onnx_targets
-from .request import (
-    COLOR_MODES,
-    DEVICES,
-    INITS,
-    OPTIMIZERS,
-    POOLINGS,
-    PRECISIONS,
-    TARGET_ENGINES,
-    Progress,
-    ProgressCallback,
-    Result,
-    StyleOptions,
-    StyleRequest,
-)
+from .request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest, validate
 from .weights import Weights, resolve_weights
 
 DEFAULT_LONG_SIDE = 512  # without --size, larger images are scaled down to this; smaller ones kept
-
-
-def validate(options: StyleOptions) -> None:
-    """Refuse impossible option values up front, with a message naming the option."""
-    choices = {"optimizer": OPTIMIZERS, "init": INITS, "preserve_color": COLOR_MODES,
-               "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS,
-               "targets": TARGET_ENGINES}
-    for name, allowed in choices.items():
-        if getattr(options, name) not in allowed:
-            raise StylekitError(f"bad {name} '{getattr(options, name)}' "
-                                f"(choose from {', '.join(allowed)})")
-    try:
-        spec = backbone_spec(options.backbone)
-    except ValueError as exc:
-        raise StylekitError(str(exc)) from None
-    positive = {"steps": options.steps, "style_scale": options.style_scale,
-                "learning_rate": options.learning_rate}
-    if options.min_scale is not None:
-        positive["min_scale"] = options.min_scale
-    if options.size is not None:
-        positive["size"] = options.size
-    if options.scales is not None:
-        positive["scales"] = options.scales
-    for name, value in positive.items():
-        if not value > 0:
-            raise StylekitError(f"bad {name} {value} (must be greater than 0)")
-    for name in ("content_weight", "style_weight", "tv_weight"):
-        value = getattr(options, name)
-        if not (value >= 0 and math.isfinite(value)):
-            raise StylekitError(f"bad {name} {value} (must be a finite number ≥ 0)")
-    for layer in (options.content_layers or ()) + (options.style_layers or ()):
-        if layer not in spec.layers:
-            raise StylekitError(f"unknown layer '{layer}' for {options.backbone} "
-                                f"(e.g. {', '.join(spec.style_layers)})")
-    style_layers = options.style_layers or spec.style_layers
-    if options.style_layer_weights and len(options.style_layer_weights) != len(style_layers):
-        raise StylekitError(f"{len(options.style_layer_weights)} style layer weights given for "
-                            f"{len(style_layers)} style layers")
 
 
 CHECKPOINT_PIXELS = 8 << 20  # a batch larger than this recomputes activations in the backward pass

@@ -16,55 +16,13 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import winograd
+from .backbones import BACKBONES, backbone_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What the engine needs to know about a backbone: its layer names and default layer sets."""
-
-    name: str
-    layers: tuple[str, ...]
-    content_layers: tuple[str, ...]
-    style_layers: tuple[str, ...]
-
-
-def _vgg_layer_names(cfg: list) -> list[str]:
-    """Name every module of torchvision's VGG `features` the way the style-transfer papers do."""
-    names: list[str] = []
-    block, index = 1, 1
-    for item in cfg:
-        if item == "M":
-            names.append(f"pool{block}")
-            block, index = block + 1, 1
-        else:
-            names += [f"conv{block}_{index}", f"relu{block}_{index}"]
-            index += 1
-    return names
-
-
 _VGG_CFG = {"vgg19": torchvision.models.vgg.cfgs["E"], "vgg16": torchvision.models.vgg.cfgs["D"]}
-_RESNET_LAYERS = ("conv1", "relu", "pool", "layer1", "layer2", "layer3", "layer4")
-_GATYS_STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vgg19": BackboneSpec("vgg19", tuple(_vgg_layer_names(_VGG_CFG["vgg19"])), ("relu4_2",),
-                          _GATYS_STYLE),
-    "vgg16": BackboneSpec("vgg16", tuple(_vgg_layer_names(_VGG_CFG["vgg16"])), ("relu4_2",),
-                          _GATYS_STYLE),
-    "resnet50": BackboneSpec("resnet50", _RESNET_LAYERS, ("layer2",),
-                             ("relu", "layer1", "layer2", "layer3")),
-}
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by name, with the list of valid names in the error."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})") from None
 
 
 def build_network(backbone: str) -> nn.Module:
@@ -91,9 +49,8 @@ def _named_stages(model: nn.Module, backbone: str) -> list[tuple[str, nn.Module]
     if backbone in _VGG_CFG:
         return list(zip(BACKBONES[backbone].layers, model.features, strict=True))
     stem = nn.Sequential(model.conv1, model.bn1)
-    return [("conv1", stem), ("relu", model.relu), ("pool", model.maxpool),
-            ("layer1", model.layer1), ("layer2", model.layer2), ("layer3", model.layer3),
-            ("layer4", model.layer4)]
+    modules = (stem, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)
+    return list(zip(BACKBONES[backbone].layers, modules, strict=True))
 
 
 @dataclass(frozen=True)

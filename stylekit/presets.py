@@ -34,7 +34,7 @@ from . import builtin_presets
 from .atomic import write_bytes
 from .errors import StylekitError
 from .image import load_image
-from .request import StyleOptions, StyleRequest
+from .request import StyleOptions, StyleRequest, validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -164,7 +164,6 @@ def _options(options: object, blend: tuple[float, ...], path: Path) -> dict[str,
         if converted[key] is None:
             _fail(path, f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
     try:
-        from .engine import validate  # engine imports torch: only when a preset is read
         validate(StyleOptions().replace(**converted, style_blend=blend))
     except StylekitError as exc:
         _fail(path, "options", f"is invalid: {exc}")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+
+from .backbones import BACKBONES, backbone_spec
+from .errors import StylekitError
 
 OPTIMIZERS = ("lbfgs", "adam")
 INITS = ("content", "noise", "style")
@@ -14,7 +18,7 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16-grad", "bf16", "fp16")
 POOLINGS = ("max", "avg")
 TARGET_ENGINES = ("onnx", "torch")
-BACKBONE_NAMES = ("vgg19", "vgg16", "resnet50")  # features.BACKBONES, without importing torch
+BACKBONE_NAMES = tuple(BACKBONES)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,44 @@ class StyleOptions:
     def as_dict(self) -> dict[str, object]:
         """Plain values for JSON reports and image metadata."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def validate(options: StyleOptions) -> None:
+    """Refuse impossible option values up front, with a message naming the option."""
+    choices = {"optimizer": OPTIMIZERS, "init": INITS, "preserve_color": COLOR_MODES,
+               "device": DEVICES, "precision": PRECISIONS, "pooling": POOLINGS,
+               "targets": TARGET_ENGINES}
+    for name, allowed in choices.items():
+        if getattr(options, name) not in allowed:
+            raise StylekitError(f"bad {name} '{getattr(options, name)}' "
+                                f"(choose from {', '.join(allowed)})")
+    try:
+        spec = backbone_spec(options.backbone)
+    except ValueError as exc:
+        raise StylekitError(str(exc)) from None
+    positive = {"steps": options.steps, "style_scale": options.style_scale,
+                "learning_rate": options.learning_rate}
+    if options.min_scale is not None:
+        positive["min_scale"] = options.min_scale
+    if options.size is not None:
+        positive["size"] = options.size
+    if options.scales is not None:
+        positive["scales"] = options.scales
+    for name, value in positive.items():
+        if not value > 0:
+            raise StylekitError(f"bad {name} {value} (must be greater than 0)")
+    for name in ("content_weight", "style_weight", "tv_weight"):
+        value = getattr(options, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise StylekitError(f"bad {name} {value} (must be a finite number ≥ 0)")
+    for layer in (options.content_layers or ()) + (options.style_layers or ()):
+        if layer not in spec.layers:
+            raise StylekitError(f"unknown layer '{layer}' for {options.backbone} "
+                                f"(e.g. {', '.join(spec.style_layers)})")
+    style_layers = options.style_layers or spec.style_layers
+    if options.style_layer_weights and len(options.style_layer_weights) != len(style_layers):
+        raise StylekitError(f"{len(options.style_layer_weights)} style layer weights given for "
+                            f"{len(style_layers)} style layers")
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
-from .engine import DEFAULT_LONG_SIDE, stylize, validate
+from .engine import DEFAULT_LONG_SIDE, stylize
 from .errors import Cancelled, StylekitError
 from .image import encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
-from .request import Progress, Result, StyleOptions, StyleRequest
+from .request import Progress, Result, StyleOptions, StyleRequest, validate
 
 log = logging.getLogger("stylekit.server")
 

@@ -234,12 +234,21 @@ def test_weights_import_then_imagenet_gives_the_same_pixels(apply, weights_file,
     assert "vgg19     cached" in capsys.readouterr().out
 
 
+def _without_torch(*commands: list[str]) -> subprocess.CompletedProcess:
+    """Run CLI commands in a fresh interpreter; its last line says whether torch got loaded."""
+    calls = "".join(f"try:\n    main({command!r})\nexcept SystemExit:\n    pass\n" for command in commands)
+    script = f"import sys\nfrom stylekit.cli import main\n{calls}print('torch' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
 def test_help_and_usage_errors_answer_without_loading_torch():
     # Importing torch takes seconds; only commands that run the network should pay for it.
-    script = ("import sys\nfrom stylekit.cli import main\n"
-              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-              "try:\n    main(['apply', 'photo.jpg', '-o', 'out.png'])\nexcept SystemExit:\n    pass\n"
-              "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = _without_torch(["--help"], ["apply", "photo.jpg", "-o", "out.png"])
     assert done.stdout.strip().splitlines()[-1] == "False"
     assert "give either --preset NAME or at least one --style image" in done.stderr
+
+
+def test_listing_presets_does_not_load_torch():
+    done = _without_torch(["presets", "list"])
+    assert "ink-wash" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torchvision
 
+from stylekit.backbones import VGG_CFGS
 from stylekit.features import BACKBONES, FeatureExtractor
-from stylekit.request import BACKBONE_NAMES
 from stylekit.weights import random_state_dict
 
 
@@ -145,5 +146,6 @@ def test_bf16_gradient_leaves_forward_only_passes_alone():
     assert all(torch.equal(low[name], plain[name]) for name in plain)
 
 
-def test_the_requests_backbone_names_are_the_backbones():
-    assert tuple(BACKBONES) == BACKBONE_NAMES
+def test_the_torch_free_vgg_layouts_are_torchvisions():
+    cfgs = torchvision.models.vgg.cfgs
+    assert {"vgg19": cfgs["E"], "vgg16": cfgs["D"]} == VGG_CFGS
