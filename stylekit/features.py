@@ -16,20 +16,17 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import winograd
-from .backbones import BACKBONES, backbone_spec
+from .backbones import BACKBONES, VGG_CFGS, backbone_spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-_VGG_CFG = {"vgg19": torchvision.models.vgg.cfgs["E"], "vgg16": torchvision.models.vgg.cfgs["D"]}
-
-
 def build_network(backbone: str) -> nn.Module:
     """The torchvision definition without its classifier (saves ~500 MiB for VGG), untrained."""
-    if backbone in _VGG_CFG:
+    if backbone in VGG_CFGS:
         model = nn.Module()
-        model.features = torchvision.models.vgg.make_layers(_VGG_CFG[backbone], batch_norm=False)
+        model.features = torchvision.models.vgg.make_layers(VGG_CFGS[backbone], batch_norm=False)
         return model
     if backbone == "resnet50":
         model = torchvision.models.resnet50(weights=None)
@@ -46,7 +43,7 @@ def network_state_keys(backbone: str) -> dict[str, torch.Size]:
 
 def _named_stages(model: nn.Module, backbone: str) -> list[tuple[str, nn.Module]]:
     """The network as an ordered list of (layer name, module) pairs."""
-    if backbone in _VGG_CFG:
+    if backbone in VGG_CFGS:
         return list(zip(BACKBONES[backbone].layers, model.features, strict=True))
     stem = nn.Sequential(model.conv1, model.bn1)
     modules = (stem, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)
