@@ -87,17 +87,52 @@ def test_stops_after_one_evaluation_at_a_stationary_point():
 
 def test_a_pair_without_positive_curvature_is_not_stored():
     curvature = lbfgs.empty_curvature(3, torch.zeros(4))
-    assert not lbfgs.remember(curvature, torch.ones(4), -torch.ones(4))
-    assert lbfgs.remember(curvature, torch.ones(4), torch.ones(4))
-    assert curvature.stored == 1
+    lbfgs.remember(curvature, torch.ones(4), -torch.ones(4))
+    assert int(curvature.count) == 0 and not curvature.pairs.any() and not curvature.sy.any()
+    lbfgs.remember(curvature, torch.ones(4), torch.ones(4))
+    assert int(curvature.count) == 1 and curvature.sy[0, 0] == 4.0
 
 
 def test_the_oldest_pair_is_replaced_once_the_history_is_full():
     curvature = lbfgs.empty_curvature(2, torch.zeros(3))
     for scale in (1.0, 2.0, 3.0):
         lbfgs.remember(curvature, scale * torch.ones(3), torch.ones(3))
-    assert curvature.stored == 2 and curvature.oldest == 1
+    assert int(curvature.count) == 3
     assert curvature.pairs[:2, 0].tolist() == [3.0, 2.0]  # slot 0 rewritten by the third pair
+    assert curvature.sy.tolist() == [[9.0, 9.0], [6.0, 6.0]]  # s_i · y_j by slot, the new row included
+
+
+def _two_loop(pairs: list[tuple[torch.Tensor, torch.Tensor]], gradient: torch.Tensor) -> torch.Tensor:
+    """The textbook two-loop recursion (Nocedal and Wright, algorithm 7.4), oldest pair first."""
+    q, alphas = gradient.clone(), []
+    for s, y in reversed(pairs):
+        alpha = s.dot(q) / y.dot(s)
+        q -= alpha * y
+        alphas.append(alpha)
+    s, y = pairs[-1]
+    r = q * s.dot(y) / y.dot(y)
+    for (s, y), alpha in zip(pairs, reversed(alphas), strict=True):
+        r += s * (alpha - y.dot(r) / y.dot(s))
+    return -r
+
+
+@pytest.mark.parametrize("stored", [1, 3, 7])  # part of the slots, all of them, wrapped round the ring
+def test_the_direction_is_the_two_loop_recursions(stored):
+    gen = torch.Generator().manual_seed(stored)
+    curvature, pairs = lbfgs.empty_curvature(4, torch.zeros(N, dtype=torch.float64)), []
+    for _ in range(stored):
+        s = torch.randn(N, generator=gen, dtype=torch.float64)
+        y = s + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64)
+        lbfgs.remember(curvature, s, y)
+        pairs = [*pairs, (s, y)][-4:]
+    gradient = torch.randn(N, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(lbfgs.direction(curvature, gradient), _two_loop(pairs, gradient),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_with_no_pairs_the_direction_is_the_negative_gradient():
+    gradient = torch.arange(5.0)
+    assert lbfgs.direction(lbfgs.empty_curvature(3, gradient), gradient).tolist() == (-gradient).tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -115,3 +150,31 @@ def test_a_direction_on_the_gpu_reads_nothing_back_to_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert float(towards.dot(gradient)) < 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_storing_a_pair_on_the_gpu_reads_nothing_back_to_the_host():
+    curvature = lbfgs.empty_curvature(4, torch.zeros(64, device="cuda"))
+    step = torch.ones(64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            lbfgs.remember(curvature, step, 2 * step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(curvature.count) == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bounds", [None, BOX])
+def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(bounds):
+    f, final = _problem(), {}
+    for device in ("cpu", "cuda"):
+        counter = []
+        x = torch.zeros(N, dtype=torch.float64, device=device, requires_grad=True)
+        lbfgs.minimise(_closure(lambda v: f(v.cpu()), x, counter), x, history=4, line_search=True,
+                       evaluations=40, bounds=bounds)
+        final[device] = x.detach().cpu()
+        assert len(counter) == 40
+    torch.testing.assert_close(final["cuda"], final["cpu"], rtol=0, atol=1e-9)
