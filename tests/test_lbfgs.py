@@ -169,12 +169,13 @@ def test_storing_a_pair_on_the_gpu_reads_nothing_back_to_the_host():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bounds", [None, BOX])
 def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(bounds):
-    f, final = _problem(), {}
+    f, final, spent = _problem(), {}, {}
     for device in ("cpu", "cuda"):
         counter = []
         x = torch.zeros(N, dtype=torch.float64, device=device, requires_grad=True)
-        lbfgs.minimise(_closure(lambda v: f(v.cpu()), x, counter), x, history=4, line_search=True,
-                       evaluations=40, bounds=bounds)
-        final[device] = x.detach().cpu()
-        assert len(counter) == 40
+        for _ in range(3):  # rounds, as the engine runs them: in the box a line search can fail
+            lbfgs.minimise(_closure(lambda v: f(v.cpu()), x, counter), x, history=4, line_search=True,
+                           evaluations=40, bounds=bounds)
+        final[device], spent[device] = x.detach().cpu(), len(counter)
+    assert spent["cuda"] == spent["cpu"] > 20
     torch.testing.assert_close(final["cuda"], final["cpu"], rtol=0, atol=1e-9)
