@@ -118,23 +118,25 @@ def replayed(update: Update, use_graph: bool) -> Update:
     """
     if not use_graph:
         return update
-    state: dict[str, object] = {"calls": 0}
+    graph: torch.cuda.CUDAGraph | None = None
+    output: tuple[torch.Tensor, torch.Tensor] | None = None
+    calls, failed = 0, False
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        state["calls"] += 1
-        if state["calls"] == 1 or state.get("failed"):
+        nonlocal graph, output, calls, failed
+        calls += 1
+        if calls == 1 or failed:
             return update()
-        if "graph" not in state:
+        if graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    state["out"] = update()
+                    output = update()
             except RuntimeError:  # recording changes nothing: the plain update still works
-                state["failed"] = True
+                failed = True
                 return update()
-            state["graph"] = graph
-        state["graph"].replay()
-        return state["out"]
+        graph.replay()
+        return output
     return run
 
 

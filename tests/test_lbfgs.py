@@ -181,3 +181,26 @@ def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(bounds, rounds
         final[device], spent[device] = x.detach().cpu(), len(counter)
     assert spent["cuda"] == spent["cpu"] > 20
     torch.testing.assert_close(final["cuda"], final["cpu"], rtol=0, atol=1e-9)
+
+
+def test_an_update_that_cannot_be_recorded_keeps_running_as_it_is(monkeypatch):
+    class Refusing:  # what torch.cuda.graph does with an operation that cannot be captured
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", Refusing)
+    calls = []
+
+    def update():
+        calls.append(1)
+        return torch.zeros(2), torch.zeros(1)
+    run = lbfgs.replayed(update, use_graph=True)
+    for _ in range(4):
+        run()
+    assert len(calls) == 4
