@@ -54,8 +54,7 @@ def engine_options(function):
     decorators = [
         click.option("--size", type=click.IntRange(min=16), help="Long side of the output in pixels."),
         click.option("--steps", type=click.IntRange(min=1),
-                     help="Loss evaluations at full size; coarser scales get half"
-                     " (a quarter on a CUDA GPU)."),
+                     help="Loss evaluations at full size; coarser scales get half."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
         click.option("--init", "init", metavar="content|noise|style|FILE",
                      help="Starting image (default: content)."),

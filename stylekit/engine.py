@@ -36,10 +36,8 @@ CHANNELS_LAST = True  # on a GPU, activations in N×H×W×C order, the tensor co
 PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
 LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this skip the line search
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
-# (a third took 5% less time on tubingen × starry_night, 5% more on golden_gate × shipwreck) ...
-COARSE_SHARES = {"cuda": 0.25}  # ... except where a coarse evaluation costs more than its pixels'
-# share: on an H100 a 256 px one costs about half a 512 px one (a CPU's, a quarter), and a quarter
-# of --steps reached the reference's loss ~15% sooner than half (see docs/benchmarks.md)
+# (a third took 5% less time on tubingen × starry_night, 5% more on golden_gate × shipwreck; a
+# quarter, ~15% less on an H100 with tubingen, left golden_gate at 3.14 instead of 2.67 on a CPU)
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
 
@@ -69,9 +67,9 @@ def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
     return sizes
 
 
-def scale_steps(steps: int, finest: bool, device_type: str = "cpu") -> int:
-    """Loss evaluations at one scale: all of --steps at the finest, the device's share of them before."""
-    return steps if finest else max(1, round(steps * COARSE_SHARES.get(device_type, COARSE_SHARE)))
+def scale_steps(steps: int, finest: bool) -> int:
+    """Loss evaluations at one scale: all of --steps at the finest, COARSE_SHARE of them before."""
+    return steps if finest else max(1, round(steps * COARSE_SHARE))
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -465,8 +463,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
             style_groups.append((full, request, [index]))
         else:
             group[2].append(index)
-    total_steps = sum(scale_steps(options.steps, index == len(sizes), runtime.device.type)
-                      for index in range(1, len(sizes) + 1))
+    total_steps = sum(scale_steps(options.steps, index == len(sizes)) for index in range(1, len(sizes) + 1))
     done = 0
     last_loss: float | None = None
     # On a GPU, reading the loss waits for the device: report at most every PROGRESS_EVERY_S there.
@@ -497,7 +494,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
         image = _upscale(image, content) if image is not None else torch.cat(
             [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
-        steps = scale_steps(options.steps, scale == len(sizes), runtime.device.type)
+        steps = scale_steps(options.steps, scale == len(sizes))
 
         def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets) -> _Losses:
             return _evaluate(x, extractor, runtime, ct, st, layer_weights, options)

@@ -26,7 +26,7 @@ class StyleOptions:
     """Every engine knob, with the defaults a user gets; presets and CLI flags override by name."""
 
     size: int | None = None  # long side of the output; None: the content's, at most 512
-    steps: int = 200  # loss evaluations at the finest scale (coarser ones fewer: engine.scale_steps)
+    steps: int = 200  # loss evaluations at the finest scale (coarser ones get half: engine.COARSE_SHARE)
     optimizer: str = "lbfgs"
     init: str = "content"  # content | noise | style (an init image goes in StyleRequest.init_image)
     content_weight: float = 1.0

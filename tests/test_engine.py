@@ -8,7 +8,7 @@ import torch
 from conftest import make_painting, make_photo
 
 from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, engine, lbfgs, stylize
-from stylekit.engine import _optimise, pick_runtime, scale_sizes, scale_steps, stylize_batch
+from stylekit.engine import _optimise, pick_runtime, scale_sizes, stylize_batch
 
 
 @pytest.fixture
@@ -108,12 +108,6 @@ def test_by_default_a_half_size_scale_comes_before_the_full_size():
 def test_every_scale_is_optimised_coarse_ones_with_half_the_steps(run):
     result = run(size=80, scales=2, steps=4)
     assert result.iterations == 4 + 2
-
-
-def test_on_a_cuda_gpu_coarse_scales_get_a_quarter_of_the_steps():
-    assert scale_steps(300, finest=False, device_type="cuda") == 75
-    assert scale_steps(300, finest=False, device_type="cpu") == 150
-    assert scale_steps(300, finest=True, device_type="cuda") == 300
 
 
 def test_progress_reports_every_evaluation_in_order(run):
