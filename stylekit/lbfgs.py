@@ -187,7 +187,10 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     gradient, previous, start = first_gradient, first_gradient.clone(), flat.clone()
 
     def update() -> tuple[torch.Tensor, torch.Tensor]:
-        """Remember the step just taken, then the next direction: ((its slope, the step's size), it)."""
+        """Store the step just taken, then find the next direction.
+
+        Returns ([the gradient's slope along it, the step's largest move], the direction).
+        """
         moved = flat - start
         remember(curvature, moved, gradient - previous)
         towards = direction(curvature, gradient)
@@ -198,15 +201,15 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     advance = replayed(update, flat.is_cuda)
     towards, step = first_gradient.neg(), min(1.0, 1.0 / size)
     flags = torch.stack([gradient.dot(towards), gradient.new_ones(())])
-    while True:
-        slope_value, moved_value = flags.tolist()  # the one read back to the host per iteration
+    while spent < evaluations:
+        slope_value, moved_value = flags.tolist()  # the update's one read back to the host
         if not moved_value > 0:  # the line search found no step
             return
         if not slope_value < 0:  # not a descent direction (or a zero gradient): nothing left to gain
             return
-        if line_search:
+        if line_search:  # torch's search evaluates up to max_ls + 1 times
             loss, new_gradient, step, _ = _strong_wolfe(along, start, step, towards, loss, gradient,
-                                                        slope_value, max_ls=evaluations - spent)
+                                                        slope_value, max_ls=evaluations - spent - 1)
             flat.add_(towards, alpha=step)
             if bounds:
                 flat.clamp_(*bounds)

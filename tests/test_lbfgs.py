@@ -204,3 +204,11 @@ def test_an_update_that_cannot_be_recorded_keeps_running_as_it_is(monkeypatch):
     for _ in range(4):
         run()
     assert len(calls) == 4
+
+
+def test_never_evaluates_more_than_its_budget():
+    f, x, counter = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    for evaluations in (1, 2, 7):
+        counter.clear()
+        lbfgs.minimise(_closure(f, x, counter), x, history=4, line_search=True, evaluations=evaluations)
+        assert len(counter) <= evaluations
