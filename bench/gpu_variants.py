@@ -1,11 +1,13 @@
 """The GPU path's levers side by side in one run (`python -m bench.gpu_variants`, CUDA only).
 
-In order: optional kernel profiles (--profile, channels-last and NCHW); `stylize` end to end per
-precision, with graphs on and off, channels-last and NCHW; one square image at the largest size with
-its peak memory; then per size the milliseconds per L-BFGS evaluation (strong-Wolfe line search, as
-the fine scale runs) in fp32 (TF32 convolutions, the reference's precision) with plain autograd and
-with a CUDA-graph replay, in NCHW, with TF32 Grams, through torch.compile, and with the graph in
-bf16-grad and bf16.
+In order: optional kernel profiles (--profile, channels-last and NCHW); optional timelines
+(--timeline: a cold and a warm `stylize`, when each scale started and how the fine scale's loss
+fell); `stylize` end to end per precision, with graphs on and off, channels-last and NCHW; one square
+image at the largest size with its peak memory; then per size the milliseconds per L-BFGS
+evaluation (strong-Wolfe line search, as the fine scale runs) in fp32 (TF32 convolutions, the
+reference's precision) with plain autograd and with a CUDA-graph replay, with the L-BFGS update
+launched op by op instead of replayed, in NCHW, with TF32 Grams, through torch.compile, and with
+the graph in bf16-grad and bf16.
 JSON to --output after every part; each row also on stdout.
 """
 
@@ -20,10 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from bench.run import ROOT, environment, images
-from stylekit import StyleOptions, StyleRequest, engine, stylize
+from stylekit import StyleOptions, StyleRequest, engine, lbfgs, stylize
 from stylekit.engine import (
     Runtime,
     _evaluate,
@@ -37,14 +40,16 @@ from stylekit.engine import (
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.weights import resolve_weights
 
-VARIANTS = {  # name: (precision, CUDA graph, channels-last, TF32 Grams, torch.compile)
-    "fp32 eager": ("fp32", False, True, False, False),
-    "fp32 graph": ("fp32", True, True, False, False),
-    "fp32 graph NCHW": ("fp32", True, False, False, False),
-    "fp32 graph TF32 Grams": ("fp32", True, True, True, False),
-    "fp32 graph compiled": ("fp32", True, True, False, True),
-    "bf16-grad graph": ("bf16-grad", True, True, False, False),
-    "bf16 graph": ("bf16", True, True, False, False),
+# name: (precision, CUDA graph, channels-last, TF32 Grams, torch.compile, L-BFGS update replayed)
+VARIANTS = {
+    "fp32 eager": ("fp32", False, True, False, False, True),
+    "fp32 graph": ("fp32", True, True, False, False, True),
+    "fp32 graph, L-BFGS update op by op": ("fp32", True, True, False, False, False),
+    "fp32 graph NCHW": ("fp32", True, False, False, False, True),
+    "fp32 graph TF32 Grams": ("fp32", True, True, True, False, True),
+    "fp32 graph compiled": ("fp32", True, True, False, True, True),
+    "bf16-grad graph": ("bf16-grad", True, True, False, False, True),
+    "bf16 graph": ("bf16", True, True, False, False, True),
 }
 # The first run meets each shape cold (graph recording, cuDNN's and cuBLAS's set-up); its repeat
 # is warm. (precision, CUDA graph, channels-last, TF32 Grams)
@@ -53,14 +58,16 @@ END_TO_END = (("fp32", True, True, False), ("fp32", True, True, False), ("fp32",
 
 
 @contextmanager
-def levers(channels_last: bool, tf32_grams: bool = False) -> Iterator[None]:
-    """The engine's layout and cuBLAS's fp32 matrix-product mode (the Grams') for one variant."""
-    saved = engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32
+def levers(channels_last: bool, tf32_grams: bool = False, replay_updates: bool = True) -> Iterator[None]:
+    """The engine's layout, cuBLAS's fp32 matrix-product mode (the Grams') and whether L-BFGS
+    replays its update as a CUDA graph, for one variant."""
+    saved = engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS
     engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32 = channels_last, tf32_grams
+    lbfgs.CUDA_GRAPHS = replay_updates
     try:
         yield
     finally:
-        engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32 = saved
+        engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS = saved
 
 
 def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
@@ -100,14 +107,40 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
 
 def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
                    graphed: bool, channels_last: bool, tf32_grams: bool, compiled: bool,
-                   steps: int) -> float:
+                   replay_updates: bool, steps: int) -> float:
     """Seconds per evaluation of a fine-scale optimisation, warm: the difference between runs of
     8 and 8 + `steps` evaluations, so that each run's fixed cost (recording its graph: about four
     evaluations) stays out of the figure."""
-    with levers(channels_last, tf32_grams):
+    with levers(channels_last, tf32_grams, replay_updates):
         run = fine_scale(content, style, state, precision, graphed, compiled)
         run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up (and compiling) happen here
         return (run(8 + steps) - run(8)) / steps
+
+
+def timeline(content: np.ndarray, style: np.ndarray, options: StyleOptions) -> dict[str, object]:
+    """One `stylize` as it went: when each scale's first evaluation was reported, and the fine
+    scale's (seconds, evaluation, loss) at every report — where a run's time goes."""
+    points: list[tuple[str, int, float, int, float | None]] = []
+    result = stylize(StyleRequest(content, [style], options),
+                     lambda p: points.append((p.stage, p.scale, p.elapsed, p.iteration, p.loss)))
+    starts: dict[int, float] = {}
+    for stage, scale, elapsed, _, _ in points:
+        if stage == "optimise":
+            starts.setdefault(scale, elapsed)
+    fine = [(elapsed, count, loss) for stage, scale, elapsed, count, loss in points
+            if stage == "optimise" and scale == max(starts)]
+    return {"seconds": result.seconds, "total_loss": result.total_loss,
+            "first_evaluation_s": starts, "fine": fine}
+
+
+def _summary(run: dict[str, object]) -> str:
+    """'2.01 s, scales from 0.05, 0.49 s; within 10/5/1% of the final loss after 0.9/1.1/1.6 s'."""
+    final = run["total_loss"]
+    reached = [next((f"{elapsed:.2f}" for elapsed, _, loss in run["fine"] if loss <= final * (1 + share)),
+                    "—") for share in (0.1, 0.05, 0.01)]
+    starts = ", ".join(f"{seconds:.2f}" for seconds in run["first_evaluation_s"].values())
+    return (f"{run['seconds']:.2f} s, final {final:.4g}, scales from {starts} s; within 10/5/1% of "
+            f"the final loss after {'/'.join(reached)} s")
 
 
 def kernel_profile(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
@@ -133,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--square-steps", type=int, default=300)
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="Long sides to profile (fp32, plain autograd); tables to --output.")
+    parser.add_argument("--timeline", type=int, nargs="*", default=[],
+                        help="Long sides to run cold then warm, reporting when each stage began.")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -141,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     spec = "auto" if weights.source == "imagenet" else "random"
     results: dict[str, object] = {"environment": environment(device), "images": names,
                                   "weights": weights.description, "per_evaluation_ms": {},
-                                  "end_to_end": [], "square": None}
+                                  "end_to_end": [], "square": None, "timeline": {}}
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / f"gpu-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
@@ -156,6 +191,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             (args.output / f"gpu-profile-{size}-{layout}.txt").write_text(table)
             print(f"{size} px, {layout}:\n{table}", flush=True)
     base = StyleOptions(weights=spec, device="cuda", targets="torch")
+    for size in args.timeline:  # make bench's budget: 300 fine evaluations
+        runs = {label: timeline(content_np, style_np, replace(base, size=size, steps=300))
+                for label in ("cold", "warm")}
+        results["timeline"][str(size)] = runs
+        for label, run in runs.items():
+            print(f"{size} px {label}: {_summary(run)}", flush=True)
+        save()
     for size in args.end_to_end:
         for precision, graphs, channels_last, tf32_grams in END_TO_END:
             engine.CUDA_GRAPHS = graphs

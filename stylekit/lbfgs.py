@@ -25,6 +25,7 @@ import torch
 from torch.optim.lbfgs import _strong_wolfe
 
 MIN_CURVATURE = 1e-10  # a pair with s·y at or below this would break the update: skipped, as in torch
+CUDA_GRAPHS = True  # on a GPU, each iteration's update is recorded once and replayed (see replayed)
 
 
 @dataclass
@@ -198,7 +199,7 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         start.copy_(flat)
         return torch.stack([gradient.dot(towards), moved.abs().max().to(gradient.dtype)]), towards
 
-    advance = replayed(update, flat.is_cuda)
+    advance = replayed(update, flat.is_cuda and CUDA_GRAPHS)
     towards, step = first_gradient.neg(), min(1.0, 1.0 / size)
     flags = torch.stack([gradient.dot(towards), gradient.new_ones(())])
     while spent < evaluations:
