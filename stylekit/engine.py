@@ -310,16 +310,13 @@ def history_size(image: torch.Tensor) -> int:
     return max(5, min(HISTORY_SIZE, HISTORY_BYTES // pair))
 
 
-def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions, report,
-              graphed: bool = False, pairs: lbfgs.Curvature | None = None,
-              ) -> tuple[int, lbfgs.Curvature | None]:
+def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
+              report, graphed: bool = False) -> int:
     """Run one scale's optimiser for `steps` loss evaluations, leaving in `image` the best iterate.
 
     Line-search trials and Adam steps can be worse than earlier points, so each image keeps the
     lowest-loss pixels it has been evaluated at (a copy per step, no host synchronisation).
-    With `graphed`, each evaluation replays a CUDA graph (see gradients.py). L-BFGS's first round
-    starts from `pairs` (a coarser scale's, see `_carried_pairs`) when given. Returns the evaluations
-    spent and the L-BFGS pairs of the last round (None with Adam).
+    With `graphed`, each evaluation replays a CUDA graph (see gradients.py).
     """
     image.requires_grad_(True)
     gradient = gradient_function(lambda x: evaluate(x).total, image, graphed)
@@ -352,17 +349,15 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions, 
             # step forever (the built-in pair at 256 px sat at one loss for its last 230 evaluations).
             # So each round starts afresh from the best point; a round that gains nothing ends it.
             round_start = best_loss.clone()
-            pairs = pairs or lbfgs.empty_curvature(history_size(image), image.detach().view(-1))
             try:
                 lbfgs.minimise(closure, image, history_size(image), line_search, steps + 1,
-                               bounds=(0.0, 1.0), curvature=pairs)
+                               bounds=(0.0, 1.0))
             except _BudgetSpent:
                 break
             if not bool((best_loss < round_start).any()):
                 break
             with torch.no_grad():
                 image.copy_(best_image)
-            pairs = None
     else:
         optimizer = torch.optim.Adam([image], lr=options.learning_rate)
 
@@ -376,24 +371,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions, 
     image.grad = None
     with torch.no_grad():
         image.copy_(best_image)
-    return count, pairs
-
-
-def _carried_pairs(pairs: lbfgs.Curvature, coarse: torch.Size, image: torch.Tensor) -> lbfgs.Curvature:
-    """A coarser scale's L-BFGS pairs at this scale: steps upsampled like images, gradient changes
-    too and divided by the pixel ratio (a pixel's share of the loss shrinks with its size).
-
-    Why: the finer scale then starts knowing the loss's stiff low-frequency directions instead of
-    relearning them (256 px: the reference's loss after 199 instead of 225 fine evaluations on
-    tubingen × starry_night, 192 instead of 224 on golden_gate × shipwreck; docs/benchmarks.md).
-    """
-    ratio = image[0, 0].numel() / (coarse[-2] * coarse[-1])
-
-    def upsample(vector: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(vector.view(coarse), size=image.shape[-2:], mode="bilinear",
-                             align_corners=False).reshape(-1)
-    return lbfgs.carried(pairs, history_size(image), upsample, lambda change: upsample(change) / ratio,
-                         image.detach().reshape(-1))
+    return count
 
 
 def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> Result:
@@ -498,7 +476,6 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
                               last_loss, time.perf_counter() - started))
 
     image: torch.Tensor | None = None
-    pairs: lbfgs.Curvature | None = None  # the previous scale's L-BFGS pairs
     for scale, (w, h) in enumerate(sizes, start=1):
         emit("prepare", scale, (w, h))
         content = torch.cat([resize(c, w, h) for c in contents_full])
@@ -514,7 +491,6 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
                 per_image[index] = grams
         style_targets = {name: torch.cat([g[name] for g in per_image]) for name in style_layers}
         content_targets = targets.content(content, content_layers, ())
-        coarser = image.shape if image is not None else None
         image = _upscale(image, content) if image is not None else torch.cat(
             [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
@@ -537,10 +513,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
         base = done
         graphed = (CUDA_GRAPHS and runtime.device.type == "cuda" and steps >= GRAPH_MIN_STEPS
                    and image[:, 0].numel() <= CHECKPOINT_PIXELS)  # checkpointing recomputes: not recorded
-        if pairs is not None:
-            pairs = _carried_pairs(pairs, coarser, image)
-        spent, pairs = _optimise(image, evaluate, steps, options, report, graphed, pairs)
-        done = base + spent
+        done = base + _optimise(image, evaluate, steps, options, report, graphed)
     assert image is not None
     with torch.no_grad():
         final = evaluate(image)

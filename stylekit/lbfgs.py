@@ -82,22 +82,6 @@ def remember(curvature: Curvature, step: torch.Tensor, change: torch.Tensor) -> 
     curvature.count.add_(keep.long())
 
 
-def carried(curvature: Curvature, size: int, carry_step: Callable[[torch.Tensor], torch.Tensor],
-            carry_change: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> Curvature:
-    """The newest `size` pairs, oldest first, taken into another space (`like`'s) by linear maps.
-
-    Why: a coarse-to-fine run's finer scale starts with what the coarser one learnt of the loss's
-    curvature (its stiff, low-frequency directions) instead of relearning it from a steepest-descent
-    step; the caller maps steps and gradient changes (an upsampling, and the gradient's rescaling).
-    """
-    result = empty_curvature(size, like)
-    m, count = curvature.size, int(curvature.count)  # one read back, once per scale
-    ages = [(count - k) % m for k in range(min(count, m, size), 0, -1)]  # slots, oldest first
-    for slot in ages:
-        remember(result, carry_step(curvature.pairs[slot]), carry_change(curvature.pairs[m + slot]))
-    return result
-
-
 def direction(curvature: Curvature, gradient: torch.Tensor) -> torch.Tensor:
     """−H g for the L-BFGS inverse Hessian H of the stored pairs (compact form, all on the device).
 
@@ -160,8 +144,7 @@ def replayed(update: Update, use_graph: bool) -> Update:
 
 @torch.no_grad()
 def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int, line_search: bool,
-             evaluations: int, bounds: tuple[float, float] | None = None,
-             curvature: Curvature | None = None) -> None:
+             evaluations: int, bounds: tuple[float, float] | None = None) -> None:
     """Lower closure() by moving `x` in place until no descent step is found or `evaluations` are spent.
 
     `closure` returns the loss and leaves its gradient in x.grad (it may raise to stop the run).
@@ -172,9 +155,6 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     iterate drifts outside while the loss is taken at the clamped point, so the pairs and the line
     search's slopes describe moves that never happen (see docs/benchmarks.md).
     On a CUDA device each iteration's update is a CUDA graph replay (see `replayed`).
-    `curvature` (`history` slots for vectors like x) is updated in place, so the caller keeps the
-    pairs even when the closure stops the run; if it already holds pairs (see `carried`), the first
-    step follows their direction, a unit step, instead of a short steepest-descent one.
     """
     flat = x.detach().view(-1)
     spent = 0
@@ -202,8 +182,7 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     size = float(first_gradient.abs().sum())
     if not size > 0:  # already stationary
         return
-    curvature = curvature or empty_curvature(history, first_gradient)
-    seeded = int(curvature.count) > 0
+    curvature = empty_curvature(history, first_gradient)
     # What the update reads and writes, in place: the gradient at the new point, and the point and
     # gradient the step started from.
     gradient, previous, start = first_gradient, first_gradient.clone(), flat.clone()
@@ -221,10 +200,7 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         return torch.stack([gradient.dot(towards), moved.abs().max().to(gradient.dtype)]), towards
 
     advance = replayed(update, flat.is_cuda and CUDA_GRAPHS)
-    if seeded:
-        towards, step = direction(curvature, first_gradient), 1.0
-    else:
-        towards, step = first_gradient.neg(), min(1.0, 1.0 / size)
+    towards, step = first_gradient.neg(), min(1.0, 1.0 / size)
     flags = torch.stack([gradient.dot(towards), gradient.new_ones(())])
     while spent < evaluations:
         slope_value, moved_value = flags.tolist()  # the update's one read back to the host

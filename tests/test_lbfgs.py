@@ -212,36 +212,3 @@ def test_never_evaluates_more_than_its_budget():
         counter.clear()
         lbfgs.minimise(_closure(f, x, counter), x, history=4, line_search=True, evaluations=evaluations)
         assert len(counter) <= evaluations
-
-
-def test_carried_pairs_keep_the_newest_oldest_first_and_take_the_newests_scale():
-    curvature = lbfgs.empty_curvature(4, torch.zeros(3, dtype=torch.float64))
-    for k in (1.0, 2.0, 3.0):
-        lbfgs.remember(curvature, k * torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
-    moved = lbfgs.carried(curvature, 2, lambda s: 2 * s, lambda y: y / 2, torch.zeros(3, dtype=torch.float64))
-    assert int(moved.count) == 2
-    assert moved.pairs[:2, 0].tolist() == [4.0, 6.0] and moved.pairs[2:, 0].tolist() == [0.5, 0.5]
-    assert float(moved.scale) == 6.0 / 0.5  # s·y / y·y of the newest pair, as carried
-
-
-def _stiff_problem():
-    """An ill-conditioned quadratic (condition number 1000), where curvature pairs matter."""
-    gen = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen, dtype=torch.float64))
-    a = q @ torch.diag(torch.logspace(0, 3, N, dtype=torch.float64)) @ q.T
-    b = torch.randn(N, generator=gen, dtype=torch.float64)
-    return lambda x: 0.5 * x @ a @ x - b @ x
-
-
-def test_a_run_started_from_an_earlier_runs_pairs_gets_further_in_the_same_evaluations():
-    f = _stiff_problem()
-    x = torch.zeros(N, dtype=torch.float64, requires_grad=True)
-    learnt = lbfgs.empty_curvature(4, x.detach())
-    lbfgs.minimise(_closure(f, x, []), x, history=4, line_search=True, evaluations=15, curvature=learnt)
-    middle = x.detach().clone()
-    final, carried = {}, lbfgs.carried(learnt, 4, lambda s: s, lambda y: y, middle)
-    for name, pairs in (("fresh", None), ("carried", carried)):
-        x = middle.clone().requires_grad_(True)
-        lbfgs.minimise(_closure(f, x, []), x, history=4, line_search=True, evaluations=6, curvature=pairs)
-        final[name] = float(f(x.detach()))
-    assert final["carried"] < final["fresh"]
