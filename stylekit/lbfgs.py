@@ -178,14 +178,14 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         flat.copy_(start)
         return result
 
-    loss, first_gradient = evaluate()
-    size = float(first_gradient.abs().sum())
+    loss, gradient = evaluate()
+    size = float(gradient.abs().sum())
     if not size > 0:  # already stationary
         return
-    curvature = empty_curvature(history, first_gradient)
-    # What the update reads and writes, in place: the gradient at the new point, and the point and
+    curvature = empty_curvature(history, gradient)
+    # What the update reads and writes, in place: `gradient` at the new point, and the point and
     # gradient the step started from.
-    gradient, previous, start = first_gradient, first_gradient.clone(), flat.clone()
+    previous, start = gradient.clone(), flat.clone()
 
     def update() -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step just taken, then find the next direction.
@@ -200,7 +200,7 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         return torch.stack([gradient.dot(towards), moved.abs().max().to(gradient.dtype)]), towards
 
     advance = replayed(update, flat.is_cuda and CUDA_GRAPHS)
-    towards, step = first_gradient.neg(), min(1.0, 1.0 / size)
+    towards, step = gradient.neg(), min(1.0, 1.0 / size)
     flags = torch.stack([gradient.dot(towards), gradient.new_ones(())])
     while spent < evaluations:
         slope_value, moved_value = flags.tolist()  # the update's one read back to the host
