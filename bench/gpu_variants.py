@@ -1,13 +1,15 @@
 """The GPU path's levers side by side in one run (`python -m bench.gpu_variants`, CUDA only).
 
 In order: optional kernel profiles (--profile, channels-last and NCHW); optional timelines
-(--timeline: a cold and a warm `stylize`, when each scale started and how the fine scale's loss
-fell); `stylize` end to end per precision, with graphs on and off, channels-last and NCHW; one square
-image at the largest size with its peak memory; then per size the milliseconds per L-BFGS
-evaluation (strong-Wolfe line search, as the fine scale runs) in fp32 (TF32 convolutions, the
-reference's precision) with plain autograd and with a CUDA-graph replay, with the L-BFGS update
-launched op by op instead of replayed, in NCHW, with TF32 Grams, through torch.compile, and with
-the graph in bf16-grad and bf16.
+(--timeline: a cold and a warm `stylize`, and a warm one with the strong-Wolfe line search: when
+each scale started and how the fine scale's loss fell); `stylize` end to end per precision, with
+graphs on and off, channels-last and NCHW; one square image at the largest size with its peak
+memory; then per size the milliseconds per L-BFGS
+evaluation (steps chosen on the device by backtracking, as the GPU runs them) in fp32 (TF32
+convolutions, the reference's precision) with plain autograd and with a CUDA-graph replay, with the
+L-BFGS update launched op by op instead of replayed, with torch's strong-Wolfe line search (the
+CPU's rule: the host reads each evaluation's loss and slope), in NCHW, with TF32 Grams, through
+torch.compile, and with the graph in bf16-grad and bf16.
 JSON to --output after every part; each row also on stdout.
 """
 
@@ -40,16 +42,18 @@ from stylekit.engine import (
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.weights import resolve_weights
 
-# name: (precision, CUDA graph, channels-last, TF32 Grams, torch.compile, L-BFGS update replayed)
+# name: (precision, CUDA graph, channels-last, TF32 Grams, torch.compile, L-BFGS update replayed,
+# strong-Wolfe line search)
 VARIANTS = {
-    "fp32 eager": ("fp32", False, True, False, False, True),
-    "fp32 graph": ("fp32", True, True, False, False, True),
-    "fp32 graph, L-BFGS update op by op": ("fp32", True, True, False, False, False),
-    "fp32 graph NCHW": ("fp32", True, False, False, False, True),
-    "fp32 graph TF32 Grams": ("fp32", True, True, True, False, True),
-    "fp32 graph compiled": ("fp32", True, True, False, True, True),
-    "bf16-grad graph": ("bf16-grad", True, True, False, False, True),
-    "bf16 graph": ("bf16", True, True, False, False, True),
+    "fp32 eager": ("fp32", False, True, False, False, True, False),
+    "fp32 graph": ("fp32", True, True, False, False, True, False),
+    "fp32 graph, L-BFGS update op by op": ("fp32", True, True, False, False, False, False),
+    "fp32 graph, strong-Wolfe line search": ("fp32", True, True, False, False, True, True),
+    "fp32 graph NCHW": ("fp32", True, False, False, False, True, False),
+    "fp32 graph TF32 Grams": ("fp32", True, True, True, False, True, False),
+    "fp32 graph compiled": ("fp32", True, True, False, True, True, False),
+    "bf16-grad graph": ("bf16-grad", True, True, False, False, True, False),
+    "bf16 graph": ("bf16", True, True, False, False, True, False),
 }
 # The first run meets each shape cold (graph recording, cuDNN's and cuBLAS's set-up); its repeat
 # is warm. (precision, CUDA graph, channels-last, TF32 Grams)
@@ -58,16 +62,19 @@ END_TO_END = (("fp32", True, True, False), ("fp32", True, True, False), ("fp32",
 
 
 @contextmanager
-def levers(channels_last: bool, tf32_grams: bool = False, replay_updates: bool = True) -> Iterator[None]:
-    """The engine's layout, cuBLAS's fp32 matrix-product mode (the Grams') and whether L-BFGS
-    replays its update as a CUDA graph, for one variant."""
-    saved = engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS
-    engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32 = channels_last, tf32_grams
-    lbfgs.CUDA_GRAPHS = replay_updates
+def levers(channels_last: bool, tf32_grams: bool = False, replay_updates: bool = True,
+           line_search: bool = False) -> Iterator[None]:
+    """The engine's layout, cuBLAS's fp32 matrix-product mode (the Grams'), whether L-BFGS
+    replays its update as a CUDA graph and whether it runs torch's line search, for one variant."""
+    saved = (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
+             engine.LINE_SEARCH_ON_GPU)
+    (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
+     engine.LINE_SEARCH_ON_GPU) = channels_last, tf32_grams, replay_updates, line_search
     try:
         yield
     finally:
-        engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS = saved
+        (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
+         engine.LINE_SEARCH_ON_GPU) = saved
 
 
 def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
@@ -107,11 +114,11 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
 
 def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
                    graphed: bool, channels_last: bool, tf32_grams: bool, compiled: bool,
-                   replay_updates: bool, steps: int) -> float:
+                   replay_updates: bool, line_search: bool, steps: int) -> float:
     """Seconds per evaluation of a fine-scale optimisation, warm: the difference between runs of
     8 and 8 + `steps` evaluations, so that each run's fixed cost (recording its graph: about four
     evaluations) stays out of the figure."""
-    with levers(channels_last, tf32_grams, replay_updates):
+    with levers(channels_last, tf32_grams, replay_updates, line_search):
         run = fine_scale(content, style, state, precision, graphed, compiled)
         run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up (and compiling) happen here
         return (run(8 + steps) - run(8)) / steps
@@ -192,8 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             print(f"{size} px, {layout}:\n{table}", flush=True)
     base = StyleOptions(weights=spec, device="cuda", targets="torch")
     for size in args.timeline:  # make bench's budget: 300 fine evaluations
-        runs = {label: timeline(content_np, style_np, replace(base, size=size, steps=300))
-                for label in ("cold", "warm")}
+        runs = {}
+        for label, line_search in (("cold", False), ("warm", False), ("warm, strong-Wolfe", True)):
+            with levers(True, line_search=line_search):
+                runs[label] = timeline(content_np, style_np, replace(base, size=size, steps=300))
         results["timeline"][str(size)] = runs
         for label, run in runs.items():
             print(f"{size} px {label}: {_summary(run)}", flush=True)

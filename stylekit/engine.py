@@ -34,7 +34,8 @@ CUDA_GRAPHS = True  # on a GPU, record each scale's evaluation once and replay i
 GRAPH_MIN_STEPS = 20  # ... when it has this many evaluations: recording costs about four
 CHANNELS_LAST = True  # on a GPU, activations in N×H×W×C order, the tensor cores' own (see memory_format)
 PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
-LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this skip the line search
+LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this backtrack instead ...
+LINE_SEARCH_ON_GPU = False  # ... and so does every scale on a GPU (see _optimise)
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
 # (a third took 5% less time on tubingen × starry_night, 5% more on golden_gate × shipwreck; a
 # quarter, ~15% less on an H100 with tubingen, left golden_gate at 3.14 instead of 2.67 on a CPU)
@@ -339,10 +340,13 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         return loss
 
     if options.optimizer == "lbfgs":
-        # A strong-Wolfe line search pays for itself in the long tail (at 256 px it reaches the
-        # textbook loop's 300-evaluation loss after 238 evaluations instead of 266) but starts slowly,
-        # so short budgets (previews, tests) take plain L-BFGS steps.
-        line_search = steps >= LINE_SEARCH_MIN_STEPS
+        # On a CPU a strong-Wolfe line search pays for itself in the long tail (at 256 px it
+        # reaches the textbook loop's 300-evaluation loss after 251.5 full-size evaluations where
+        # backtracking takes 265.5) but starts slowly, so short budgets (previews, tests) backtrack.
+        # On a GPU every scale backtracks: its steps are chosen on the device, so the host never
+        # waits for the GPU, where the search reads a loss and a slope back every evaluation.
+        line_search = steps >= LINE_SEARCH_MIN_STEPS and (
+            LINE_SEARCH_ON_GPU or image.device.type != "cuda")
         while count < steps:
             # L-BFGS returns early only when its history yields no usable step (a failed line
             # search: projecting onto [0, 1] still bends its path); called again it would repeat that
@@ -350,8 +354,11 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
             # So each round starts afresh from the best point; a round that gains nothing ends it.
             round_start = best_loss.clone()
             try:
-                lbfgs.minimise(closure, image, history_size(image), line_search, steps + 1,
-                               bounds=(0.0, 1.0))
+                if line_search:
+                    lbfgs.minimise(closure, image, history_size(image), steps + 1, bounds=(0.0, 1.0))
+                else:
+                    lbfgs.minimise_backtracking(closure, image, history_size(image), steps + 1,
+                                                bounds=(0.0, 1.0))
             except _BudgetSpent:
                 break
             if not bool((best_loss < round_start).any()):

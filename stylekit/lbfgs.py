@@ -12,20 +12,26 @@ every time: on a GPU it is recorded once and replayed, where launching its dozen
 operations one by one from Python left the GPU idle for longer than the replayed loss evaluation
 itself took at 256 px (H100: 2.93 ms per L-BFGS evaluation where replaying the loss evaluation
 takes 1.36 ms; 2.28 ms with the update replayed too, see docs/benchmarks.md).
-The iteration otherwise follows torch's L-BFGS step for step (first step 1/|g|₁, pairs with
-s·y ≤ 1e-10 skipped, initial inverse Hessian s·y / y·y, torch's own strong-Wolfe line search).
+`minimise` otherwise follows torch's L-BFGS step for step (first step 1/|g|₁, pairs with
+s·y ≤ 1e-10 skipped, initial inverse Hessian s·y / y·y, torch's own strong-Wolfe line search), which
+reads a loss and a slope back to the host every evaluation. `minimise_backtracking` chooses its
+steps on the device instead, so that a GPU never waits for the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.optim.lbfgs import _strong_wolfe
 
 MIN_CURVATURE = 1e-10  # a pair with s·y at or below this would break the update: skipped, as in torch
 CUDA_GRAPHS = True  # on a GPU, each iteration's update is recorded once and replayed (see replayed)
+ARMIJO = 1e-4  # backtracking: the share of the predicted decrease a step must achieve (torch's c1)
+SHRINK = (0.1, 0.5)  # backtracking: a refused step is cut to this range of itself
+CHECK_EVERY = 16  # backtracking: iterations between the host's looks at whether a step still moves
 
 
 @dataclass
@@ -54,14 +60,16 @@ def empty_curvature(size: int, gradient: torch.Tensor) -> Curvature:
                      torch.arange(size, device=device))
 
 
-def remember(curvature: Curvature, step: torch.Tensor, change: torch.Tensor) -> None:
-    """Store the pair (s, y) in place of the oldest once full; nothing is stored if s·y is tiny.
+def remember(curvature: Curvature, step: torch.Tensor, change: torch.Tensor,
+             wanted: torch.Tensor | None = None) -> None:
+    """Store the pair (s, y) in place of the oldest once full; nothing is stored if s·y is tiny
+    (or where the boolean device scalar `wanted` says no).
 
     Decided on the device (a masked write), so that the update reads nothing back to the host.
     """
     m = curvature.size
     sy = change.dot(step).double()
-    keep = sy > MIN_CURVATURE
+    keep = sy > MIN_CURVATURE if wanted is None else (sy > MIN_CURVATURE) & wanted
     slot = torch.remainder(curvature.count, m).view(1)
     rows = torch.cat([slot, slot + m])
     steps, changes = curvature.pairs[:m], curvature.pairs[m:]
@@ -108,10 +116,10 @@ def direction(curvature: Curvature, gradient: torch.Tensor) -> torch.Tensor:
     return -(gamma.to(gradient.dtype) * gradient + by_slot.to(gradient.dtype).view(-1) @ curvature.pairs)
 
 
-Update = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+Output = TypeVar("Output")
 
 
-def replayed(update: Update, use_graph: bool) -> Update:
+def replayed(update: Callable[[], Output], use_graph: bool) -> Callable[[], Output]:
     """`update` run as it is on its first call; on a GPU, from the second call on, recorded once
     as a CUDA graph and replayed (it must read and write only tensors that stay in place).
 
@@ -121,10 +129,10 @@ def replayed(update: Update, use_graph: bool) -> Update:
     if not use_graph:
         return update
     graph: torch.cuda.CUDAGraph | None = None
-    output: tuple[torch.Tensor, torch.Tensor] | None = None
+    output: Output | None = None
     calls, failed = 0, False
 
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
+    def run() -> Output:
         nonlocal graph, output, calls, failed
         calls += 1
         if calls == 1 or failed:
@@ -142,13 +150,20 @@ def replayed(update: Update, use_graph: bool) -> Update:
     return run
 
 
+def _project(gradient: torch.Tensor, flat: torch.Tensor, bounds: tuple[float, float] | None) -> None:
+    """Zero, in place, the gradient of each value held at a bound and pushed further out by it."""
+    if bounds:
+        gradient.masked_fill_(((flat <= bounds[0]) & (gradient > 0))
+                              | ((flat >= bounds[1]) & (gradient < 0)), 0)
+
+
 @torch.no_grad()
-def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int, line_search: bool,
-             evaluations: int, bounds: tuple[float, float] | None = None) -> None:
+def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int, evaluations: int,
+             bounds: tuple[float, float] | None = None) -> None:
     """Lower closure() by moving `x` in place until no descent step is found or `evaluations` are spent.
 
     `closure` returns the loss and leaves its gradient in x.grad (it may raise to stop the run).
-    With `line_search`, each step is chosen by torch's strong-Wolfe search, else it is 1.
+    Each step is chosen by torch's strong-Wolfe search, from the loss and slope read on the host.
     With `bounds`, x stays inside them (every point is projected into the box before it is
     evaluated, and each accepted step after it), the gradient of a value held at a bound and pushed
     outwards counts as 0, and curvature pairs record the step actually taken. Without that, the
@@ -167,9 +182,7 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
             loss = float(closure().detach())
         spent += 1
         gradient = x.grad.reshape(-1).clone()  # a copy: x.grad may be rewritten in place next time
-        if bounds:
-            gradient.masked_fill_(((flat <= bounds[0]) & (gradient > 0))
-                                  | ((flat >= bounds[1]) & (gradient < 0)), 0)
+        _project(gradient, flat, bounds)
         return loss, gradient
 
     def along(start: torch.Tensor, step: float, towards: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -208,17 +221,89 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
             return
         if not slope_value < 0:  # not a descent direction (or a zero gradient): nothing left to gain
             return
-        if line_search:  # torch's search evaluates up to max_ls + 1 times
-            loss, new_gradient, step, _ = _strong_wolfe(along, start, step, towards, loss, gradient,
-                                                        slope_value, max_ls=evaluations - spent - 1)
-            flat.add_(towards, alpha=step)
-            if bounds:
-                flat.clamp_(*bounds)
-        else:
-            flat.add_(towards, alpha=step)
-            loss, new_gradient = evaluate()
+        # torch's search evaluates up to max_ls + 1 times
+        loss, new_gradient, step, _ = _strong_wolfe(along, start, step, towards, loss, gradient,
+                                                    slope_value, max_ls=evaluations - spent - 1)
+        flat.add_(towards, alpha=step)
+        if bounds:
+            flat.clamp_(*bounds)
         if spent >= evaluations:
             return
         gradient.copy_(new_gradient)
         flags, towards = advance()
         step = 1.0
+
+
+@torch.no_grad()
+def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
+                          evaluations: int, bounds: tuple[float, float] | None = None) -> None:
+    """Lower closure() like `minimise`, choosing each step on the device: the host never waits.
+
+    Each evaluation is one trial: step 1 along the L-BFGS direction (1/|g|₁ before any pair),
+    projected into the box. It is taken if it lowers the loss by ARMIJO of what the slope predicts;
+    else the step is cut where the parabola through the two losses and the slope has its minimum
+    (kept within SHRINK of it) and tried again. All of that is `torch.where` on device tensors, so on
+    a GPU the host only queues the evaluation and the update (a CUDA graph replay each) while the
+    GPU runs ahead; the host looks at the state every CHECK_EVERY iterations, to stop once no step
+    moves the point. Taken points' losses only fall; `x` ends at the last one.
+    """
+    flat = x.detach().view(-1)
+    if bounds:
+        flat.clamp_(*bounds)
+    with torch.enable_grad():
+        loss = closure().detach().reshape(())
+    spent = 1
+    gradient = x.grad.reshape(-1).clone()
+    _project(gradient, flat, bounds)
+    curvature = empty_curvature(history, gradient)
+    # What the update reads and writes, in place: the point the trial stepped from with its loss
+    # and gradient, the trial's loss and gradient, the direction and the step along it.
+    start, trial_loss, trial_gradient = flat.clone(), loss.clone(), gradient.clone()
+    towards = gradient.neg()
+    step = torch.clamp(1 / gradient.abs().sum(), max=1.0)
+
+    def first_step() -> torch.Tensor:
+        """1 along a direction built from pairs; 1/|g|₁ along the bare gradient (torch's choice)."""
+        return torch.where(curvature.count > 0, 1.0, torch.clamp(1 / gradient.abs().sum(), max=1.0))
+
+    def propose() -> torch.Tensor:
+        """Put the next trial point into x; returns how far it lies from the start (0: stuck)."""
+        flat.copy_(start + step * towards)
+        if bounds:
+            flat.clamp_(*bounds)
+        return (flat - start).abs().max()
+
+    def update() -> torch.Tensor:
+        """Take or refuse the trial just evaluated, then propose the next one."""
+        moved = flat - start
+        expected = gradient.dot(moved)
+        taken = (trial_loss < loss) & (trial_loss <= loss + ARMIJO * expected)
+        cut = torch.nan_to_num(-expected / (2 * (trial_loss - loss - expected)), nan=SHRINK[0])
+        remember(curvature, moved, trial_gradient - gradient, taken)
+        start.copy_(torch.where(taken, flat, start))
+        gradient.copy_(torch.where(taken, trial_gradient, gradient))
+        loss.copy_(torch.where(taken, trial_loss, loss))
+        proposed = direction(curvature, gradient)
+        steepest = -curvature.scale.to(gradient.dtype) * gradient  # descends even when projected
+        # A refused trial whose projected step did not point downhill is not tried shorter: the
+        # projection bent the direction uphill, so the next one is the (scaled) steepest descent.
+        bent = ~taken & (expected >= 0)
+        proposed = torch.where((gradient.dot(proposed) < 0) & ~bent, proposed, steepest)
+        towards.copy_(torch.where(taken | bent, proposed, towards))
+        step.copy_(torch.where(taken | bent, first_step(), step * cut.clamp(*SHRINK)))
+        return propose()
+
+    advance = replayed(update, flat.is_cuda and CUDA_GRAPHS)
+    room = propose()
+    iteration = 0
+    while spent < evaluations:
+        if iteration % CHECK_EVERY == 0 and not float(room) > 0:  # the one read back, now and then
+            break
+        with torch.enable_grad():
+            trial_loss.copy_(closure().detach().reshape(()))
+        spent += 1
+        trial_gradient.copy_(x.grad.reshape(-1))
+        _project(trial_gradient, flat, bounds)
+        room = advance()
+        iteration += 1
+    flat.copy_(start)

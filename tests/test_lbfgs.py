@@ -1,5 +1,7 @@
 """stylekit's L-BFGS: torch's iteration, with directions computed without reading the device back."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -27,11 +29,11 @@ def _closure(f, x, counter):
     return closure
 
 
-def _with_torch(line_search: bool, evaluations: int) -> torch.Tensor:
+def _with_torch(evaluations: int) -> torch.Tensor:
     f, x = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([x], lr=1, max_iter=evaluations, max_eval=evaluations, history_size=4,
                                   tolerance_grad=0, tolerance_change=0,
-                                  line_search_fn="strong_wolfe" if line_search else None)
+                                  line_search_fn="strong_wolfe")
     counter = []
     closure = _closure(f, x, counter)
 
@@ -42,34 +44,44 @@ def _with_torch(line_search: bool, evaluations: int) -> torch.Tensor:
     return x.detach()
 
 
-@pytest.mark.parametrize("line_search", [False, True])
-def test_follows_torchs_lbfgs_step_for_step_past_a_full_history(line_search):
+def test_follows_torchs_lbfgs_step_for_step_past_a_full_history():
     f, x, counter = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
-    lbfgs.minimise(_closure(f, x, counter), x, history=4, line_search=line_search, evaluations=25)
+    lbfgs.minimise(_closure(f, x, counter), x, history=4, evaluations=25)
     assert len(counter) == 25
-    torch.testing.assert_close(x.detach(), _with_torch(line_search, 25), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.detach(), _with_torch(25), rtol=0, atol=1e-12)
 
 
 BOX = (-0.2, 0.2)  # the test problem's unbounded minimum lies outside this box
+MINIMISERS = ["strong-wolfe", "backtracking"]
 
 
-def test_with_bounds_every_evaluated_point_lies_inside_them():
+def _minimise(kind, closure, x, evaluations, bounds=None):
+    """One round of either minimiser, history 4."""
+    if kind == "strong-wolfe":
+        lbfgs.minimise(closure, x, history=4, evaluations=evaluations, bounds=bounds)
+    else:
+        lbfgs.minimise_backtracking(closure, x, history=4, evaluations=evaluations, bounds=bounds)
+
+
+@pytest.mark.parametrize("kind", MINIMISERS)
+def test_with_bounds_every_evaluated_point_lies_inside_them(kind):
     f, x, seen = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
     closure = _closure(f, x, [])
 
     def watched():
         seen.append(x.detach().clone())
         return closure()
-    lbfgs.minimise(watched, x, history=4, line_search=True, evaluations=40, bounds=BOX)
+    _minimise(kind, watched, x, 40, BOX)
     assert len(seen) > 5
     assert all(float(point.abs().max()) <= 0.2 for point in seen)
 
 
-def test_with_bounds_rounds_restarted_where_one_stopped_end_at_the_minimum_in_the_box():
+@pytest.mark.parametrize("kind", MINIMISERS)
+def test_with_bounds_rounds_restarted_where_one_stopped_end_at_the_minimum_in_the_box(kind):
     f, x, counter = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
     closure = _closure(f, x, counter)
     for _ in range(20):  # as the engine does: a round whose line search fails is started afresh
-        lbfgs.minimise(closure, x, history=4, line_search=True, evaluations=300, bounds=BOX)
+        _minimise(kind, closure, x, 300, BOX)
     x.grad = None
     f(x).backward()
     low, high = x.detach() <= BOX[0], x.detach() >= BOX[1]
@@ -79,10 +91,32 @@ def test_with_bounds_rounds_restarted_where_one_stopped_end_at_the_minimum_in_th
     assert bool((x.grad[low] >= 0).all()) and bool((x.grad[high] <= 0).all())
 
 
-def test_stops_after_one_evaluation_at_a_stationary_point():
+@pytest.mark.parametrize("kind", MINIMISERS)
+def test_stops_after_one_evaluation_at_a_stationary_point(kind):
     x, counter = torch.zeros(N, dtype=torch.float64, requires_grad=True), []
-    lbfgs.minimise(_closure(lambda v: v.pow(2).sum(), x, counter), x, 4, True, 50)
+    _minimise(kind, _closure(lambda v: v.pow(2).sum(), x, counter), x, 50)
     assert counter == [1] and not x.detach().any()
+
+
+@pytest.mark.parametrize("kind", MINIMISERS)
+def test_reaches_the_minimum_where_the_gradient_vanishes(kind):
+    f, x = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True)
+    _minimise(kind, _closure(f, x, []), x, 80)
+    x.grad = None
+    f(x).backward()
+    assert float(x.grad.abs().max()) < 1e-6
+
+
+def test_backtracking_refuses_a_trial_whose_loss_is_not_finite_and_tries_shorter():
+    # Minimum at 2, but no loss past 1.5: the curvature's full steps land out there at first.
+    def f(v):
+        return torch.where(v.max() > 1.5, torch.tensor(float("inf"), dtype=v.dtype), (v - 2).pow(2).sum())
+    x, losses = torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    closure = _closure(f, x, [])
+    lbfgs.minimise_backtracking(lambda: losses.append(float(closure().detach())) or torch.tensor(losses[-1]),
+                                x, history=4, evaluations=30)
+    assert float("inf") in losses
+    assert float(x.detach().max()) <= 1.5 and float(f(x.detach())) < min(losses[:2])
 
 
 def test_a_pair_without_positive_curvature_is_not_stored():
@@ -167,8 +201,9 @@ def test_storing_a_pair_on_the_gpu_reads_nothing_back_to_the_host():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", MINIMISERS)
 @pytest.mark.parametrize(("bounds", "rounds"), [(None, 1), (BOX, 3)])
-def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(bounds, rounds):
+def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(kind, bounds, rounds):
     # In the box a round's line search can fail (the CPU's first stops after 14 evaluations), so
     # there the engine's restarts run too; unbounded, one round (later ones part on rounding).
     f, final, spent = _problem(), {}, {}
@@ -176,8 +211,7 @@ def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(bounds, rounds
         counter = []
         x = torch.zeros(N, dtype=torch.float64, device=device, requires_grad=True)
         for _ in range(rounds):
-            lbfgs.minimise(_closure(lambda v: f(v.cpu()), x, counter), x, history=4, line_search=True,
-                           evaluations=40, bounds=bounds)
+            _minimise(kind, _closure(lambda v: f(v.cpu()), x, counter), x, 40, bounds)
         final[device], spent[device] = x.detach().cpu(), len(counter)
     assert spent["cuda"] == spent["cpu"] > 20
     torch.testing.assert_close(final["cuda"], final["cpu"], rtol=0, atol=1e-9)
@@ -206,9 +240,32 @@ def test_an_update_that_cannot_be_recorded_keeps_running_as_it_is(monkeypatch):
     assert len(calls) == 4
 
 
-def test_never_evaluates_more_than_its_budget():
+@pytest.mark.parametrize("kind", MINIMISERS)
+def test_never_evaluates_more_than_its_budget(kind):
     f, x, counter = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True), []
     for evaluations in (1, 2, 7):
         counter.clear()
-        lbfgs.minimise(_closure(f, x, counter), x, history=4, line_search=True, evaluations=evaluations)
+        _minimise(kind, _closure(f, x, counter), x, evaluations)
         assert len(counter) <= evaluations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_backtracking_on_the_gpu_reads_back_only_every_check(monkeypatch):
+    monkeypatch.setattr(lbfgs, "CUDA_GRAPHS", False)  # recording a graph synchronises, once
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(N, N, generator=gen, dtype=torch.float64)
+    a = (a @ a.T / N + 0.1 * torch.eye(N, dtype=torch.float64)).cuda()
+    x, counter = torch.zeros(N, dtype=torch.float64, device="cuda", requires_grad=True), []
+    closure = _closure(lambda v: 0.5 * v @ a @ v - v.sum() + 0.1 * v.pow(4).sum(), x, counter)
+    evaluations = 2 * lbfgs.CHECK_EVERY + 2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lbfgs.minimise_backtracking(closure, x, history=4, evaluations=evaluations)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(counter) == evaluations
+    # Iterations 0, CHECK_EVERY and 2·CHECK_EVERY look at the state; nothing else waits for the GPU.
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 3
