@@ -31,6 +31,7 @@ MIN_CURVATURE = 1e-10  # a pair with s·y at or below this would break the updat
 CUDA_GRAPHS = True  # on a GPU, each iteration's update is recorded once and replayed (see replayed)
 ARMIJO = 1e-4  # backtracking: the share of the predicted decrease a step must achieve (torch's c1)
 SHRINK = (0.1, 0.5)  # backtracking: a refused step is cut to this range of itself
+HOLD_WOLFE = False
 CHECK_EVERY = 16  # backtracking: iterations between the host's looks at whether a step still moves
 
 
@@ -157,6 +158,16 @@ def _project(gradient: torch.Tensor, flat: torch.Tensor, bounds: tuple[float, fl
                               | ((flat >= bounds[1]) & (gradient < 0)), 0)
 
 
+def _hold(towards: torch.Tensor, flat: torch.Tensor, gradient: torch.Tensor,
+          bounds: tuple[float, float] | None) -> None:
+    """Zero, in place, the direction of each value at a bound whose gradient presses it there (or
+    that the direction pushes further out): the projected gradient counts such a value as 0, so
+    moving it inwards would go uphill unseen by the slope."""
+    if bounds:
+        towards.masked_fill_(((flat <= bounds[0]) & ((gradient >= 0) | (towards < 0)))
+                             | ((flat >= bounds[1]) & ((gradient <= 0) | (towards > 0))), 0)
+
+
 @torch.no_grad()
 def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int, evaluations: int,
              bounds: tuple[float, float] | None = None) -> None:
@@ -208,6 +219,8 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         moved = flat - start
         remember(curvature, moved, gradient - previous)
         towards = direction(curvature, gradient)
+        if HOLD_WOLFE:
+            _hold(towards, flat, gradient, bounds)
         previous.copy_(gradient)
         start.copy_(flat)
         return torch.stack([gradient.dot(towards), moved.abs().max().to(gradient.dtype)]), towards
@@ -245,7 +258,8 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
     (kept within SHRINK of it) and tried again. All of that is `torch.where` on device tensors, so on
     a GPU the host only queues the evaluation and the update (a CUDA graph replay each) while the
     GPU runs ahead; the host looks at the state every CHECK_EVERY iterations, to stop once no step
-    moves the point. Taken points' losses only fall; `x` ends at the last one.
+    moves the point. Taken points' losses only fall; `x` ends at the last one. `bounds` work as in
+    `minimise`, and values pressed against a bound are held there (see `_hold`).
     """
     flat = x.detach().view(-1)
     if bounds:
@@ -289,6 +303,7 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
         # projection bent the direction uphill, so the next one is the (scaled) steepest descent.
         bent = ~taken & (expected >= 0)
         proposed = torch.where((gradient.dot(proposed) < 0) & ~bent, proposed, steepest)
+        _hold(proposed, start, gradient, bounds)
         towards.copy_(torch.where(taken | bent, proposed, towards))
         step.copy_(torch.where(taken | bent, first_step(), step * cut.clamp(*SHRINK)))
         return propose()

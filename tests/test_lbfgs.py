@@ -82,6 +82,10 @@ def test_with_bounds_rounds_restarted_where_one_stopped_end_at_the_minimum_in_th
     closure = _closure(f, x, counter)
     for _ in range(20):  # as the engine does: a round whose line search fails is started afresh
         _minimise(kind, closure, x, 300, BOX)
+    _assert_minimum_in_the_box(f, x)
+
+
+def _assert_minimum_in_the_box(f, x):
     x.grad = None
     f(x).backward()
     low, high = x.detach() <= BOX[0], x.detach() >= BOX[1]
@@ -89,6 +93,14 @@ def test_with_bounds_rounds_restarted_where_one_stopped_end_at_the_minimum_in_th
     # Optimality in a box: no gradient inside, and at a bound only a pull further out.
     assert float(x.grad[~low & ~high].abs().max()) < 1e-6
     assert bool((x.grad[low] >= 0).all()) and bool((x.grad[high] <= 0).all())
+
+
+def test_backtracking_holds_values_at_a_bound_and_reaches_the_minimum_in_the_box_in_one_round():
+    # Moving a value off a bound it is pressed against goes uphill, unseen by the projected
+    # gradient: such values stay where they are, so no trial is spent on them.
+    f, x = _problem(), torch.zeros(N, dtype=torch.float64, requires_grad=True)
+    lbfgs.minimise_backtracking(_closure(f, x, []), x, history=4, evaluations=40, bounds=BOX)
+    _assert_minimum_in_the_box(f, x)
 
 
 @pytest.mark.parametrize("kind", MINIMISERS)
@@ -214,7 +226,9 @@ def test_on_the_gpu_the_replayed_updates_follow_the_cpus_iterates(kind, bounds, 
             _minimise(kind, _closure(lambda v: f(v.cpu()), x, counter), x, 40, bounds)
         final[device], spent[device] = x.detach().cpu(), len(counter)
     assert spent["cuda"] == spent["cpu"] > 20
-    torch.testing.assert_close(final["cuda"], final["cpu"], rtol=0, atol=1e-9)
+    # Converged in the box, a point is fixed only to about √ε (the losses differ in their last
+    # digits there, and the GPU rounds its sums differently); a replay gone wrong is off by far more.
+    torch.testing.assert_close(final["cuda"], final["cpu"], rtol=0, atol=1e-7)
 
 
 def test_an_update_that_cannot_be_recorded_keeps_running_as_it_is(monkeypatch):
