@@ -31,7 +31,6 @@ MIN_CURVATURE = 1e-10  # a pair with s·y at or below this would break the updat
 CUDA_GRAPHS = True  # on a GPU, each iteration's update is recorded once and replayed (see replayed)
 ARMIJO = 1e-4  # backtracking: the share of the predicted decrease a step must achieve (torch's c1)
 SHRINK = (0.1, 0.5)  # backtracking: a refused step is cut to this range of itself
-HOLD_WOLFE = False
 CHECK_EVERY = 16  # backtracking: iterations between the host's looks at whether a step still moves
 
 
@@ -177,7 +176,8 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     Each step is chosen by torch's strong-Wolfe search, from the loss and slope read on the host.
     With `bounds`, x stays inside them (every point is projected into the box before it is
     evaluated, and each accepted step after it), the gradient of a value held at a bound and pushed
-    outwards counts as 0, and curvature pairs record the step actually taken. Without that, the
+    outwards counts as 0 and the direction holds such a value where it is (see `_hold`), and
+    curvature pairs record the step actually taken. Without that, the
     iterate drifts outside while the loss is taken at the clamped point, so the pairs and the line
     search's slopes describe moves that never happen (see docs/benchmarks.md).
     On a CUDA device each iteration's update is a CUDA graph replay (see `replayed`).
@@ -219,8 +219,7 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         moved = flat - start
         remember(curvature, moved, gradient - previous)
         towards = direction(curvature, gradient)
-        if HOLD_WOLFE:
-            _hold(towards, flat, gradient, bounds)
+        _hold(towards, flat, gradient, bounds)
         previous.copy_(gradient)
         start.copy_(flat)
         return torch.stack([gradient.dot(towards), moved.abs().max().to(gradient.dtype)]), towards
@@ -259,7 +258,7 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
     a GPU the host only queues the evaluation and the update (a CUDA graph replay each) while the
     GPU runs ahead; the host looks at the state every CHECK_EVERY iterations, to stop once no step
     moves the point. Taken points' losses only fall; `x` ends at the last one. `bounds` work as in
-    `minimise`, and values pressed against a bound are held there (see `_hold`).
+    `minimise`.
     """
     flat = x.detach().view(-1)
     if bounds:
