@@ -347,6 +347,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         # waits for the GPU, where the search reads a loss and a slope back every evaluation.
         line_search = steps >= LINE_SEARCH_MIN_STEPS and (
             LINE_SEARCH_ON_GPU or image.device.type != "cuda")
+        minimise = lbfgs.minimise if line_search else lbfgs.minimise_backtracking
         while count < steps:
             # L-BFGS returns early only when its history yields no usable step (a failed line
             # search: projecting onto [0, 1] still bends its path); called again it would repeat that
@@ -354,11 +355,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
             # So each round starts afresh from the best point; a round that gains nothing ends it.
             round_start = best_loss.clone()
             try:
-                if line_search:
-                    lbfgs.minimise(closure, image, history_size(image), steps + 1, bounds=(0.0, 1.0))
-                else:
-                    lbfgs.minimise_backtracking(closure, image, history_size(image), steps + 1,
-                                                bounds=(0.0, 1.0))
+                minimise(closure, image, history_size(image), steps + 1, bounds=(0.0, 1.0))
             except _BudgetSpent:
                 break
             if not bool((best_loss < round_start).any()):

@@ -273,11 +273,12 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
     # and gradient, the trial's loss and gradient, the direction and the step along it.
     start, trial_loss, trial_gradient = flat.clone(), loss.clone(), gradient.clone()
     towards = gradient.neg()
-    step = torch.clamp(1 / gradient.abs().sum(), max=1.0)
 
     def first_step() -> torch.Tensor:
         """1 along a direction built from pairs; 1/|g|₁ along the bare gradient (torch's choice)."""
         return torch.where(curvature.count > 0, 1.0, torch.clamp(1 / gradient.abs().sum(), max=1.0))
+
+    step = first_step()
 
     def propose() -> torch.Tensor:
         """Put the next trial point into x; returns how far it lies from the start (0: stuck)."""
@@ -309,9 +310,9 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
 
     advance = replayed(update, flat.is_cuda and CUDA_GRAPHS)
     room = propose()
-    iteration = 0
     while spent < evaluations:
-        if iteration % CHECK_EVERY == 0 and not float(room) > 0:  # the one read back, now and then
+        # The one read back, every CHECK_EVERY iterations (the first evaluation is no iteration).
+        if (spent - 1) % CHECK_EVERY == 0 and not float(room) > 0:
             break
         with torch.enable_grad():
             trial_loss.copy_(closure().detach().reshape(()))
@@ -319,5 +320,4 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
         trial_gradient.copy_(x.grad.reshape(-1))
         _project(trial_gradient, flat, bounds)
         room = advance()
-        iteration += 1
     flat.copy_(start)
