@@ -48,22 +48,24 @@ def conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | Non
     """conv2d(x, weight, bias, padding=1) for N×C×H×W fp32 x, from transform_weight(weight).
 
     Works through bands of tile rows, so the transformed tiles stay small whatever the image size.
+    The result is laid out channels-last, the order the products come in: writing it N×C×H×W took a
+    strided scatter, and the channels-last network that follows would only convert it back.
     """
     n, channels, h, w = x.shape
     th, tw = -(-h // 4), -(-w // 4)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))  # N×H×W×C
-    out = x.new_empty(n, transformed.shape[2], th, 4, tw, 4)
+    out = x.new_empty(n, th, 4, tw, 4, transformed.shape[2])  # channels-last: the products' own order
     band = max(1, BAND_BYTES // (36 * n * tw * max(channels, transformed.shape[2]) * x.element_size()))
     for top in range(0, th, band):
         bottom = min(th, top + band)
-        _band(padded[:, 4 * top:4 * bottom + 2], transformed, bias, out[:, :, top:bottom])
-    return out.view(n, -1, th * 4, tw * 4)[:, :, :h, :w]
+        _band(padded[:, 4 * top:4 * bottom + 2], transformed, bias, out[:, top:bottom])
+    return out.view(n, th * 4, tw * 4, -1)[:, :h, :w].permute(0, 3, 1, 2)
 
 
 def _band(padded: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None,
           out: torch.Tensor) -> None:
-    """One band of tile rows: N×(4·rows+2)×(4·columns+2)×C pixels into out (N×C'×rows×4×columns×4)."""
-    n, th, tw = out.shape[0], out.shape[2], out.shape[4]
+    """One band of tile rows: N×(4·rows+2)×(4·columns+2)×C pixels into out (N×rows×4×columns×4×C')."""
+    n, th, tw = out.shape[0], out.shape[1], out.shape[3]
     rows = padded.new_empty(6, n, th, padded.shape[2], padded.shape[3])
     _input_transform([padded[:, k:k + 4 * th:4] for k in range(6)], rows)
     tiles = padded.new_empty(6, 6, n, th, tw, padded.shape[3])  # row, column, N, tile row, column, C
@@ -74,7 +76,7 @@ def _band(padded: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | 
     half = padded.new_empty(4, 6, n, th, tw, transformed.shape[2])
     _output_transform(products, half)
     # By column offset, row offset, N, tile row, tile column, C.
-    _output_transform(half.transpose(0, 1), out.permute(5, 3, 0, 2, 4, 1))
+    _output_transform(half.transpose(0, 1), out.permute(4, 2, 0, 1, 3, 5))
 
 
 def fits(x: torch.Tensor) -> bool:

@@ -130,10 +130,20 @@ def test_bf16_precision_runs_on_cpu(run):
     assert result.precision == "bf16" and np.isfinite(result.total_loss)
 
 
-def test_bf16_grad_lowers_the_loss_as_far_as_fp32(run):
-    # 100 evaluations: at 60, two trajectories that differ only in rounding can still lie 5% apart
-    low, full = run(precision="bf16-grad", steps=100), run(precision="fp32", steps=100)
-    assert low.precision == "bf16-grad" and low.total_loss <= 1.05 * full.total_loss
+def test_bf16_grad_lowers_the_loss_as_far_as_fp32(weights_file):
+    # Trajectories that differ only in rounding end up to 10% apart after 100 evaluations (either
+    # way), so the two precisions are compared over three starts: the photo, and it with 1e-4 noise.
+    photo = make_photo()
+    starts = [photo] + [np.clip(photo + 1e-4 * np.random.default_rng(seed).standard_normal(photo.shape),
+                                0, 1).astype(np.float32) for seed in (1, 2)]
+
+    def total(precision: str) -> float:
+        options = StyleOptions(weights=str(weights_file), steps=100, targets="torch", device="cpu",
+                               precision=precision)
+        results = [stylize(StyleRequest(start, [make_painting()], options)) for start in starts]
+        assert all(result.precision == precision for result in results)
+        return sum(result.total_loss for result in results)
+    assert total("bf16-grad") <= 1.05 * total("fp32")
 
 
 def test_auto_precision_on_a_cpu_with_native_bf16_keeps_fp32_losses_and_bf16_gradients(monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stylekit import winograd
+from stylekit import engine, winograd
 from stylekit.features import BACKBONES, FeatureExtractor
 from stylekit.weights import random_state_dict
 
@@ -28,6 +28,13 @@ def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape):
     out = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
     assert out.shape == exact.shape and out.dtype == torch.float32
     assert _relative_error(out, exact) < 2e-5
+
+
+def test_winograd_output_is_channels_last_like_the_network_around_it():
+    x = torch.rand(1, 16, 12, 16, generator=torch.Generator().manual_seed(1))
+    weight, bias = _layer(16, 24)
+    out = winograd.conv3x3(x.to(memory_format=torch.channels_last), winograd.transform_weight(weight), bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_large_inputs_are_convolved_band_by_band_with_the_same_result(monkeypatch):
@@ -123,3 +130,19 @@ def test_forward_only_passes_keep_the_direct_convolution(extractor):
         features = extractor(_image())
         plain = _plain_features(extractor, _image())
     assert all(torch.equal(features[name], plain[name]) for name in plain)
+
+
+def test_cpu_network_runs_channels_last_with_the_plain_layouts_features_and_gradient(extractor):
+    last = FeatureExtractor("vgg19", random_state_dict("vgg19", seed=4), extractor.layers).to(
+        memory_format=engine.memory_format(torch.device("cpu")))
+    runs = []
+    for network in (extractor, last):
+        image = _image().requires_grad_(True)
+        features = network(image)
+        _loss(features).backward()
+        runs.append((features, image.grad))
+    (plain_features, plain_gradient), (features, gradient) = runs
+    for name in plain_features:
+        assert features[name].is_contiguous(memory_format=torch.channels_last)
+        assert _relative_error(features[name], plain_features[name]) < 2e-5
+    assert float((gradient - plain_gradient).norm() / plain_gradient.norm()) < 1e-5
