@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,34 +42,46 @@ from stylekit.engine import (
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.weights import resolve_weights
 
-# name: (precision, CUDA graph, channels-last, TF32 Grams, torch.compile, L-BFGS update replayed,
-# strong-Wolfe line search)
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the GPU path's levers; the defaults are the engine's own."""
+
+    precision: str = "fp32"
+    graphed: bool = True  # each evaluation replayed as a CUDA graph
+    channels_last: bool = True
+    tf32_grams: bool = False  # cuBLAS's fp32 matrix products (the Grams') on the TF32 tensor cores
+    compiled: bool = False  # the loss through torch.compile
+    replay_updates: bool = True  # the L-BFGS update replayed as a CUDA graph, not launched op by op
+    line_search: bool = False  # torch's strong-Wolfe search instead of backtracking on the device
+
+
 VARIANTS = {
-    "fp32 eager": ("fp32", False, True, False, False, True, False),
-    "fp32 graph": ("fp32", True, True, False, False, True, False),
-    "fp32 graph, L-BFGS update op by op": ("fp32", True, True, False, False, False, False),
-    "fp32 graph, strong-Wolfe line search": ("fp32", True, True, False, False, True, True),
-    "fp32 graph NCHW": ("fp32", True, False, False, False, True, False),
-    "fp32 graph TF32 Grams": ("fp32", True, True, True, False, True, False),
-    "fp32 graph compiled": ("fp32", True, True, False, True, True, False),
-    "bf16-grad graph": ("bf16-grad", True, True, False, False, True, False),
-    "bf16 graph": ("bf16", True, True, False, False, True, False),
+    "fp32 eager": Variant(graphed=False),
+    "fp32 graph": Variant(),
+    "fp32 graph, L-BFGS update op by op": Variant(replay_updates=False),
+    "fp32 graph, strong-Wolfe line search": Variant(line_search=True),
+    "fp32 graph NCHW": Variant(channels_last=False),
+    "fp32 graph TF32 Grams": Variant(tf32_grams=True),
+    "fp32 graph compiled": Variant(compiled=True),
+    "bf16-grad graph": Variant(precision="bf16-grad"),
+    "bf16 graph": Variant(precision="bf16"),
 }
 # The first run meets each shape cold (graph recording, cuDNN's and cuBLAS's set-up); its repeat
-# is warm. (precision, CUDA graph, channels-last, TF32 Grams)
-END_TO_END = (("fp32", True, True, False), ("fp32", True, True, False), ("fp32", True, False, False),
-              ("fp32", True, True, True), ("fp32", False, True, False), ("bf16", True, True, False))
+# is warm.
+END_TO_END = (Variant(), Variant(), Variant(channels_last=False), Variant(tf32_grams=True),
+              Variant(graphed=False), Variant(precision="bf16"))
 
 
 @contextmanager
-def levers(channels_last: bool, tf32_grams: bool = False, replay_updates: bool = True,
-           line_search: bool = False) -> Iterator[None]:
+def levers(variant: Variant) -> Iterator[None]:
     """The engine's layout, cuBLAS's fp32 matrix-product mode (the Grams'), whether L-BFGS
     replays its update as a CUDA graph and whether it runs torch's line search, for one variant."""
     saved = (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
              engine.LINE_SEARCH_ON_GPU)
     (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
-     engine.LINE_SEARCH_ON_GPU) = channels_last, tf32_grams, replay_updates, line_search
+     engine.LINE_SEARCH_ON_GPU) = (variant.channels_last, variant.tf32_grams,
+                                   variant.replay_updates, variant.line_search)
     try:
         yield
     finally:
@@ -112,14 +124,13 @@ def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precisio
     return run
 
 
-def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
-                   graphed: bool, channels_last: bool, tf32_grams: bool, compiled: bool,
-                   replay_updates: bool, line_search: bool, steps: int) -> float:
+def per_evaluation(content: torch.Tensor, style: torch.Tensor, state: dict, variant: Variant,
+                   steps: int) -> float:
     """Seconds per evaluation of a fine-scale optimisation, warm: the difference between runs of
     8 and 8 + `steps` evaluations, so that each run's fixed cost (recording its graph: about four
     evaluations) stays out of the figure."""
-    with levers(channels_last, tf32_grams, replay_updates, line_search):
-        run = fine_scale(content, style, state, precision, graphed, compiled)
+    with levers(variant):
+        run = fine_scale(content, style, state, variant.precision, variant.graphed, variant.compiled)
         run(8)  # first use of these shapes: cuDNN's and cuBLAS's set-up (and compiling) happen here
         return (run(8 + steps) - run(8)) / steps
 
@@ -154,7 +165,7 @@ def kernel_profile(content: torch.Tensor, style: torch.Tensor, state: dict, prec
                    steps: int, channels_last: bool) -> str:
     """Where a fine-scale evaluation's GPU time goes: torch.profiler's table of the top operations
     over `steps` evaluations, without graphs so that every kernel is attributed to its operation."""
-    with levers(channels_last):
+    with levers(Variant(channels_last=channels_last)):
         run = fine_scale(content, style, state, precision, graphed=False)
         run(8)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -201,20 +212,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for size in args.timeline:  # make bench's budget: 300 fine evaluations
         runs = {}
         for label, line_search in (("cold", False), ("warm", False), ("warm, strong-Wolfe", True)):
-            with levers(True, line_search=line_search):
+            with levers(Variant(line_search=line_search)):
                 runs[label] = timeline(content_np, style_np, replace(base, size=size, steps=300))
         results["timeline"][str(size)] = runs
         for label, run in runs.items():
             print(f"{size} px {label}: {_summary(run)}", flush=True)
         save()
     for size in args.end_to_end:
-        for precision, graphs, channels_last, tf32_grams in END_TO_END:
-            engine.CUDA_GRAPHS = graphs
-            with levers(channels_last, tf32_grams):
-                result = stylize(StyleRequest(content_np, [style_np], replace(base, size=size,
-                                                                               precision=precision)))
-            results["end_to_end"].append({"size": size, "precision": precision, "graphs": graphs,
-                                          "channels_last": channels_last, "tf32_grams": tf32_grams,
+        for variant in END_TO_END:
+            engine.CUDA_GRAPHS = variant.graphed
+            with levers(variant):
+                result = stylize(StyleRequest(content_np, [style_np], replace(
+                    base, size=size, precision=variant.precision)))
+            results["end_to_end"].append({"size": size, "precision": variant.precision,
+                                          "graphs": variant.graphed,
+                                          "channels_last": variant.channels_last,
+                                          "tf32_grams": variant.tf32_grams,
                                           "seconds": result.seconds, "iterations": result.iterations,
                                           "total_loss": result.total_loss,
                                           "peak_memory_bytes": result.peak_memory_bytes})
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for size in args.sizes:
         content = _fit_long_side(to_tensor(content_np, device), size)
         style = _fit_long_side(to_tensor(style_np, device), size)
-        row = {name: 1e3 * per_evaluation(content, style, weights.state_dict, *variant, args.steps)
+        row = {name: 1e3 * per_evaluation(content, style, weights.state_dict, variant, args.steps)
                for name, variant in VARIANTS.items()}
         results["per_evaluation_ms"][f"{content.shape[-1]}×{content.shape[-2]}"] = row
         print(size, json.dumps(row), flush=True)
