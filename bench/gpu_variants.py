@@ -75,18 +75,20 @@ END_TO_END = (Variant(), Variant(), Variant(channels_last=False), Variant(tf32_g
 
 @contextmanager
 def levers(variant: Variant) -> Iterator[None]:
-    """The engine's layout, cuBLAS's fp32 matrix-product mode (the Grams'), whether L-BFGS
-    replays its update as a CUDA graph and whether it runs torch's line search, for one variant."""
-    saved = (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
-             engine.LINE_SEARCH_ON_GPU)
-    (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
-     engine.LINE_SEARCH_ON_GPU) = (variant.channels_last, variant.tf32_grams,
-                                   variant.replay_updates, variant.line_search)
+    """The engine's layout and CUDA graphs, cuBLAS's fp32 matrix-product mode (the Grams'), whether
+    L-BFGS replays its update as a CUDA graph and whether it runs torch's line search, for one
+    variant; the previous settings are back afterwards."""
+    saved = (engine.CHANNELS_LAST, engine.CUDA_GRAPHS, torch.backends.cuda.matmul.allow_tf32,
+             lbfgs.CUDA_GRAPHS, engine.LINE_SEARCH_ON_GPU)
+    (engine.CHANNELS_LAST, engine.CUDA_GRAPHS, torch.backends.cuda.matmul.allow_tf32,
+     lbfgs.CUDA_GRAPHS, engine.LINE_SEARCH_ON_GPU) = (
+        variant.channels_last, variant.graphed, variant.tf32_grams, variant.replay_updates,
+        variant.line_search)
     try:
         yield
     finally:
-        (engine.CHANNELS_LAST, torch.backends.cuda.matmul.allow_tf32, lbfgs.CUDA_GRAPHS,
-         engine.LINE_SEARCH_ON_GPU) = saved
+        (engine.CHANNELS_LAST, engine.CUDA_GRAPHS, torch.backends.cuda.matmul.allow_tf32,
+         lbfgs.CUDA_GRAPHS, engine.LINE_SEARCH_ON_GPU) = saved
 
 
 def fine_scale(content: torch.Tensor, style: torch.Tensor, state: dict, precision: str,
@@ -220,7 +222,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         save()
     for size in args.end_to_end:
         for variant in END_TO_END:
-            engine.CUDA_GRAPHS = variant.graphed
             with levers(variant):
                 result = stylize(StyleRequest(content_np, [style_np], replace(
                     base, size=size, precision=variant.precision)))
@@ -233,7 +234,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                                           "peak_memory_bytes": result.peak_memory_bytes})
             print(json.dumps(results["end_to_end"][-1]), flush=True)
             save()
-    engine.CUDA_GRAPHS = True
     if args.square:
         side = min(content_np.shape[:2])
         square = to_array(_fit_long_side(to_tensor(content_np[:side, :side], device), args.square))
