@@ -8,7 +8,7 @@ import torch
 from conftest import make_painting, make_photo
 
 from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, engine, lbfgs, stylize
-from stylekit.engine import _optimise, pick_runtime, scale_sizes, stylize_batch
+from stylekit.engine import Runtime, _optimise, pick_runtime, scale_phases, scale_sizes, stylize_batch
 
 
 @pytest.fixture
@@ -108,6 +108,28 @@ def test_by_default_a_half_size_scale_comes_before_the_full_size():
 def test_every_scale_is_optimised_coarse_ones_with_half_the_steps(run):
     result = run(size=80, scales=2, steps=4)
     assert result.iterations == 4 + 2
+
+
+BF16_GRAD = Runtime(torch.device("cpu"), torch.float32, torch.bfloat16)
+
+
+def test_with_bf16_gradients_a_coarse_scale_drafts_two_thirds_in_bf16_then_polishes():
+    draft = Runtime(torch.device("cpu"), torch.bfloat16)
+    assert scale_phases(150, False, BF16_GRAD) == [(draft, 100), (BF16_GRAD, 50)]
+
+
+def test_the_finest_scale_and_fp32_runs_are_not_drafted():
+    fp32 = Runtime(torch.device("cpu"), torch.float32)
+    assert scale_phases(300, True, BF16_GRAD) == [(BF16_GRAD, 300)]
+    assert scale_phases(150, False, fp32) == [(fp32, 150)]
+
+
+def test_a_drafted_coarse_scale_reports_its_evaluations_as_one_scale(run):
+    seen = []
+    result = run(size=80, scales=2, steps=6, precision="bf16-grad", progress=seen.append)
+    optimised = [(p.scale, p.iteration) for p in seen if p.stage == "optimise"]
+    assert optimised == [(1, i) for i in range(1, 4)] + [(2, i) for i in range(4, 10)]
+    assert result.iterations == 9 and result.precision == "bf16-grad"
 
 
 def test_progress_reports_every_evaluation_in_order(run):
