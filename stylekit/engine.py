@@ -37,9 +37,9 @@ PROGRESS_EVERY_S = 0.05  # on a GPU, progress is reported at most this often
 LINE_SEARCH_MIN_STEPS = 100  # scales with fewer L-BFGS evaluations than this backtrack instead ...
 LINE_SEARCH_ON_GPU = False  # ... and so does every scale on a GPU (see _optimise)
 COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to set up the finest one
-DRAFT_SHARE = 2 / 3  # with bf16 gradients, this share of a coarse scale also runs its forward in bf16
 # (a third took 5% less time on tubingen × starry_night, 5% more on golden_gate × shipwreck; a
 # quarter, ~15% less on an H100 with tubingen, left golden_gate at 3.14 instead of 2.67 on a CPU)
+DRAFT_SHARE = 2 / 3  # with bf16 gradients on a CPU, this share of a coarse scale runs its forward in bf16 too
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
 
@@ -77,12 +77,13 @@ def scale_steps(steps: int, finest: bool) -> int:
 def scale_phases(steps: int, finest: bool, runtime: Runtime) -> list[tuple[Runtime, int]]:
     """One scale's evaluations as (runtime, count) phases, each a fresh optimisation.
 
-    Where the gradient already runs in bf16 (CPUs with native bf16), a coarse scale drafts its first
+    Where the gradient already runs in bf16 on a CPU (`bf16-grad`), a coarse scale drafts its first
     DRAFT_SHARE with the forward in bf16 too (68 against 90 ms per evaluation at 128×96), then
     polishes in the run's own precision, so that the finest scale starts from a point of the fp32
     loss: a coarse scale in bf16 throughout left the finest scale more to undo (docs/benchmarks.md).
     """
-    draft = 0 if finest or runtime.gradient_dtype != torch.bfloat16 else int(steps * DRAFT_SHARE)
+    drafts = not finest and runtime.device.type == "cpu" and runtime.gradient_dtype == torch.bfloat16
+    draft = int(steps * DRAFT_SHARE) if drafts else 0
     if not draft:
         return [(runtime, steps)]
     return [(replace(runtime, dtype=torch.bfloat16, gradient_dtype=None), draft), (runtime, steps - draft)]

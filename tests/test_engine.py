@@ -124,6 +124,11 @@ def test_the_finest_scale_and_fp32_runs_are_not_drafted():
     assert scale_phases(150, False, fp32) == [(fp32, 150)]
 
 
+def test_gpu_runs_are_not_drafted():
+    gpu = Runtime(torch.device("cuda"), torch.float32, torch.bfloat16)
+    assert scale_phases(150, False, gpu) == [(gpu, 150)]
+
+
 def test_a_drafted_coarse_scale_reports_its_evaluations_as_one_scale(run):
     seen = []
     result = run(size=80, scales=2, steps=6, precision="bf16-grad", progress=seen.append)
