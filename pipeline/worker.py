@@ -265,7 +265,8 @@ class Worker:
             self._deliver(hot, preset, job, picture, outcome)
         elif is_transient(outcome):
             size = request.options.size or "full"
-            self.fail(hot, job, f"out of memory after {job.attempts} attempts, the last at size {size}")
+            why = f": {outcome}" if isinstance(outcome, StylekitError) else ""  # a refusal says what fits
+            self.fail(hot, job, f"out of memory after {job.attempts} attempts, the last at size {size}{why}")
         elif isinstance(outcome, StylekitError):
             self.fail(hot, job, str(outcome))
         else:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import color, gram_cache, heap, lbfgs, losses
-from .errors import StylekitError, one_line
+from . import color, gram_cache, heap, lbfgs, losses, memory
+from .errors import NotEnoughMemory, StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .gradients import gradient_function
 from .onnx_features import CUDA_PROVIDER, gpu_provider_installed, onnx_targets
@@ -29,7 +29,8 @@ DEFAULT_LONG_SIDE = 512  # without --size, larger images are scaled down to this
 
 CHECKPOINT_PIXELS = 8 << 20  # a batch larger than this recomputes activations in the backward pass
 HISTORY_SIZE = 50  # L-BFGS curvature pairs kept ...
-HISTORY_BYTES = 4 << 30  # ... unless two image-sized vectors per pair would take more than this
+HISTORY_BYTES = 4 << 30  # ... unless two image-sized vectors per pair would take more than this ...
+MIN_HISTORY = 5  # ... or free memory holds fewer; a run with room for fewer than this is refused
 CUDA_GRAPHS = True  # on a GPU, record each scale's evaluation once and replay it (gradients.py) ...
 GRAPH_MIN_STEPS = 20  # ... when it has this many evaluations: recording costs about four
 CHANNELS_LAST = True  # on a GPU or CPU, activations in N×H×W×C order (see memory_format)
@@ -327,14 +328,37 @@ class _BudgetSpent(Exception):
     """Raised inside the optimiser's closure when the evaluation budget is used up."""
 
 
-def history_size(image: torch.Tensor) -> int:
-    """L-BFGS history length: HISTORY_SIZE, fewer for huge images (at 4096² one pair is 400 MB)."""
-    pair = 2 * image.numel() * image.element_size()
-    return max(5, min(HISTORY_SIZE, HISTORY_BYTES // pair))
+def history_size(pixels: int, fit: int | None = None) -> int:
+    """L-BFGS history length for a batch of `pixels`: HISTORY_SIZE, fewer for huge images (at 4096²
+    one pair is 400 MB) or where free memory holds only `fit` pairs beside the rest of the run."""
+    room = HISTORY_BYTES // (pixels * memory.PAIR_PIXEL_BYTES)
+    return max(MIN_HISTORY, min(HISTORY_SIZE, room, HISTORY_SIZE if fit is None else fit))
+
+
+def check_memory(size: tuple[int, int], batch: int, device: torch.device,
+                 available: int | None) -> None:
+    """Refuse a run whose finest scale would not fit into free memory, naming a size that would.
+
+    Why: on Linux such a run is not told it is out of memory; the kernel kills it minutes in.
+    """
+    width, height = size
+    pixels = batch * width * height
+    if available is None or memory.pairs_that_fit(pixels, device.type, available) >= MIN_HISTORY:
+        return
+    need = memory.needed_bytes(pixels, device.type, MIN_HISTORY)
+    fits = memory.pixels_that_fit(device.type, available, MIN_HISTORY)
+    longest = int(max(width, height) * (fits / pixels) ** 0.5)
+    where = "the GPU" if device.type == "cuda" else "the CPU"
+    images = f"{batch} images of {width}×{height}" if batch > 1 else f"a {width}×{height} image"
+    hint = (f"a long side of {longest} px or less fits" if longest >= MIN_SIDE
+            else "close other programs to free some")
+    raise NotEnoughMemory(f"not enough memory for {images} on {where}: it needs about "
+                          f"{need / memory.GIB:.1f} GiB and {available / memory.GIB:.1f} GiB are free "
+                          f"({hint})")
 
 
 def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
-              report, graphed: bool = False) -> int:
+              report, history: int, graphed: bool = False) -> int:
     """Run one scale's optimiser for `steps` loss evaluations, leaving in `image` the best iterate.
 
     Line-search trials and Adam steps can be worse than earlier points, so each image keeps the
@@ -377,7 +401,7 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
             # So each round starts afresh from the best point; a round that gains nothing ends it.
             round_start = best_loss.clone()
             try:
-                minimise(closure, image, history_size(image), steps + 1, bounds=(0.0, 1.0))
+                minimise(closure, image, history, steps + 1, bounds=(0.0, 1.0))
             except _BudgetSpent:
                 break
             if not bool((best_loss < round_start).any()):
@@ -478,6 +502,8 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     height, width = contents_full[0].shape[-2:]
     long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
+    available = memory.available_bytes(runtime.device)
+    check_memory(sizes[-1], len(requests), runtime.device, available)
     # One entry per distinct style: (its style images at full size, the request indices using it).
     style_groups: list[tuple[list[torch.Tensor], StyleRequest, list[int]]] = []
     for index, request in enumerate(requests):
@@ -522,6 +548,9 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
 
         image = image.detach().clone()
         finest = scale == len(sizes)
+        pixels = len(requests) * w * h
+        history = history_size(pixels, None if available is None
+                               else memory.pairs_that_fit(pixels, runtime.device.type, available))
         for phase_runtime, steps in scale_phases(scale_steps(options.steps, finest), finest, runtime):
 
             def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets,
@@ -541,7 +570,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
             base = done
             graphed = (CUDA_GRAPHS and runtime.device.type == "cuda" and steps >= GRAPH_MIN_STEPS
                        and image[:, 0].numel() <= CHECKPOINT_PIXELS)  # checkpointing recomputes
-            done = base + _optimise(image, evaluate, steps, options, report, graphed)
+            done = base + _optimise(image, evaluate, steps, options, report, history, graphed)
     assert image is not None
     with torch.no_grad():
         final = evaluate(image)

@@ -5,6 +5,11 @@ class StylekitError(Exception):
     """A failure caused by the user's input or environment; the CLI prints its message alone."""
 
 
+class NotEnoughMemory(StylekitError, MemoryError):
+    """A run refused before it starts because it would not fit into free memory; a MemoryError too,
+    so that callers which retry out-of-memory failures at a smaller size retry it the same way."""
+
+
 class Cancelled(Exception):
     """Raised by a progress callback to stop a running job; the caller decides what that means."""
 

@@ -197,6 +197,13 @@ def test_unknown_output_extension_is_refused_before_work(apply):
     assert code == 1 and ".xyz" in err and not out.exists()
 
 
+def test_a_size_too_large_for_free_memory_is_a_one_line_error_before_work(apply):
+    code, _, err, out = apply("--size", "1000000")
+    assert code == 1 and not out.exists()
+    assert len(err.strip().splitlines()) == 1 and "not enough memory for a 1000000×" in err
+    assert "px or less fits" in err
+
+
 def test_output_that_is_the_input_is_refused(apply, photo_path):
     before = digest(photo_path)
     code, _, err, _ = apply(output=photo_path.name)

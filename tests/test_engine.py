@@ -1,5 +1,6 @@
 """stylize(): the optimisation loop, its options, progress and cancellation."""
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,7 +9,19 @@ import torch
 from conftest import make_painting, make_photo
 
 from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, engine, lbfgs, stylize
-from stylekit.engine import Runtime, _optimise, pick_runtime, scale_phases, scale_sizes, stylize_batch
+from stylekit.engine import (
+    HISTORY_SIZE,
+    MIN_HISTORY,
+    Runtime,
+    _optimise,
+    check_memory,
+    history_size,
+    pick_runtime,
+    scale_phases,
+    scale_sizes,
+    stylize_batch,
+)
+from stylekit.errors import NotEnoughMemory
 
 
 @pytest.fixture
@@ -246,10 +259,43 @@ def test_large_images_are_checkpointed_without_changing_the_result(run, monkeypa
 
 
 def test_lbfgs_history_shrinks_for_huge_images_only():
-    from stylekit.engine import HISTORY_SIZE, history_size
-    assert history_size(torch.empty(1, 3, 1024, 1024, device="meta")) == HISTORY_SIZE
-    huge = history_size(torch.empty(1, 3, 4096, 4096, device="meta"))
-    assert 5 <= huge < HISTORY_SIZE
+    assert history_size(1024 * 1024) == HISTORY_SIZE
+    assert MIN_HISTORY <= history_size(4096 * 4096) < HISTORY_SIZE
+
+
+def test_lbfgs_history_shrinks_to_what_free_memory_holds():
+    assert history_size(256 * 256, fit=12) == 12
+    assert history_size(256 * 256, fit=10 * HISTORY_SIZE) == HISTORY_SIZE
+    assert history_size(256 * 256, fit=1) == MIN_HISTORY
+
+
+def test_a_run_too_large_for_free_memory_is_refused_before_it_starts(run):
+    stages = []
+    with pytest.raises(NotEnoughMemory, match=r"^not enough memory for a \d+×\d+ image on the (CPU|GPU)"):
+        run(size=10**6, progress=lambda p: stages.append(p.stage))  # no machine holds 10⁶ × 8·10⁵ px
+    assert "optimise" not in stages
+
+
+def test_a_refusal_names_a_size_that_fits():
+    cpu, free = torch.device("cpu"), 8 << 30
+    with pytest.raises(NotEnoughMemory) as refused:
+        check_memory((4000, 3000), 1, cpu, free)
+    longest = int(re.search(r"a long side of (\d+) px or less fits", str(refused.value))[1])
+    assert 1000 < longest < 4000
+    check_memory((longest, longest * 3 // 4), 1, cpu, free)
+    with pytest.raises(NotEnoughMemory):
+        check_memory((longest + 100, (longest + 100) * 3 // 4), 1, cpu, free)
+
+
+def test_a_batch_is_refused_by_its_whole_size():
+    cpu, free = torch.device("cpu"), 4 << 30
+    check_memory((1024, 768), 1, cpu, free)
+    with pytest.raises(NotEnoughMemory, match="4 images of 1024×768"):
+        check_memory((1024, 768), 4, cpu, free)
+
+
+def test_unknown_free_memory_refuses_nothing():
+    check_memory((10**6, 10**6), 1, torch.device("cpu"), None)
 
 
 def test_long_runs_stop_exactly_at_the_evaluation_budget(run):
@@ -295,7 +341,8 @@ def test_lbfgs_restarts_after_its_line_search_fails_instead_of_stalling(monkeypa
     monkeypatch.setattr(lbfgs, "minimise", lambda *a, **k: rounds.append(1) or minimise(*a, **k))
     torch.manual_seed(0)
     image = torch.rand(1, 3, 4, 4)
-    spent = _optimise(image, _gram_to_five, 200, StyleOptions(), lambda count, loss: None)
+    spent = _optimise(image, _gram_to_five, 200, StyleOptions(), lambda count, loss: None,
+                      HISTORY_SIZE)
     stalled = _torch_lbfgs_called_again(200)
     assert len(rounds) > 1 and spent <= 200  # restarted, and stopped once a round gained nothing
     assert float(_gram_to_five(image).total) < 0.01 < 1.1 < stalled

@@ -1,0 +1,51 @@
+"""What a run will take in memory and what the machine has free, so a run too large is refused at once.
+
+Linux over-commits memory: a CPU run at `--size 4000` on a 23 GB machine never saw a MemoryError,
+the kernel's OOM killer ended it minutes in (exit 137, no message). Knows bytes, /proc/meminfo and
+torch's CUDA memory counters only; the figures are measured (docs/benchmarks.md, "Memory").
+"""
+
+from __future__ import annotations
+
+import torch
+
+PIXEL_BYTES = {"cpu": 4096, "cuda": 1536}
+"""Peak bytes per pixel of the batch besides L-BFGS's pairs: the network's saved activations, the
+backward's transients, the targets' pass and, on the CPU, the freed blocks kept for reuse (heap.py).
+Measured on the CPU: 3.2–3.3 KB with torch targets, 3.3–3.8 KB with ONNX ones; on a GPU up to 1.5 KB."""
+PAIR_PIXEL_BYTES = 2 * 3 * 4  # an L-BFGS pair: a step and a gradient change, 3 fp32 values per pixel
+RUN_BYTES = 512 << 20  # the rest: the style images' targets, the result's copies, allocator slack
+HEADROOM = 1.1  # a run counts as fitting only with a tenth to spare (the estimate is not exact)
+GIB = 1 << 30
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take on `device`; None where that cannot be told (a CPU off Linux)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def needed_bytes(pixels: int, device_type: str, pairs: int) -> int:
+    """The peak of a run on a batch of `pixels` keeping `pairs` L-BFGS pairs, headroom included."""
+    return int(HEADROOM * (RUN_BYTES + pixels * (PIXEL_BYTES[device_type] + pairs * PAIR_PIXEL_BYTES)))
+
+
+def pairs_that_fit(pixels: int, device_type: str, available: int) -> int:
+    """How many L-BFGS pairs fit beside the rest of a run on `pixels` (negative: not even none)."""
+    return int((available / HEADROOM - RUN_BYTES - pixels * PIXEL_BYTES[device_type])
+               // (pixels * PAIR_PIXEL_BYTES))
+
+
+def pixels_that_fit(device_type: str, available: int, pairs: int) -> int:
+    """The largest batch, in pixels, whose run with `pairs` pairs fits into `available` bytes."""
+    return max(0, int((available / HEADROOM - RUN_BYTES)
+                      // (PIXEL_BYTES[device_type] + pairs * PAIR_PIXEL_BYTES)))
