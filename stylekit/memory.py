@@ -20,10 +20,12 @@ GIB = 1 << 30
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory a run can still take on `device`; None where that cannot be told (a CPU off Linux)."""
+    """Memory a run can still take on `device`; None where that cannot be told (a CPU off Linux, MPS)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:

@@ -36,3 +36,7 @@ def test_the_pixels_that_fit_do_and_a_row_more_does_not():
 
 def test_a_gpu_pixel_costs_less_than_a_cpu_one():
     assert memory.pixels_that_fit("cuda", FREE, 5) > memory.pixels_that_fit("cpu", FREE, 5)
+
+
+def test_free_memory_of_a_device_it_cannot_read_is_unknown():
+    assert memory.available_bytes(torch.device("meta")) is None
