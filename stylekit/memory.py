@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-PIXEL_BYTES = {"cpu": 4096, "cuda": 1536}
+PIXEL_BYTES = {"cpu": 4608, "cuda": 1536}
 """Peak bytes per pixel of the batch besides L-BFGS's pairs: the network's saved activations, the
 backward's transients, the targets' pass and, on the CPU, the freed blocks kept for reuse (heap.py).
-Measured on the CPU: 3.2–3.3 KB with torch targets, 3.3–3.8 KB with ONNX ones; on a GPU up to 1.5 KB."""
+Measured on the CPU: 2.8–3.3 KB in `bf16-grad`, 3.9 KB in fp32 (the default without native bf16),
+0.5 KB more with ONNX targets; on a GPU up to 1.5 KB."""
 PAIR_PIXEL_BYTES = 2 * 3 * 4  # an L-BFGS pair: a step and a gradient change, 3 fp32 values per pixel
 RUN_BYTES = 512 << 20  # the rest: the style images' targets, the result's copies, allocator slack
 HEADROOM = 1.1  # a run counts as fitting only with a tenth to spare (the estimate is not exact)

@@ -288,7 +288,7 @@ def test_a_refusal_names_a_size_that_fits():
 
 
 def test_a_batch_is_refused_by_its_whole_size():
-    cpu, free = torch.device("cpu"), 4 << 30
+    cpu, free = torch.device("cpu"), 6 << 30
     check_memory((1024, 768), 1, cpu, free)
     with pytest.raises(NotEnoughMemory, match="4 images of 1024×768"):
         check_memory((1024, 768), 4, cpu, free)
