@@ -43,7 +43,7 @@ def needed_bytes(pixels: int, device_type: str, pairs: int) -> int:
 
 
 def pairs_that_fit(pixels: int, device_type: str, available: int) -> int:
-    """How many L-BFGS pairs fit beside the rest of a run on `pixels` (negative: not even none)."""
+    """How many L-BFGS pairs fit beside the rest of a run on `pixels` (below 0: not even without any)."""
     return int((available / HEADROOM - RUN_BYTES - pixels * PIXEL_BYTES[device_type])
                // (pixels * PAIR_PIXEL_BYTES))
 
