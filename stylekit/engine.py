@@ -569,7 +569,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
 
             base = done
             graphed = (CUDA_GRAPHS and runtime.device.type == "cuda" and steps >= GRAPH_MIN_STEPS
-                       and image[:, 0].numel() <= CHECKPOINT_PIXELS)  # checkpointing recomputes
+                       and pixels <= CHECKPOINT_PIXELS)  # checkpointing recomputes
             done = base + _optimise(image, evaluate, steps, options, report, history, graphed)
     assert image is not None
     with torch.no_grad():
