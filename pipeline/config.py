@@ -40,7 +40,7 @@ class WatchConfig:
 
     folders: tuple[FolderConfig, ...]
     settle: float = 2.0  # seconds a file's size and mtime must stay unchanged before it is taken
-    retries: int = 2  # further attempts after running out of memory, each at 0.7× the size
+    retries: int = 2  # further attempts after running out of memory, at the size that fits, or 0.7× the last
     batch: int = 4  # images of one preset claimed and styled together
     rescan: float = 30.0  # seconds between full scans, in case the observer missed an event
     log_json: bool = False

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +39,7 @@ class Job:
     preset: str | None
     output: str | None  # relative to the outbox, chosen at claim time so a restart never makes a second
     attempts: int = 0  # attempts started; a crash mid-job counts, so a poison image cannot loop forever
-    shrink: int = 0  # out-of-memory retries so far; each makes the output smaller
+    size: int | None = None  # the long side after an out-of-memory failure (None: the preset's)
     final: str | None = None  # relative to the inbox: done/… or failed/…, recorded before the move
     error: str | None = None
 
@@ -210,7 +210,9 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
 def _load(path: Path) -> Job:
     """Read a journal, refusing to guess about one that is unreadable."""
     try:
-        return Job(**json.loads(path.read_text(encoding="utf-8")))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(Job)}  # a field of another version's journal is left behind
+        return Job(**{key: value for key, value in record.items() if key in known})
     except (OSError, ValueError, TypeError) as error:
         raise StylekitError(f"job record '{path}' is unreadable ({error}); move it and its input "
                             "out of processing/ and restart") from None

@@ -12,6 +12,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,10 @@ from .log import EventLog
 from .settle import Settler
 from .status import write_status
 from .worker import Engine, Hotfolder, Worker, open_engine, warm_up
+
+# watchdog 7's inotify can add a folder's watch twice when nested folders appear at once (failed/<preset>/
+# deeper/ made in one go) and warns that it replaced its own callback; the watch works, so stay quiet.
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
 
 TICK_S = 0.05  # how often the settle check runs while idle
 STATUS_EVERY_S = 1.0  # the status file is rewritten at most this often (and at least every 30 s)

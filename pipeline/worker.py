@@ -23,7 +23,7 @@ import torch
 from stylekit import __version__, ray_engine
 from stylekit.batch import warm_up_request
 from stylekit.engine import DEFAULT_LONG_SIDE, pick_runtime, stylize, stylize_batch
-from stylekit.errors import Cancelled, StylekitError
+from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError
 from stylekit.image import LoadedImage, load_image, output_format, save_image
 from stylekit.presets import Preset, get_preset, preset_request
 from stylekit.request import Progress, ProgressCallback, Result, StyleRequest
@@ -77,6 +77,30 @@ def is_transient(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
+def smaller_size(request: StyleRequest, failure: Exception) -> int:
+    """The long side to retry an out-of-memory failure at: the size a refusal named as fitting, else
+    SHRINK times the size that failed (a failure mid-run does not say what would have fitted)."""
+    if isinstance(failure, NotEnoughMemory) and failure.long_side is not None:
+        return failure.long_side
+    height, width = request.content.shape[:2]
+    size = request.options.size or min(max(height, width), DEFAULT_LONG_SIDE)
+    return max(16, round(size * SHRINK))
+
+
+def stylize_together(requests: Sequence[StyleRequest],
+                     progress: ProgressCallback) -> Sequence[Result | Exception]:
+    """One batch's results or failures; a batch out of memory runs again image by image at full size
+    (only the batch was too large), leaving a single image's failure to the caller's smaller retry."""
+    try:
+        return stylize_batch(requests, progress)
+    except Cancelled:
+        raise
+    except Exception as error:  # the caller sorts failures into retries and failed/
+        if len(requests) == 1 or not is_transient(error):
+            return [error] * len(requests)
+    return [outcome for request in requests for outcome in stylize_together([request], progress)]
+
+
 def stylize_group(requests: Sequence[StyleRequest],
                   progress: ProgressCallback) -> Iterator[Result | Exception]:
     """Style requests that share a preset and options, yielding each result (or failure) in order.
@@ -98,12 +122,7 @@ def stylize_group(requests: Sequence[StyleRequest],
     outcomes: dict[int, Result | Exception] = {}
     ready = 0
     for batch in batches:
-        try:
-            results: Sequence[Result | Exception] = stylize_batch([requests[i] for i in batch], progress)
-        except Cancelled:
-            raise
-        except Exception as error:  # the caller sorts failures into retries and failed/
-            results = [error] * len(batch)
+        results = stylize_together([requests[i] for i in batch], progress)
         outcomes.update(zip(batch, results, strict=True))
         while ready in outcomes:  # hand results back in request order as soon as they exist
             yield outcomes.pop(ready)
@@ -239,20 +258,17 @@ class Worker:
         return load_image(path, name=job.name)
 
     def _request(self, preset: Preset, hot: Hotfolder, job: Job, picture: LoadedImage) -> StyleRequest:
-        """The preset's request with the folder's options, smaller after each out-of-memory retry."""
+        """The preset's request with the folder's options, at the smaller size of an out-of-memory retry."""
         request = preset_request(preset, picture.rgb, dict(hot.config.overrides))
-        if not job.shrink:
+        if job.size is None:
             return request
-        height, width = picture.rgb.shape[:2]
-        size = request.options.size or min(max(height, width), DEFAULT_LONG_SIDE)
-        smaller = max(16, round(size * SHRINK ** job.shrink))
-        return dataclasses.replace(request, options=request.options.replace(size=smaller))
+        return dataclasses.replace(request, options=request.options.replace(size=job.size))
 
     def _conclude(self, hot: Hotfolder, preset: Preset, job: Job, picture: LoadedImage,
                   request: StyleRequest, outcome: Result | Exception) -> None:
         """Publish a result, retry out-of-memory at a smaller size while attempts last, else fail."""
         while is_transient(outcome) and job.attempts <= self.retries:
-            job.shrink += 1
+            job.size = smaller_size(request, outcome)
             job.attempts += 1
             save(hot.layout, job)
             request = self._request(preset, hot, job, picture)

@@ -80,6 +80,9 @@ def engine_options(function):
         click.option("--targets", type=click.Choice(TARGET_ENGINES),
                      help="What computes the fixed content/style targets (default onnx; torch "
                           "on a GPU that onnxruntime cannot use)."),
+        click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), metavar="GIB",
+                     help="Most memory a run may take, in GiB (default: what is free); a larger "
+                          "run is refused at once, naming the size that fits."),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)

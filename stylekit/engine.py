@@ -335,26 +335,30 @@ def history_size(pixels: int, fit: int | None = None) -> int:
     return max(MIN_HISTORY, min(HISTORY_SIZE, room, HISTORY_SIZE if fit is None else fit))
 
 
-def check_memory(size: tuple[int, int], batch: int, device: torch.device,
-                 available: int | None) -> None:
-    """Refuse a run whose finest scale would not fit into free memory, naming a size that would.
+def check_memory(size: tuple[int, int], batch: int, device: torch.device, free: int | None,
+                 limit: int | None = None) -> int | None:
+    """Refuse a run whose finest scale would not fit into free memory or the user's `limit` (bytes),
+    naming the size that would; return the bytes the run may plan with (None: unknown, no limit).
 
     Why: on Linux such a run is not told it is out of memory; the kernel kills it minutes in.
     """
+    budget = free if limit is None else limit if free is None else min(free, limit)
     width, height = size
     pixels = batch * width * height
-    if available is None or memory.pairs_that_fit(pixels, device.type, available) >= MIN_HISTORY:
-        return
+    if budget is None or memory.pairs_that_fit(pixels, device.type, budget) >= MIN_HISTORY:
+        return budget
     need = memory.needed_bytes(pixels, device.type, MIN_HISTORY)
-    fits = memory.pixels_that_fit(device.type, available, MIN_HISTORY)
+    fits = memory.pixels_that_fit(device.type, budget, MIN_HISTORY)
     longest = int(max(width, height) * (fits / pixels) ** 0.5)
     where = "the GPU" if device.type == "cuda" else "the CPU"
     images = f"{batch} images of {width}×{height}" if batch > 1 else f"a {width}×{height} image"
+    room = (f"{budget / memory.GIB:.1f} GiB are free" if budget == free
+            else f"max_memory allows {budget / memory.GIB:.1f} GiB")
     hint = (f"a long side of {longest} px or less fits" if longest >= MIN_SIDE
-            else "close other programs to free some")
+            else "close other programs to free some" if budget == free else "raise max_memory")
     raise NotEnoughMemory(f"not enough memory for {images} on {where}: it needs about "
-                          f"{need / memory.GIB:.1f} GiB and {available / memory.GIB:.1f} GiB are free "
-                          f"({hint})")
+                          f"{need / memory.GIB:.1f} GiB and {room} ({hint})",
+                          longest if longest >= MIN_SIDE else None)
 
 
 def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
@@ -502,8 +506,9 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     height, width = contents_full[0].shape[-2:]
     long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
-    available = memory.available_bytes(runtime.device)
-    check_memory(sizes[-1], len(requests), runtime.device, available)
+    limit = None if options.max_memory is None else int(options.max_memory * memory.GIB)
+    available = check_memory(sizes[-1], len(requests), runtime.device,
+                             memory.available_bytes(runtime.device), limit)
     # One entry per distinct style: (its style images at full size, the request indices using it).
     style_groups: list[tuple[list[torch.Tensor], StyleRequest, list[int]]] = []
     for index, request in enumerate(requests):

@@ -9,6 +9,14 @@ class NotEnoughMemory(StylekitError, MemoryError):
     """A run refused before it starts because it would not fit into free memory; a MemoryError too,
     so that callers which retry out-of-memory failures at a smaller size retry it the same way."""
 
+    def __init__(self, message: str, long_side: int | None = None) -> None:
+        super().__init__(message)
+        self.long_side = long_side  # the largest long side that fits, so a retry need not guess
+
+    def __reduce__(self):
+        """Keep the long side across pickling (a Ray worker's failure reaches the caller pickled)."""
+        return type(self), (str(self), self.long_side)
+
 
 class Cancelled(Exception):
     """Raised by a progress callback to stop a running job; the caller decides what that means."""

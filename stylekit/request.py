@@ -48,6 +48,7 @@ class StyleOptions:
     precision: str = "auto"
     seed: int = 0
     targets: str = "onnx"  # fixed targets computed by: onnx (onnxruntime, see onnx_features) | torch
+    max_memory: float | None = None  # GiB a run may plan to take (None: what the device has free)
 
     def replace(self, **changes: object) -> StyleOptions:
         """A copy with some options changed, refusing unknown names."""
@@ -86,6 +87,8 @@ def validate(options: StyleOptions) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise StylekitError(f"bad {name} {value} (must be greater than 0)")
+    if options.max_memory is not None and not 0 < options.max_memory < math.inf:
+        raise StylekitError(f"bad max_memory {options.max_memory} (GiB, must be a number greater than 0)")
     for name in ("content_weight", "style_weight", "tv_weight"):
         value = getattr(options, name)
         if not (value >= 0 and math.isfinite(value)):

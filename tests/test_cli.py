@@ -204,6 +204,12 @@ def test_a_size_too_large_for_free_memory_is_a_one_line_error_before_work(apply)
     assert "px or less fits" in err
 
 
+def test_max_memory_refuses_a_run_that_would_take_more(apply):
+    code, _, err, out = apply("--size", "1024", "--max-memory", "0.5")
+    assert code == 1 and not out.exists()
+    assert len(err.strip().splitlines()) == 1 and "max_memory allows 0.5 GiB" in err
+
+
 def test_output_that_is_the_input_is_refused(apply, photo_path):
     before = digest(photo_path)
     code, _, err, _ = apply(output=photo_path.name)

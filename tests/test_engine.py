@@ -1,5 +1,7 @@
 """stylize(): the optimisation loop, its options, progress and cancellation."""
 
+import math
+import pickle
 import re
 from types import SimpleNamespace
 
@@ -281,7 +283,7 @@ def test_a_refusal_names_a_size_that_fits():
     with pytest.raises(NotEnoughMemory) as refused:
         check_memory((4000, 3000), 1, cpu, free)
     longest = int(re.search(r"a long side of (\d+) px or less fits", str(refused.value))[1])
-    assert 1000 < longest < 4000
+    assert 1000 < longest < 4000 and refused.value.long_side == longest
     check_memory((longest, longest * 3 // 4), 1, cpu, free)
     with pytest.raises(NotEnoughMemory):
         check_memory((longest + 100, (longest + 100) * 3 // 4), 1, cpu, free)
@@ -292,6 +294,40 @@ def test_a_batch_is_refused_by_its_whole_size():
     check_memory((1024, 768), 1, cpu, free)
     with pytest.raises(NotEnoughMemory, match="4 images of 1024×768"):
         check_memory((1024, 768), 4, cpu, free)
+
+
+def test_a_refusal_keeps_the_size_that_fits_through_pickling():
+    refused = pickle.loads(pickle.dumps(NotEnoughMemory("not enough memory", 1234)))
+    assert str(refused) == "not enough memory" and refused.long_side == 1234
+
+
+def test_the_plan_is_the_smaller_of_free_memory_and_max_memory():
+    cpu = torch.device("cpu")
+    assert check_memory((64, 48), 1, cpu, 8 << 30, limit=2 << 30) == 2 << 30
+    assert check_memory((64, 48), 1, cpu, 1 << 30, limit=2 << 30) == 1 << 30
+    assert check_memory((64, 48), 1, cpu, None, limit=2 << 30) == 2 << 30
+
+
+def test_max_memory_refuses_what_free_memory_would_hold():
+    with pytest.raises(NotEnoughMemory, match=r"max_memory allows 1\.0 GiB \(a long side of \d+ px"):
+        check_memory((1024, 768), 1, torch.device("cpu"), 8 << 30, limit=1 << 30)
+
+
+def test_a_max_memory_too_small_for_any_image_asks_to_raise_it():
+    with pytest.raises(NotEnoughMemory, match=r"\(raise max_memory\)$") as refused:
+        check_memory((64, 48), 1, torch.device("cpu"), 8 << 30, limit=100 << 20)
+    assert refused.value.long_side is None
+
+
+def test_stylize_plans_within_the_max_memory_option(run):
+    with pytest.raises(NotEnoughMemory, match=r"max_memory allows 0\.5 GiB"):
+        run(size=4096, max_memory=0.5)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan])
+def test_a_max_memory_that_is_not_a_positive_number_is_refused(run, value):
+    with pytest.raises(StylekitError, match=f"bad max_memory {value}"):
+        run(max_memory=value)
 
 
 def test_unknown_free_memory_refuses_nothing():

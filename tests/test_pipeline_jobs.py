@@ -12,13 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import make_photo
+from conftest import make_painting, make_photo
 from pipeline_support import PRESET, config_for, drop, files, settled, wait_for, watching
 
+from stylekit import StyleOptions, StyleRequest
+from stylekit.engine import stylize_batch
+from stylekit.errors import NotEnoughMemory
 from stylekit.image import read_metadata, save_image
 from stylekit.pipeline.folders import Layout, free_name, is_temporary, link_no_clobber
 from stylekit.pipeline.jobs import ORPHAN_REASON, Job, claimed_path, output_temp, save
 from stylekit.pipeline.settle import Settler
+from stylekit.pipeline.worker import SHRINK, smaller_size, stylize_together
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "pipeline_preset")
 
@@ -96,6 +100,41 @@ def test_an_image_that_keeps_killing_the_watcher_is_given_up(layout, weights_fil
         wait_for(lambda: settled(layout.inbox, 1), what="the job to be given up")
     error = json.loads((layout.inbox / "failed" / "photo.png.error.json").read_text())
     assert "gave up after 3 attempts" in error["error"]
+
+
+def test_a_journal_with_a_field_this_version_does_not_know_still_runs(layout, weights_file):
+    drop(layout.inbox / "photo.png")
+    job = Job(id=JOB_ID, source="photo.png", claimed=f"{JOB_ID}.png", preset=PRESET, output="photo.png",
+              attempts=1)
+    save(layout, job)
+    journal = layout.processing / f"{JOB_ID}.job.json"
+    journal.write_text(json.dumps({**json.loads(journal.read_text()), "shrink": 1}))  # an older field
+    os.rename(layout.inbox / "photo.png", claimed_path(layout, job))
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the restart to finish the job")
+    assert files(layout.outbox) == ["photo.png"] and files(layout.inbox / "done") == ["photo.png"]
+
+
+def test_a_batch_too_large_for_memory_runs_image_by_image_at_full_size(weights_file):
+    options = StyleOptions(weights=str(weights_file), device="cpu", targets="torch", steps=1, scales=1,
+                           size=256, max_memory=1.0)  # one 256×213 run fits into 1 GiB, two do not
+    requests = [StyleRequest(make_photo(seed=seed), [make_painting()], options) for seed in (1, 2)]
+    with pytest.raises(NotEnoughMemory):
+        stylize_batch(requests)
+    results = stylize_together(requests, lambda progress: None)
+    assert [(r.width, r.height) for r in results] == [(256, 213), (256, 213)]
+
+
+def test_an_out_of_memory_retry_takes_the_size_a_refusal_names():
+    request = StyleRequest(make_photo(), [make_painting()], StyleOptions(size=4000))
+    assert smaller_size(request, NotEnoughMemory("not enough memory", long_side=2313)) == 2313
+
+
+def test_an_out_of_memory_retry_without_a_named_size_shrinks_the_long_side():
+    request = StyleRequest(make_photo(), [make_painting()], StyleOptions(size=4000))
+    assert smaller_size(request, MemoryError()) == round(4000 * SHRINK)
+    unsized = StyleRequest(make_photo(48, 40), [make_painting()])
+    assert smaller_size(unsized, RuntimeError("can't allocate memory")) == round(48 * SHRINK)
 
 
 def test_a_file_left_in_processing_without_its_record_goes_to_failed(layout, weights_file):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import struct
 import time
 import zlib
@@ -165,19 +167,41 @@ def test_preset_sub_folders_symlinks_and_deep_nesting(boxes, weights_file, tmp_p
     assert files(outside) == ["secret.png"] and secret.read_bytes() == secret_bytes
 
 
-def test_out_of_memory_is_retried_smaller_then_failed(boxes, weights_file, capsys):
+def test_out_of_memory_with_no_retries_left_fails_saying_what_fits(boxes, weights_file, capsys):
     inbox, outbox = boxes
     save_png(inbox / "photo.png", make_photo())
-    config = config_for(inbox, outbox, weights_file,
-                        overrides={"size": 10**8, "scales": 1})  # no host can allocate this
+    config = dataclasses.replace(config_for(inbox, outbox, weights_file, overrides={"size": 10**8}),
+                                 retries=0)
     with watching(config):
         wait_for(lambda: settled(inbox, 1), what="the image to fail")
     record = error_of(inbox / "failed" / "photo.png")
-    assert record["attempts"] == 3 and "out of memory after 3 attempts" in record["error"]
-    assert "at size 49000000" in record["error"]
+    assert record["attempts"] == 1 and "out of memory after 1 attempts, the last at size 100000000: " \
+        "not enough memory for a 100000000×" in record["error"]
+    assert re.search(r"a long side of \d+ px or less fits\)$", record["error"])
+    assert " retry " not in capsys.readouterr().err and files(outbox) == []
+
+
+def test_a_max_memory_that_fits_no_image_stops_the_watcher_at_start(boxes, weights_file):
+    inbox, outbox = boxes
+    refused = pytest.raises(StylekitError, match=r"max_memory allows 0\.1 GiB \(raise max_memory\)")
+    with refused, watching(config_for(inbox, outbox, weights_file, overrides={"max_memory": 0.1})):
+        pass
+
+
+def test_a_refused_image_is_retried_once_at_the_size_the_refusal_names(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    save_png(inbox / "photo.png", make_photo())
+    config = config_for(inbox, outbox, weights_file,
+                        overrides={"size": 10**8, "scales": 1, "max_memory": 0.75})
+    with watching(config):
+        wait_for(lambda: settled(inbox, 1), what="the image to be styled")
     retries = [line for line in capsys.readouterr().err.splitlines() if " retry " in line]
-    assert len(retries) == 2 and "size 70000000" in retries[0]
-    assert files(outbox) == []
+    assert len(retries) == 1
+    size = int(re.search(r"trying again at size (\d+)", retries[0])[1])
+    assert 100 < size < 1000
+    with Image.open(outbox / "photo.png") as styled:
+        assert max(styled.size) == size
+    assert files(inbox / "done") == ["photo.png"]
 
 
 def test_several_folders_from_a_config_file(tmp_path, weights_file):
