@@ -13,10 +13,6 @@ class NotEnoughMemory(StylekitError, MemoryError):
         super().__init__(message)
         self.long_side = long_side  # the largest long side that fits, so a retry need not guess
 
-    def __reduce__(self):
-        """Keep the long side across pickling (a Ray worker's failure reaches the caller pickled)."""
-        return type(self), (str(self), self.long_side)
-
 
 class Cancelled(Exception):
     """Raised by a progress callback to stop a running job; the caller decides what that means."""

@@ -1,7 +1,6 @@
 """stylize(): the optimisation loop, its options, progress and cancellation."""
 
 import math
-import pickle
 import re
 from types import SimpleNamespace
 
@@ -294,11 +293,6 @@ def test_a_batch_is_refused_by_its_whole_size():
     check_memory((1024, 768), 1, cpu, free)
     with pytest.raises(NotEnoughMemory, match="4 images of 1024×768"):
         check_memory((1024, 768), 4, cpu, free)
-
-
-def test_a_refusal_keeps_the_size_that_fits_through_pickling():
-    refused = pickle.loads(pickle.dumps(NotEnoughMemory("not enough memory", 1234)))
-    assert str(refused) == "not enough memory" and refused.long_side == 1234
 
 
 def test_the_plan_is_the_smaller_of_free_memory_and_max_memory():

@@ -25,7 +25,7 @@ from pipeline_support import drop, files, settled, wait_for, watching
 from stylekit import ray_engine
 from stylekit.batch import Outcome, make_recipe, plan, run_batch, run_local
 from stylekit.cli import main
-from stylekit.errors import Cancelled, StylekitError
+from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError
 from stylekit.pipeline.config import from_cli
 from stylekit.presets import get_preset
 from stylekit.request import Result
@@ -181,6 +181,15 @@ def test_local_and_ray_engines_give_the_same_pixels(pool, tmp_path, weights_file
     for source in sources:
         local, remote = (pixels(tmp_path / folder / output_name(source)) for folder in ("local", "ray"))
         assert local.shape == remote.shape and np.array_equal(local, remote)
+
+
+def test_a_refusal_from_a_worker_still_names_the_size_that_fits(pool, weights_file):
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    request = recipe.request(make_photo(48, 40))
+    huge = dataclasses.replace(request, options=request.options.replace(size=10**8))
+    [refused] = ray_engine.stylize_group(pool, [huge])
+    assert isinstance(refused, NotEnoughMemory) and refused.long_side is not None
+    assert f"a long side of {refused.long_side} px or less fits" in str(refused)
 
 
 def test_the_hot_folder_call_keeps_order_returns_failures_and_can_be_stopped(pool, weights_file):
