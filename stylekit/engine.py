@@ -450,8 +450,12 @@ def _check_batch(requests: Sequence[StyleRequest]) -> None:
         if not request.styles:
             raise StylekitError("at least one style image is needed")
         blend = request.options.style_blend or (1.0,) * len(request.styles)
-        if len(blend) != len(request.styles) or min(blend) < 0 or sum(blend) <= 0:
-            raise StylekitError(f"--style-blend needs {len(request.styles)} weights ≥ 0, not all 0")
+        if len(blend) != len(request.styles):
+            images = f"{len(request.styles)} style image{'s' if len(request.styles) > 1 else ''}"
+            raise StylekitError(f"style_blend has {len(blend)} weights for {images} (one weight each)")
+        if min(blend) < 0 or sum(blend) <= 0:
+            raise StylekitError(f"bad style_blend {', '.join(map(str, blend))} "
+                                "(weights must be ≥ 0 and not all 0)")
 
 
 def _same_styles(a: StyleRequest, b: StyleRequest) -> bool:

@@ -91,6 +91,17 @@ def test_init_image_is_used_as_the_start(run):
     assert not np.allclose(run(init_image=start, steps=1).image, run(steps=1).image)
 
 
+def test_a_style_blend_needs_one_weight_per_style_image(run):
+    with pytest.raises(StylekitError, match=r"^style_blend has 2 weights for 1 style image "):
+        run(style_blend=(0.5, 0.5))
+
+
+@pytest.mark.parametrize("blend", [(0.0, 0.0), (1.0, -0.5)])
+def test_a_style_blend_of_negative_or_only_zero_weights_is_refused(run, blend):
+    with pytest.raises(StylekitError, match=r"^bad style_blend .*not all 0"):
+        run(styles=[make_painting(), make_painting(seed=2)], style_blend=blend)
+
+
 def test_style_blend_weights_change_the_result(run):
     styles = [make_painting(seed=1), make_photo(40, 40, seed=9)]
     first = run(styles=styles, style_blend=(1.0, 0.0))
