@@ -282,7 +282,8 @@ class Worker:
         elif is_transient(outcome):
             size = request.options.size or "full"
             why = f": {outcome}" if isinstance(outcome, StylekitError) else ""  # a refusal says what fits
-            self.fail(hot, job, f"out of memory after {job.attempts} attempts, the last at size {size}{why}")
+            tries = f"{job.attempts} attempt{'s' if job.attempts > 1 else ''}"
+            self.fail(hot, job, f"out of memory after {tries}, the last at size {size}{why}")
         elif isinstance(outcome, StylekitError):
             self.fail(hot, job, str(outcome))
         else:

@@ -175,7 +175,7 @@ def test_out_of_memory_with_no_retries_left_fails_saying_what_fits(boxes, weight
     with watching(config):
         wait_for(lambda: settled(inbox, 1), what="the image to fail")
     record = error_of(inbox / "failed" / "photo.png")
-    assert record["attempts"] == 1 and "out of memory after 1 attempts, the last at size 100000000: " \
+    assert record["attempts"] == 1 and "out of memory after 1 attempt, the last at size 100000000: " \
         "not enough memory for a 100000000×" in record["error"]
     assert re.search(r"a long side of \d+ px or less fits\)$", record["error"])
     assert " retry " not in capsys.readouterr().err and files(outbox) == []
