@@ -43,6 +43,9 @@ COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to
 DRAFT_SHARE = 2 / 3  # with bf16 gradients on a CPU, this share of a coarse scale runs its forward in bf16 too
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
+NAMED_SIZE_SLACK = 0.98  # a refusal names a size 2% inside the edge: free memory moves between runs
+LEAN_WARNING = ("this image fits into memory only with freed memory handed back to the system at "
+                "once, which makes each step about 20% slower")
 
 
 def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
@@ -335,21 +338,32 @@ def history_size(pixels: int, fit: int | None = None) -> int:
     return max(MIN_HISTORY, min(HISTORY_SIZE, room, HISTORY_SIZE if fit is None else fit))
 
 
-def check_memory(size: tuple[int, int], batch: int, device: torch.device, free: int | None,
-                 limit: int | None = None) -> int | None:
-    """Refuse a run whose finest scale would not fit into free memory or the user's `limit` (bytes),
-    naming the size that would; return the bytes the run may plan with (None: unknown, no limit).
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a run may take (None: unknown) and how it holds its memory (a memory.PIXEL_BYTES key)."""
+
+    budget: int | None
+    footprint: str
+
+
+def plan_memory(size: tuple[int, int], batch: int, device: torch.device, free: int | None,
+                limit: int | None = None) -> MemoryPlan:
+    """Plan a run within free memory and the user's `limit` (bytes): on a CPU with freed blocks
+    handed back if only that fits; refuse a run that fits neither way, naming the size that would.
 
     Why: on Linux such a run is not told it is out of memory; the kernel kills it minutes in.
     """
     budget = free if limit is None else limit if free is None else min(free, limit)
+    footprints = ("cpu", "cpu-lean") if device.type == "cpu" else ("cuda",)
     width, height = size
     pixels = batch * width * height
-    if budget is None or memory.pairs_that_fit(pixels, device.type, budget) >= MIN_HISTORY:
-        return budget
-    need = memory.needed_bytes(pixels, device.type, MIN_HISTORY)
-    fits = memory.pixels_that_fit(device.type, budget, MIN_HISTORY)
-    longest = int(max(width, height) * (fits / pixels) ** 0.5)
+    for footprint in footprints:
+        if budget is None or memory.pairs_that_fit(pixels, footprint, budget) >= MIN_HISTORY:
+            return MemoryPlan(budget, footprint)
+    assert budget is not None
+    need = memory.needed_bytes(pixels, footprints[-1], MIN_HISTORY)
+    fits = memory.pixels_that_fit(footprints[-1], budget, MIN_HISTORY)
+    longest = int(max(width, height) * (fits / pixels) ** 0.5 * NAMED_SIZE_SLACK)
     where = "the GPU" if device.type == "cuda" else "the CPU"
     images = f"{batch} images of {width}×{height}" if batch > 1 else f"a {width}×{height} image"
     room = (f"{budget / memory.GIB:.1f} GiB are free" if budget == free
@@ -511,8 +525,11 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
     limit = None if options.max_memory is None else int(options.max_memory * memory.GIB)
-    available = check_memory(sizes[-1], len(requests), runtime.device,
-                             memory.available_bytes(runtime.device), limit)
+    plan = plan_memory(sizes[-1], len(requests), runtime.device,
+                       memory.available_bytes(runtime.device), limit)
+    lean = plan.footprint == "cpu-lean"
+    if lean:
+        heap.hand_back_freed_memory()
     # One entry per distinct style: (its style images at full size, the request indices using it).
     style_groups: list[tuple[list[torch.Tensor], StyleRequest, list[int]]] = []
     for index, request in enumerate(requests):
@@ -558,12 +575,14 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
         image = image.detach().clone()
         finest = scale == len(sizes)
         pixels = len(requests) * w * h
-        history = history_size(pixels, None if available is None
-                               else memory.pairs_that_fit(pixels, runtime.device.type, available))
+        history = history_size(pixels, None if plan.budget is None
+                               else memory.pairs_that_fit(pixels, plan.footprint, plan.budget))
         for phase_runtime, steps in scale_phases(scale_steps(options.steps, finest), finest, runtime):
 
             def evaluate(x: torch.Tensor, ct=content_targets, st=style_targets,
                          rt=phase_runtime) -> _Losses:
+                if lean:  # what the last evaluation freed inside the heap goes back to the kernel too
+                    heap.release_freed_memory()
                 return _evaluate(x, extractor, rt, ct, st, layer_weights, options)
 
             def report(count: int, loss: torch.Tensor, base=done, size=(w, h), index=scale,
@@ -587,7 +606,8 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     if options.preserve_color == "luminance":
         output = color.keep_content_chroma(image, torch.cat([resize(c, *sizes[-1]) for c in contents_full]))
     emit("done", len(sizes), sizes[-1])
-    warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings
+    warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings + (
+        (LEAN_WARNING,) if lean else ())
     seconds, peak = time.perf_counter() - started, _peak_memory(runtime.device)
     return [Result(
         image=to_array(output[i:i + 1]), seconds=seconds, iterations=done,

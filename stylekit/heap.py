@@ -17,6 +17,8 @@ from contextlib import contextmanager
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt's option numbers (malloc.h)
 MMAP_THRESHOLD = 1 << 30  # blocks up to this size come from the heap, and are reused once freed
 TRIM_THRESHOLD = 2**31 - 1  # free memory at the heap's top stays (release_freed_memory returns it)
+KEEP = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+HAND_BACK = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))  # glibc's own, once settled
 
 
 @functools.cache
@@ -30,6 +32,12 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _set(settings: tuple[tuple[int, int], ...]) -> bool:
+    """Apply mallopt settings, each even if one fails; True if all took."""
+    libc = _glibc()
+    return libc is not None and all([libc.mallopt(option, value) == 1 for option, value in settings])
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Once per process: serve large blocks from one heap and keep them when freed (True if set).
@@ -37,12 +45,18 @@ def keep_freed_memory() -> bool:
     One arena, so a worker thread's tensors share the main heap: a thread's own arena cannot hold
     blocks over 64 MiB and would map them afresh every time.
     """
-    libc = _glibc()
-    if libc is None:
-        return False
-    settings = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    applied = [libc.mallopt(option, value) == 1 for option, value in settings]  # each, even if one fails
-    return all(applied)
+    return _set(((M_ARENA_MAX, 1), *KEEP))
+
+
+def hand_back_freed_memory() -> None:
+    """Until the reused_memory block ends, blocks beyond the heap are mapped afresh and unmapped
+    when freed (blocks inside it stay until release_freed_memory, which such a run calls each step).
+
+    Why: kept blocks cost ~1 KB per pixel at the peak; a run that fits only without them trades
+    the page faults (~20% of its time) for running at all.
+    """
+    _set(HAND_BACK)
+    release_freed_memory()
 
 
 def release_freed_memory() -> None:
@@ -54,9 +68,11 @@ def release_freed_memory() -> None:
 
 @contextmanager
 def reused_memory() -> Iterator[None]:
-    """Freed memory is reused within the block and given back to the kernel after it."""
-    keep_freed_memory()
+    """Freed memory is reused within the block (unless handed back) and given back to the kernel after it."""
+    kept = keep_freed_memory()
     try:
         yield
     finally:
         release_freed_memory()
+        if kept:
+            _set(KEEP)  # the block may have handed memory back; the next one reuses again

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-PIXEL_BYTES = {"cpu": 4608, "cuda": 1536}
-"""Peak bytes per pixel of the batch besides L-BFGS's pairs: the network's saved activations, the
-backward's transients, the targets' pass and, on the CPU, the freed blocks kept for reuse (heap.py).
-Measured on the CPU: 2.8–3.3 KB in `bf16-grad`, 3.9 KB in fp32 (the default without native bf16),
-0.5 KB more with ONNX targets; on a GPU up to 1.5 KB."""
+PIXEL_BYTES = {"cpu": 4608, "cpu-lean": 3328, "cuda": 1536}
+"""Peak bytes per pixel of the batch besides L-BFGS's pairs, by how a run holds memory: the network's
+saved activations, the backward's transients, the targets' pass and, on the CPU, the freed blocks kept
+for reuse (heap.py). Measured on the CPU with ONNX targets: 3.6–3.9 KB (up to 4.4 KB in other runs),
+2.6–2.85 KB with freed blocks handed back to the kernel ("cpu-lean", ~20% slower); on a GPU up to
+1.5 KB."""
 PAIR_PIXEL_BYTES = 2 * 3 * 4  # an L-BFGS pair: a step and a gradient change, 3 fp32 values per pixel
 RUN_BYTES = 512 << 20  # the rest: the style images' targets, the result's copies, allocator slack
 HEADROOM = 1.1  # a run counts as fitting only with a tenth to spare (the estimate is not exact)
@@ -37,18 +38,18 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def needed_bytes(pixels: int, device_type: str, pairs: int) -> int:
+def needed_bytes(pixels: int, footprint: str, pairs: int) -> int:
     """The peak of a run on a batch of `pixels` keeping `pairs` L-BFGS pairs, headroom included."""
-    return int(HEADROOM * (RUN_BYTES + pixels * (PIXEL_BYTES[device_type] + pairs * PAIR_PIXEL_BYTES)))
+    return int(HEADROOM * (RUN_BYTES + pixels * (PIXEL_BYTES[footprint] + pairs * PAIR_PIXEL_BYTES)))
 
 
-def pairs_that_fit(pixels: int, device_type: str, available: int) -> int:
+def pairs_that_fit(pixels: int, footprint: str, available: int) -> int:
     """How many L-BFGS pairs fit beside the rest of a run on `pixels` (below 0: not even without any)."""
-    return int((available / HEADROOM - RUN_BYTES - pixels * PIXEL_BYTES[device_type])
+    return int((available / HEADROOM - RUN_BYTES - pixels * PIXEL_BYTES[footprint])
                // (pixels * PAIR_PIXEL_BYTES))
 
 
-def pixels_that_fit(device_type: str, available: int, pairs: int) -> int:
+def pixels_that_fit(footprint: str, available: int, pairs: int) -> int:
     """The largest batch, in pixels, whose run with `pairs` pairs fits into `available` bytes."""
     return max(0, int((available / HEADROOM - RUN_BYTES)
-                      // (PIXEL_BYTES[device_type] + pairs * PAIR_PIXEL_BYTES)))
+                      // (PIXEL_BYTES[footprint] + pairs * PAIR_PIXEL_BYTES)))

@@ -15,9 +15,9 @@ from stylekit.engine import (
     MIN_HISTORY,
     Runtime,
     _optimise,
-    check_memory,
     history_size,
     pick_runtime,
+    plan_memory,
     scale_phases,
     scale_sizes,
     stylize_batch,
@@ -291,36 +291,52 @@ def test_a_run_too_large_for_free_memory_is_refused_before_it_starts(run):
 def test_a_refusal_names_a_size_that_fits():
     cpu, free = torch.device("cpu"), 8 << 30
     with pytest.raises(NotEnoughMemory) as refused:
-        check_memory((4000, 3000), 1, cpu, free)
+        plan_memory((4000, 3000), 1, cpu, free)
     longest = int(re.search(r"a long side of (\d+) px or less fits", str(refused.value))[1])
     assert 1000 < longest < 4000 and refused.value.long_side == longest
-    check_memory((longest, longest * 3 // 4), 1, cpu, free)
+    plan_memory((longest, longest * 3 // 4), 1, cpu, free)
     with pytest.raises(NotEnoughMemory):
-        check_memory((longest + 100, (longest + 100) * 3 // 4), 1, cpu, free)
+        plan_memory((longest + 100, (longest + 100) * 3 // 4), 1, cpu, free)
 
 
 def test_a_batch_is_refused_by_its_whole_size():
     cpu, free = torch.device("cpu"), 6 << 30
-    check_memory((1024, 768), 1, cpu, free)
+    plan_memory((1024, 768), 1, cpu, free)
     with pytest.raises(NotEnoughMemory, match="4 images of 1024×768"):
-        check_memory((1024, 768), 4, cpu, free)
+        plan_memory((1024, 768), 4, cpu, free)
+
+
+def test_a_cpu_run_that_fits_only_without_kept_freed_blocks_runs_lean():
+    cpu = torch.device("cpu")
+    assert plan_memory((1024, 768), 1, cpu, 8 << 30).footprint == "cpu"
+    assert plan_memory((1024, 768), 1, cpu, 4 << 30).footprint == "cpu-lean"
+
+
+def test_a_gpu_run_is_planned_with_the_gpu_figures():
+    assert plan_memory((1024, 768), 1, torch.device("cuda"), 4 << 30).footprint == "cuda"
+
+
+def test_a_lean_run_says_it_is_slower(run):
+    result = run(size=256, steps=2, scales=1, max_memory=0.78)  # 256×213 fits only lean in 0.78 GiB
+    assert engine.LEAN_WARNING in result.warnings
+    assert engine.LEAN_WARNING not in run(size=256, steps=2, scales=1).warnings
 
 
 def test_the_plan_is_the_smaller_of_free_memory_and_max_memory():
     cpu = torch.device("cpu")
-    assert check_memory((64, 48), 1, cpu, 8 << 30, limit=2 << 30) == 2 << 30
-    assert check_memory((64, 48), 1, cpu, 1 << 30, limit=2 << 30) == 1 << 30
-    assert check_memory((64, 48), 1, cpu, None, limit=2 << 30) == 2 << 30
+    assert plan_memory((64, 48), 1, cpu, 8 << 30, limit=2 << 30).budget == 2 << 30
+    assert plan_memory((64, 48), 1, cpu, 1 << 30, limit=2 << 30).budget == 1 << 30
+    assert plan_memory((64, 48), 1, cpu, None, limit=2 << 30).budget == 2 << 30
 
 
 def test_max_memory_refuses_what_free_memory_would_hold():
     with pytest.raises(NotEnoughMemory, match=r"max_memory allows 1\.0 GiB \(a long side of \d+ px"):
-        check_memory((1024, 768), 1, torch.device("cpu"), 8 << 30, limit=1 << 30)
+        plan_memory((1024, 768), 1, torch.device("cpu"), 8 << 30, limit=1 << 30)
 
 
 def test_a_max_memory_too_small_for_any_image_asks_to_raise_it():
     with pytest.raises(NotEnoughMemory, match=r"\(raise max_memory\)$") as refused:
-        check_memory((64, 48), 1, torch.device("cpu"), 8 << 30, limit=100 << 20)
+        plan_memory((64, 48), 1, torch.device("cpu"), 8 << 30, limit=100 << 20)
     assert refused.value.long_side is None
 
 
@@ -336,7 +352,7 @@ def test_a_max_memory_that_is_not_a_positive_number_is_refused(run, value):
 
 
 def test_unknown_free_memory_refuses_nothing():
-    assert check_memory((10**6, 10**6), 1, torch.device("cpu"), None) is None  # no NotEnoughMemory
+    assert plan_memory((10**6, 10**6), 1, torch.device("cpu"), None).budget is None  # not refused
 
 
 def test_long_runs_stop_exactly_at_the_evaluation_budget(run):
