@@ -38,10 +38,6 @@ from .settle import Settler
 from .status import write_status
 from .worker import Engine, Hotfolder, Worker, open_engine, warm_up
 
-# watchdog 7's inotify can add a folder's watch twice when nested folders appear at once (failed/<preset>/
-# deeper/ made in one go) and warns that it replaced its own callback; the watch works, so stay quiet.
-warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning)
-
 TICK_S = 0.05  # how often the settle check runs while idle
 STATUS_EVERY_S = 1.0  # the status file is rewritten at most this often (and at least every 30 s)
 STATUS_IDLE_S = 30.0
@@ -226,6 +222,11 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
             warm_up(hot.config, engine)
         log("engine", f"styling {engine.where}", engine=config.engine)
         watcher = Watcher(config, hots, log, stop, engine)
+        # watchdog's inotify can add a folder's watch twice when nested folders appear at once
+        # (failed/<preset>/deeper/ made in one go) and warns that it replaced its own callback; the
+        # watch works, so stay quiet (set here, not at import: a caller's catch_warnings may undo that).
+        warnings.filterwarnings("ignore", message="Callback with id .* already exists",
+                                category=RuntimeWarning)
         observer = Observer()
         for hot in hots:
             observer.schedule(_Events(watcher.paths), str(hot.layout.inbox), recursive=True,

@@ -364,7 +364,7 @@ def plan_memory(size: tuple[int, int], batch: int, device: torch.device, free: i
     need = memory.needed_bytes(pixels, footprints[-1], MIN_HISTORY)
     fits = memory.pixels_that_fit(footprints[-1], budget, MIN_HISTORY)
     longest = int(max(width, height) * (fits / pixels) ** 0.5 * NAMED_SIZE_SLACK)
-    where = "the GPU" if device.type == "cuda" else "the CPU"
+    where = "the CPU" if device.type == "cpu" else "the GPU"
     images = f"{batch} images of {width}×{height}" if batch > 1 else f"a {width}×{height} image"
     room = (f"{budget / memory.GIB:.1f} GiB are free" if budget == free
             else f"max_memory allows {budget / memory.GIB:.1f} GiB")

@@ -316,6 +316,11 @@ def test_a_gpu_run_is_planned_with_the_gpu_figures():
     assert plan_memory((1024, 768), 1, torch.device("cuda"), 4 << 30).footprint == "cuda"
 
 
+def test_an_apple_gpu_with_max_memory_is_planned_as_a_gpu():
+    with pytest.raises(NotEnoughMemory, match="on the GPU: "):
+        plan_memory((4096, 4096), 1, torch.device("mps"), None, limit=1 << 30)
+
+
 def test_a_lean_run_says_it_is_slower(run):
     result = run(size=256, steps=2, scales=1, max_memory=0.78)  # 256×213 fits only lean in 0.78 GiB
     assert engine.LEAN_WARNING in result.warnings
