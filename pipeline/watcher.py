@@ -218,10 +218,11 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
         if threading.current_thread() is threading.main_thread():
             stack.enter_context(_stop_on_signals(stop))
         engine = stack.enter_context(open_engine(config))
-        for hot in hots:
-            warm_up(hot.config, engine)
+        said = [message for hot in hots for message in warm_up(hot.config, engine)]
         log("engine", f"styling {engine.where}", engine=config.engine)
         watcher = Watcher(config, hots, log, stop, engine)
+        for message in said:
+            watcher.worker.warn(message)
         # watchdog's inotify can add a folder's watch twice when nested folders appear at once
         # (failed/<preset>/deeper/ made in one go) and warns that it replaced its own callback; the
         # watch works, so stay quiet (set here, not at import: a caller's catch_warnings may undo that).

@@ -134,8 +134,8 @@ class Engine(Protocol):
 
     where: str  # for the log: "in this process", "on 2 Ray worker(s) on 1 node(s)"
 
-    def warm_up(self, request: StyleRequest) -> None:
-        """Load the network with a tiny run of the request, so a bad setup fails at start."""
+    def warm_up(self, request: StyleRequest) -> tuple[str, ...]:
+        """Load the network with a tiny run of the request, so a bad setup fails at start; its warnings."""
 
     def stylize_group(self, requests: Sequence[StyleRequest], progress: ProgressCallback,
                       heartbeat: Callable[[], None]) -> Iterator[Result | Exception]:
@@ -147,9 +147,9 @@ class LocalEngine:
 
     where = "in this process"
 
-    def warm_up(self, request: StyleRequest) -> None:
+    def warm_up(self, request: StyleRequest) -> tuple[str, ...]:
         """A one-step run on a small grey image."""
-        stylize(warm_up_request(request))
+        return stylize(warm_up_request(request)).warnings
 
     def stylize_group(self, requests: Sequence[StyleRequest], progress: ProgressCallback,
                       heartbeat: Callable[[], None]) -> Iterator[Result | Exception]:
@@ -165,9 +165,9 @@ class RayEngine:
         hosts = {worker.rpartition(":")[0] for worker in pool.workers}
         self.where = f"on {len(pool.actors)} Ray worker(s) on {len(hosts)} node(s)"
 
-    def warm_up(self, request: StyleRequest) -> None:
+    def warm_up(self, request: StyleRequest) -> tuple[str, ...]:
         """A one-step run on every actor."""
-        ray_engine.warm_up(self.pool, request)
+        return ray_engine.warm_up(self.pool, request)
 
     def stylize_group(self, requests: Sequence[StyleRequest], progress: ProgressCallback,
                       heartbeat: Callable[[], None]) -> Iterator[Result | Exception]:
@@ -185,12 +185,13 @@ def open_engine(config: WatchConfig) -> Iterator[Engine]:
         yield LocalEngine()
 
 
-def warm_up(folder: FolderConfig, engine: Engine) -> None:
-    """Load the preset, weights and network once before watching, so a bad setup fails at start."""
+def warm_up(folder: FolderConfig, engine: Engine) -> tuple[str, ...]:
+    """Load the preset, weights and network once before watching, so a bad setup fails at start (and
+    what it warns about, e.g. random weights for lack of ImageNet's, is said before any image)."""
     if folder.preset is None:
-        return
+        return ()
     blank = np.full((32, 32, 3), 0.5, dtype=np.float32)
-    engine.warm_up(preset_request(get_preset(folder.preset), blank, dict(folder.overrides)))
+    return engine.warm_up(preset_request(get_preset(folder.preset), blank, dict(folder.overrides)))
 
 
 class Worker:
@@ -205,6 +206,14 @@ class Worker:
         self.engine = engine
         self.current: str | None = None
         self._logged = 0.0
+        self._warned: set[str] = set()
+
+    def warn(self, message: str, job: Job | None = None) -> None:
+        """Log a run's warning the first time it comes up (random weights would repeat per image)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.log("warning", f"{job.name}: {message}" if job else message,
+                     **({"file": job.source} if job else {}))
 
     def run(self, hot: Hotfolder, jobs: list[Job]) -> None:
         """Style jobs of one preset; on shutdown, hand back every one not finished yet."""
@@ -304,6 +313,8 @@ class Worker:
             self.fail(hot, job, str(error) if isinstance(error, StylekitError)
                       else f"cannot write the output: {error.strerror or error}")
             return
+        for message in result.warnings:
+            self.warn(message, job)
         where = finish(hot.layout, hot.live.pop(job.id))
         self.log("done", f"{job.source} → {output} ({result.width}×{result.height}, "
                          f"{result.iterations} it, {result.seconds:.1f} s on {result.device})",

@@ -65,6 +65,7 @@ class Outcome:
     attempts: int = 0  # engine calls made for it (a Ray worker lost mid-image makes more than one)
     seconds: float = 0.0
     worker: str = ""  # "local", or the Ray worker's host:pid
+    warnings: tuple[str, ...] = ()  # what the run warned about (random weights, a slower lean run)
 
 
 @dataclass
@@ -164,7 +165,8 @@ def conclude(item: Item, recipe: Recipe, picture: LoadedImage | None, value: Res
         except StylekitError as error:
             value = error
         else:
-            return Outcome(item, "done", attempts=attempts, seconds=value.seconds, worker=worker)
+            return Outcome(item, "done", attempts=attempts, seconds=value.seconds, worker=worker,
+                           warnings=value.warnings)
     return Outcome(item, "failed", failure_reason(value), attempts=attempts, worker=worker)
 
 

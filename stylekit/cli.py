@@ -461,10 +461,15 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
     engine = batching.run_local if engine_name == "local" else \
         ray_engine.engine(ray_address, gpus_per_task, on_start=started)
     out.mkdir(parents=True, exist_ok=True)
+    warned: set[str] = set()  # each warning once: random weights would otherwise repeat per image
     with tqdm(total=len(items), unit="img", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
         def show(outcome: batching.Outcome) -> None:
             if outcome.status == "failed":
                 bar.write(f"failed: {outcome.item.source}: {outcome.reason}", file=sys.stderr)
+            for message in outcome.warnings:
+                if message not in warned:
+                    warned.add(message)
+                    bar.write(f"warning: {outcome.item.source}: {message}", file=sys.stderr)
             bar.update(1)
 
         summary = batching.run_batch(out, items, recipe, engine, show)

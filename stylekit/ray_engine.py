@@ -148,8 +148,9 @@ def open_pool(address: str = "auto", gpus_per_task: float | None = None, most: i
             ray.shutdown()
 
 
-def warm_up(pool: Pool, request: StyleRequest) -> None:
-    """Load the network on every actor with a tiny run of the request; a setup error stops here."""
+def warm_up(pool: Pool, request: StyleRequest) -> tuple[str, ...]:
+    """Load the network on every actor with a tiny run of the request; a setup error stops here.
+    Returns what the actors warned about (each warning once)."""
     ray = import_ray()
     small = warm_up_request(request)
     styles = ray.put(list(small.styles))
@@ -162,6 +163,7 @@ def warm_up(pool: Pool, request: StyleRequest) -> None:
     for where, value in answers:
         if isinstance(value, Exception):
             raise StylekitError(f"Ray worker {where} cannot style: {failure_reason(value)}")
+    return tuple(dict.fromkeys(message for _, value in answers for message in value.warnings))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from batch_support import PRESET, make_inputs, once_each, output_name, stamps, t
 
 from stylekit.batch import FAILED_FILE, Outcome, discover, make_recipe, plan, run_batch, run_local
 from stylekit.cli import main
+from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
 from stylekit.image import read_metadata
 from stylekit.presets import get_preset
@@ -70,6 +71,14 @@ def test_each_image_is_styled_exactly_once_and_a_rerun_does_no_work(batch, tmp_p
     code, err = batch(tmp_path / "in")
     assert code == 0 and "batch: 0 done, 8 skipped (already there), 0 failed" in err
     assert stamps(out) == before
+
+
+def test_a_warning_is_shown_once_naming_the_first_image_it_came_with(batch, tmp_path):
+    make_inputs(tmp_path / "in", 2)
+    code, err = batch(tmp_path / "in", "--size=240", "--max-memory=0.78")  # fits only lean: slower
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {tmp_path / 'in' / 'img0.png'}: {LEAN_WARNING}"]
 
 
 def test_a_stopped_batch_resumes_where_it_stopped(tmp_path, weights_file):

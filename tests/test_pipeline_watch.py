@@ -27,10 +27,12 @@ from pipeline_support import (
 )
 
 from stylekit.cli import main
+from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
 from stylekit.image import read_metadata
 from stylekit.pipeline.config import from_cli, load
 from stylekit.pipeline.status import count
+from stylekit.weights import IMAGENET_URLS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "pipeline_preset")
 
@@ -202,6 +204,29 @@ def test_a_refused_image_is_retried_once_at_the_size_the_refusal_names(boxes, we
     with Image.open(outbox / "photo.png") as styled:
         assert max(styled.size) == size
     assert files(inbox / "done") == ["photo.png"]
+
+
+def test_a_run_warning_is_logged_once_naming_the_first_image(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    config = config_for(inbox, outbox, weights_file, overrides={"size": 256, "scales": 1,
+                                                                 "max_memory": 0.78})  # only lean fits
+    with watching(config):
+        for name in ("a.png", "b.png"):
+            save_png(inbox / name, make_photo())
+        wait_for(lambda: settled(inbox, 2), what="both images to be styled")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if " warning " in line]
+    assert len(warnings) == 1 and re.search(rf"warning  [ab]\.png: {re.escape(LEAN_WARNING)}$", warnings[0])
+
+
+def test_a_warning_of_the_set_up_is_logged_before_watching_starts(boxes, weights_file, capsys,
+                                                                   monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet weights cached, and
+    monkeypatch.setitem(IMAGENET_URLS, "vgg19", "http://127.0.0.1:9/vgg19-dcbb9e9d.pth")  # none to get
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file, overrides={"weights": "auto"})):
+        pass
+    events = [line.split()[2:4] for line in capsys.readouterr().err.splitlines()]
+    assert events.index(["warning", "ImageNet"]) < next(i for i, e in enumerate(events) if e[0] == "watching")
 
 
 def test_several_folders_from_a_config_file(tmp_path, weights_file):
