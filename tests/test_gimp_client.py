@@ -16,6 +16,7 @@ from conftest import make_painting, make_photo
 from PIL import Image
 
 from stylekit.server import ServerSettings, create_app
+from stylekit.weights import IMAGENET_URLS
 
 CLIENT_FILE = Path(__file__).parents[1] / "plugins" / "gimp" / "stylekit" / "stylekit_client.py"
 spec = importlib.util.spec_from_file_location("stylekit_client", CLIENT_FILE)
@@ -95,14 +96,25 @@ def test_a_whole_job_against_the_real_server(live_server):
     pixels = (rgba * 255).round().astype(np.uint8)
     params = {**client.job_params("", 1.0, "fast", 1024, False, 48, 40), "steps": 3}
     seen = []
-    result = client.run_job(server, client.encode_png(48, 40, pixels.tobytes()), params,
-                            ("painting.png", png_bytes(make_painting())),
-                            lambda fraction, message: seen.append(fraction))
+    result, warnings = client.run_job(server, client.encode_png(48, 40, pixels.tobytes()), params,
+                                      ("painting.png", png_bytes(make_painting())),
+                                      lambda fraction, message: seen.append(fraction))
     image = np.asarray(Image.open(io.BytesIO(result)))
+    assert warnings == []
     assert image.shape == (40, 48, 4) and np.array_equal(image[..., 3], pixels[..., 3])
     assert seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
     with pytest.raises(client.ClientError, match="no job"):  # run_job dropped it from the server
         server.status(params["id"])
+
+
+def test_a_job_hands_back_the_servers_warnings(app_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet weights cached, and
+    monkeypatch.setitem(IMAGENET_URLS, "vgg19", "http://127.0.0.1:9/vgg19-dcbb9e9d.pth")  # none to get
+    server = client.Client(client.Config(url=app_server(ServerSettings(weights="auto", device="cpu"))))
+    params = {**client.job_params("ink-wash", 1.0, "fast", 1024, False, 48, 40), "steps": 2}
+    _, warnings = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
+                                 lambda fraction, message: None)
+    assert any(message.startswith("ImageNet weights unavailable") for message in warnings)
 
 
 def test_a_job_cancelled_on_the_server_is_reported(live_server):

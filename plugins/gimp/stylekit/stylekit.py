@@ -152,10 +152,12 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
         Gimp.progress_set_text(f"Style Transfer: {message}")
         Gimp.progress_update(fraction)
 
-    png = client.run_job(server, client.encode_png(width, height, rgba), params, style, on_progress)
+    png, warnings = client.run_job(server, client.encode_png(width, height, rgba), params, style, on_progress)
     name = titles[preset] if preset else os.path.splitext(style[0])[0]
     insert_result(image, source, png, rgba, name)
     Gimp.progress_end()
+    for message in warnings:
+        Gimp.message(f"Style Transfer: {message}")
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, None)
 
 

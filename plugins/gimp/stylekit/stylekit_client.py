@@ -203,7 +203,8 @@ def job_params(preset, strength, quality, max_size, preserve_colors, width, heig
 
 
 def run_job(client, image_png, params, style, on_progress):
-    """Submit, poll until finished (on_progress(fraction, message) each time), return the PNG."""
+    """Submit, poll until finished (on_progress(fraction, message) each time), return the PNG and
+    the run's warnings (e.g. random weights on a server without ImageNet's, which GIMP cannot see)."""
     try:
         job = client.submit(image_png, params, style)
     except ServerDown:  # the upload may have been lost on the way: the same id makes a retry safe
@@ -220,7 +221,7 @@ def run_job(client, image_png, params, style, on_progress):
         job = client.status(job["id"])
     png = client.result(job["id"])
     client.forget(job["id"])
-    return png
+    return png, (job.get("report") or {}).get("warnings", [])
 
 
 def multipart(fields, files):
