@@ -22,7 +22,7 @@ import torch
 
 from stylekit import __version__, ray_engine
 from stylekit.batch import warm_up_request
-from stylekit.engine import DEFAULT_LONG_SIDE, pick_runtime, stylize, stylize_batch
+from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError
 from stylekit.image import LoadedImage, load_image, output_format, save_image
 from stylekit.presets import Preset, get_preset, preset_request
@@ -83,8 +83,7 @@ def smaller_size(request: StyleRequest, failure: Exception) -> int:
     if isinstance(failure, NotEnoughMemory) and failure.long_side is not None:
         return failure.long_side
     height, width = request.content.shape[:2]
-    size = request.options.size or min(max(height, width), DEFAULT_LONG_SIDE)
-    return max(16, round(size * SHRINK))
+    return max(MIN_SIDE, round(output_long_side(width, height, request.options.size) * SHRINK))
 
 
 def stylize_together(requests: Sequence[StyleRequest],

@@ -48,6 +48,11 @@ LEAN_WARNING = ("this image fits into memory only with freed memory handed back 
                 "once, which makes each step about 20% slower")
 
 
+def output_long_side(width: int, height: int, size: int | None) -> int:
+    """The output's long side: the size asked for, else the content's own, at most DEFAULT_LONG_SIDE."""
+    return size or min(max(width, height), DEFAULT_LONG_SIDE)
+
+
 def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
                 min_scale: int | None) -> list[tuple[int, int]]:
     """Coarse-to-fine (width, height) pairs, halving the long side down to about min_scale.
@@ -522,7 +527,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     targets = _pick_targets(requests[0], weights, layers, style_layers, extractor, runtime)
     contents_full = [to_tensor(r.content, runtime.device) for r in requests]
     height, width = contents_full[0].shape[-2:]
-    long_side = options.size or min(max(height, width), DEFAULT_LONG_SIDE)
+    long_side = output_long_side(width, height, options.size)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
     limit = None if options.max_memory is None else int(options.max_memory * memory.GIB)
     plan = plan_memory(sizes[-1], len(requests), runtime.device,

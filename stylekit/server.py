@@ -35,7 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
-from .engine import DEFAULT_LONG_SIDE, stylize
+from .engine import output_long_side, stylize
 from .errors import Cancelled, StylekitError
 from .image import encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
@@ -359,7 +359,7 @@ def build_request(params: _Params, content: np.ndarray, style: np.ndarray | None
     except StylekitError as exc:
         raise ApiError(422, str(exc)) from None
     height, width = content.shape[:2]
-    long_side = options.size or min(max(width, height), DEFAULT_LONG_SIDE)
+    long_side = output_long_side(width, height, options.size)
     ratio = long_side / max(width, height)
     if round(width * ratio) * round(height * ratio) > settings.max_pixels:
         raise ApiError(422, f"size {long_side} would make a {round(width * ratio)}×{round(height * ratio)} "
