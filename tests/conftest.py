@@ -84,11 +84,16 @@ def painting_path(tmp_path: Path) -> Path:
     return save_png(tmp_path / "painting.png", make_painting())
 
 
-def start_server(log: Path, *args: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """Start a real `stylekit serve` (port 0: a free one) and wait for its URL; stderr goes to log."""
+def start_server(log: Path, *args: str, timeout: float = 180.0,
+                 environment: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a real `stylekit serve` (port 0: a free one) and wait for its URL; stderr goes to log.
+
+    `environment` adds variables to the server's (this process's own, isolated by the fixture above).
+    """
     command = [str(Path(sys.executable).parent / "stylekit"), "serve", "--port", "0", *args]
     with open(log, "w") as stream:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream,
+                                   env={**os.environ, **(environment or {})})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(r"listening on (http://\S+)", log.read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import make_painting, make_photo, save_png
+from conftest import make_painting, make_photo, save_png, start_server
 from PIL import Image
 
 GIMP_ROOT = Path(os.environ.get("STYLEKIT_GIMP_ROOT", "/var/cache/stylekit/gimp3-root"))
@@ -48,8 +48,11 @@ def top_layer_pixels() -> np.ndarray:
     return np.dstack([make_photo(width, height, seed=3), alpha])
 
 
-def prepare(gimp_root: Path, inside: str, live_server: str, script: str) -> Path:
-    """A fresh work folder in the chroot: images, the script, and the plug-in installed by the CLI."""
+def prepare(gimp_root: Path, inside: str, live_server: str, script: str, **spec: object) -> Path:
+    """A fresh work folder in the chroot: images, the script, and the plug-in installed by the CLI.
+
+    `spec` adds to what the script reads from spec.json (batch.py: `first_call_only`).
+    """
     work = gimp_root / inside.lstrip("/")
     shutil.rmtree(work, ignore_errors=True)
     (work / "home").mkdir(parents=True)
@@ -57,7 +60,7 @@ def prepare(gimp_root: Path, inside: str, live_server: str, script: str) -> Path
     Image.fromarray((top_layer_pixels() * 255).round().astype(np.uint8), "RGBA").save(work / "top.png")
     save_png(work / "painting.png", make_painting(48, 48))
     (work / "spec.json").write_text(json.dumps({"preset": "ink-wash", "offsets": OFFSETS,
-                                                "selection": SELECTION}))
+                                                "selection": SELECTION, **spec}))
     shutil.copy(SCRIPTS / script, work / script)
     stylekit = Path(sys.executable).parent / "stylekit"
     installed = subprocess.run([str(stylekit), "gimp", "install", "--gimp-dir", str(work / "profile"),
@@ -114,6 +117,29 @@ def gimp_dialog_run(gimp_root: Path, live_server: str) -> list[dict]:
         xvfb.terminate()
         xvfb.wait(30)
     return json.loads((work / "interactive.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gimp_warned_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """batch.py's first call against a server that fell back to random weights; GIMP's console output.
+
+    The server has weights `auto`, nothing cached (the test environment's own empty caches) and a proxy
+    that refuses every connection, so ImageNet's download fails at once without depending on the net.
+    """
+    folder = tmp_path_factory.mktemp("offline-server")
+    refused = "http://127.0.0.1:9"  # the discard port: nothing listens
+    server, url = start_server(folder / "serve.log", "--weights", "auto", "--device", "cpu",
+                               environment={"https_proxy": refused, "HTTPS_PROXY": refused})
+    try:
+        inside = f"{INSIDE}-warned"
+        prepare(gimp_root, inside, url, "batch.py", first_call_only=True)
+        gimp = subprocess.run(gimp_command(gimp_root, inside, "batch.py", "gimp-console-3.0", "-i"),
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert gimp.returncode == 0, gimp.stderr[-3000:]
+    return gimp.stdout + gimp.stderr
 
 
 def new_and_source(before: list[dict], after: list[dict]) -> tuple[dict, dict]:
@@ -177,6 +203,12 @@ def test_failures_are_messages_saying_what_to_do(gimp_run):
     assert nothing["status"] == "calling-error" and "Choose a preset or a style image" in nothing["message"]
     assert grey["status"] == "calling-error" and "Image ▸ Mode ▸ RGB" in grey["message"]
     assert gimp_run["layers_at_end"] == len(gimp_run["after_repeat"])  # failures add nothing
+
+
+def test_a_servers_warning_is_shown_as_a_gimp_message(gimp_warned_run):
+    # gimp-console prints a plug-in's messages headed with its name; the GUI shows them in a dialog
+    assert "Style Transfer-Warning: ImageNet weights unavailable" in gimp_warned_run
+    assert "using seeded random weights" in gimp_warned_run
 
 
 def test_interactive_dialog_then_repeat_with_last_values(gimp_dialog_run, live_server):

@@ -156,8 +156,8 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
     name = titles[preset] if preset else os.path.splitext(style[0])[0]
     insert_result(image, source, png, rgba, name)
     Gimp.progress_end()
-    for message in warnings:
-        Gimp.message(f"Style Transfer: {message}")
+    for message in warnings:  # GIMP heads each with the plug-in's name ("Style Transfer")
+        Gimp.message(message)
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, None)
 
 
