@@ -423,3 +423,15 @@ def test_auto_precision_on_cuda_is_fp32_for_the_references_quality():
 @pytest.mark.parametrize("mode", ["none", "luminance", "histogram"])
 def test_every_colour_mode_runs_on_a_gpu(run, mode):
     assert run(device="cuda", preserve_color=mode).device == "cuda"
+
+
+@needs_cuda
+def test_a_gpu_run_at_the_size_a_refusal_names_stays_within_max_memory(run):
+    limit = 2.0  # GiB: a ~830 px image (the plan's 1.5 KB per pixel plus L-BFGS's pairs)
+    with pytest.raises(NotEnoughMemory) as refused:
+        run(device="cuda", size=8192, steps=2, max_memory=limit)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    run(device="cuda", size=refused.value.long_side, steps=2, max_memory=limit)
+    assert torch.cuda.max_memory_reserved() - before <= limit * (1 << 30)
