@@ -68,7 +68,8 @@ def engine_options(function):
         click.option("--style-scale", type=click.FloatRange(min=0.05, max=8)),
         click.option("--preserve-color", type=click.Choice(COLOR_MODES)),
         click.option("--scales", type=click.IntRange(min=1),
-                     help="Coarse-to-fine scales, each half the next (default 2: half size, then full)."),
+                     help="Coarse-to-fine scales, each half the next (default 2: half size, then full; "
+                          "3 for --steps ≤ 100)."),
         click.option("--weights", metavar="auto|imagenet|random|PATH", help="Weights (default auto)."),
         click.option("--backbone", type=click.Choice(BACKBONE_NAMES)),
         click.option("--pooling", type=click.Choice(POOLINGS)),

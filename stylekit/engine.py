@@ -43,6 +43,9 @@ COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to
 DRAFT_SHARE = 2 / 3  # with bf16 gradients on a CPU, this share of a coarse scale runs its forward in bf16 too
 MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
+SHORT_RUN_STEPS = 100  # a run of at most this many steps starts at a quarter of the size, not half
+# (three scales, not two: at 50 / 100 steps 2.48 / 1.66 against 2.66 / 1.70 on tubingen × starry_night
+# at 256 px, 4.00 / 3.00 against 4.76 / 3.25 on golden_gate × shipwreck; at 150–200 level, at 300 mixed)
 NAMED_SIZE_SLACK = 0.98  # a refusal names a size 2% inside the edge: free memory moves between runs
 LEAN_WARNING = ("this image fits into memory only with freed memory handed back to the system at "
                 "once, which makes each step about 20% slower")
@@ -54,17 +57,19 @@ def output_long_side(width: int, height: int, size: int | None) -> int:
 
 
 def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
-                min_scale: int | None) -> list[tuple[int, int]]:
+                min_scale: int | None, steps: int) -> list[tuple[int, int]]:
     """Coarse-to-fine (width, height) pairs, halving the long side down to about min_scale.
 
-    By default (min_scale None) that is two scales, half size then full: at 256 px a third, coarser
-    scale needed more evaluations, and at 512 px three scales ended worse than the textbook loop
-    (1.120 vs 1.116) where two end at 1.080 (see docs/benchmarks.md).
+    By default (min_scale None) that is two scales, half size then full: with 300 steps a third,
+    coarser scale needed more evaluations at 256 px, and at 512 px three scales ended worse than the
+    textbook loop (1.120 vs 1.116) where two end at 1.080 (see docs/benchmarks.md). A short run
+    (`steps` ≤ SHORT_RUN_STEPS) gets the third scale: there the finest scale has too few steps to
+    build the large structures, and the quarter-size scale builds them cheaply.
     Coarse scales whose short side would fall under MIN_COARSE_SIDE are dropped; an output whose
     short side is under MIN_SIDE is refused.
     """
     if scales is None:
-        min_scale = min_scale or max(1, long_side // 2)
+        min_scale = min_scale or max(1, long_side // (4 if steps <= SHORT_RUN_STEPS else 2))
         scales = 1 + int(math.log2(long_side / min_scale)) if long_side >= 2 * min_scale else 1
     sizes = []
     for index in reversed(range(scales)):
@@ -528,7 +533,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     contents_full = [to_tensor(r.content, runtime.device) for r in requests]
     height, width = contents_full[0].shape[-2:]
     long_side = output_long_side(width, height, options.size)
-    sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale)
+    sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale, options.steps)
     limit = None if options.max_memory is None else int(options.max_memory * memory.GIB)
     plan = plan_memory(sizes[-1], len(requests), runtime.device,
                        memory.available_bytes(runtime.device), limit)

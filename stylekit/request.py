@@ -40,6 +40,7 @@ class StyleOptions:
     preserve_color: str = "none"
     scales: int | None = None  # number of coarse-to-fine scales; None picks from min_scale
     min_scale: int | None = None  # coarsest long side when scales is None; None: half the output's
+    # (a quarter for a run of at most engine.SHORT_RUN_STEPS steps)
     learning_rate: float = 0.02  # Adam only, in pixel units of a [0, 1] image
     weights: str = "auto"
     backbone: str = "vgg19"

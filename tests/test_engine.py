@@ -13,6 +13,7 @@ from stylekit import Cancelled, StylekitError, StyleOptions, StyleRequest, engin
 from stylekit.engine import (
     HISTORY_SIZE,
     MIN_HISTORY,
+    SHORT_RUN_STEPS,
     Runtime,
     _optimise,
     history_size,
@@ -120,14 +121,20 @@ def test_histogram_mode_changes_the_result(run):
 
 
 def test_coarse_to_fine_scales_double_up_to_the_size_from_min_scale():
-    assert scale_sizes(400, 300, 512, None, 128) == [(128, 96), (256, 192), (512, 384)]
-    assert scale_sizes(48, 40, 48, None, 128) == [(48, 40)]
+    assert scale_sizes(400, 300, 512, None, 128, 300) == [(128, 96), (256, 192), (512, 384)]
+    assert scale_sizes(48, 40, 48, None, 128, 300) == [(48, 40)]
 
 
 def test_by_default_a_half_size_scale_comes_before_the_full_size():
-    assert scale_sizes(400, 300, 512, None, None) == [(256, 192), (512, 384)]
-    assert scale_sizes(1000, 750, 1000, None, None) == [(500, 375), (1000, 750)]
-    assert scale_sizes(48, 40, 48, None, None) == [(48, 40)]  # a 24 px scale teaches nothing
+    assert scale_sizes(400, 300, 512, None, None, 300) == [(256, 192), (512, 384)]
+    assert scale_sizes(1000, 750, 1000, None, None, 300) == [(500, 375), (1000, 750)]
+    assert scale_sizes(48, 40, 48, None, None, 300) == [(48, 40)]  # a 24 px scale teaches nothing
+
+
+def test_a_short_run_starts_at_a_quarter_of_the_size():
+    assert scale_sizes(400, 300, 512, None, None, SHORT_RUN_STEPS) == [(128, 96), (256, 192), (512, 384)]
+    assert scale_sizes(400, 300, 512, None, None, SHORT_RUN_STEPS + 1) == [(256, 192), (512, 384)]
+    assert scale_sizes(400, 300, 512, 1, None, 50) == [(512, 384)]  # asked for: as asked
 
 
 def test_every_scale_is_optimised_coarse_ones_with_half_the_steps(run):
@@ -253,8 +260,8 @@ def test_a_batch_refuses_different_sizes(weights_file):
 
 
 def test_coarse_scales_too_small_to_help_are_dropped():
-    assert scale_sizes(1000, 60, 1000, 3, 128) == [(1000, 60)]
-    assert scale_sizes(1000, 100, 1000, 3, 128) == [(500, 50), (1000, 100)]
+    assert scale_sizes(1000, 60, 1000, 3, 128, 300) == [(1000, 60)]
+    assert scale_sizes(1000, 100, 1000, 3, 128, 300) == [(500, 50), (1000, 100)]
 
 
 def test_an_output_under_sixteen_pixels_is_refused(run):

@@ -20,9 +20,9 @@ import stylekit_client as client  # noqa: E402  (beside this file; GIMP puts its
 PROCEDURE = "plug-in-stylekit-style-transfer"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PIXELS = "R'G'B'A u8"  # the format pixels travel in: 8-bit sRGB with straight alpha
-QUALITY_LABELS = (("fast", "Fast", "One scale, 50 steps"),
-                  ("balanced", "Balanced", "Two scales, 150 steps each"),
-                  ("best", "Best", "Three scales, 300 steps each"))
+QUALITY_LABELS = (("fast", "Fast", "50 steps, from a quarter of the size up"),
+                  ("balanced", "Balanced", "150 steps, from half the size up"),
+                  ("best", "Best", "300 steps, from half the size up"))
 
 
 def fail(procedure, message, status=Gimp.PDBStatusType.EXECUTION_ERROR):

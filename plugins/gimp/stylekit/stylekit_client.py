@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 CONFIG_NAME = "stylekit-config.json"  # written beside the plug-in by `stylekit gimp install`
 DEFAULT_URL = "http://127.0.0.1:8765"
-QUALITY = {  # the dialog's quality choice → engine options
-    "fast": {"steps": 50, "scales": 1},
-    "balanced": {"steps": 150, "scales": 2},
-    "best": {"steps": 300, "scales": 3},
+QUALITY = {  # the dialog's quality choice → engine options (the engine picks the scales for the steps)
+    "fast": {"steps": 50},
+    "balanced": {"steps": 150},
+    "best": {"steps": 300},
 }
 POLL_SECONDS = 0.25
 START_SECONDS = 300  # a first start may download the ImageNet weights
