@@ -142,6 +142,10 @@ def test_every_scale_is_optimised_coarse_ones_with_half_the_steps(run):
     assert result.iterations == 4 + 2
 
 
+def test_a_short_run_without_scales_asked_for_is_optimised_over_three(run):
+    assert run(size=160, steps=4).iterations == 4 + 2 + 2  # 40×33, 80×67, then 160×133
+
+
 BF16_GRAD = Runtime(torch.device("cpu"), torch.float32, torch.bfloat16)
 
 
