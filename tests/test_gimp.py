@@ -129,7 +129,8 @@ def gimp_warned_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     folder = tmp_path_factory.mktemp("offline-server")
     refused = "http://127.0.0.1:9"  # the discard port: nothing listens
     server, url = start_server(folder / "serve.log", "--weights", "auto", "--device", "cpu",
-                               environment={"https_proxy": refused, "HTTPS_PROXY": refused})
+                               environment={"https_proxy": refused, "HTTPS_PROXY": refused,
+                                            "no_proxy": "", "NO_PROXY": ""})
     try:
         inside = f"{INSIDE}-warned"
         prepare(gimp_root, inside, url, "batch.py", first_call_only=True)
