@@ -25,7 +25,7 @@ from . import __version__
 from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
-from .image import LoadedImage, load_image, save_image
+from .image import LoadedImage, load_image, read_metadata, save_image
 from .presets import Preset, preset_request
 from .request import Result, StyleRequest, validate
 
@@ -111,20 +111,35 @@ def discover(spec: str) -> list[Path]:
 
 def plan(sources: Sequence[Path], out: Path, preset: str) -> list[Item]:
     """Each source's output: <stem>.<preset>.png, or <stem>-<hash of its path>.<preset>.png for
-    sources whose stems clash (a.jpg and a.png), so two inputs never share an output."""
+    sources whose stems clash (a.jpg and a.png), so two inputs never share an output. A source whose
+    plain-named output is already there (its metadata names it) keeps it: adding a.png to a folder
+    must not make the next run style a.jpg again under a new name."""
     out_dir = out.resolve()
     for source in sources:
         if source.resolve().parent == out_dir:
             raise StylekitError(f"--out '{out}' holds input images ('{source.name}'); "
                                 "give the outputs a folder of their own")
     stems = Counter(source.stem.casefold() for source in sources)
+    names = Counter(source.name.casefold() for source in sources)
     items = []
     for source in sources:
         stem = source.stem
-        if stems[stem.casefold()] > 1:
+        plain = out / f"{stem}.{preset}.png"
+        if stems[stem.casefold()] > 1 and not (names[source.name.casefold()] == 1
+                                               and _made_from(plain) == source.name):
             stem += "-" + hashlib.sha256(os.fsencode(source)).hexdigest()[:8]
         items.append(Item(source, out / f"{stem}.{preset}.png"))
     return items
+
+
+def _made_from(output: Path) -> str | None:
+    """The input file name an earlier run recorded in an output, if there is a readable one."""
+    if not output.is_file():
+        return None
+    try:
+        return read_metadata(output).get("content")
+    except StylekitError:
+        return None
 
 
 def make_recipe(preset: Preset, overrides: dict[str, object] | None = None) -> Recipe:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import traceback
 from contextlib import nullcontext
 from dataclasses import replace
@@ -129,14 +130,27 @@ def options_from_flags(base: StyleOptions, flags: dict) -> tuple[StyleOptions, s
     return base.replace(**changes), init_file
 
 
-def _check_output(output: Path, inputs: list[str]) -> None:
-    """Refuse an output that cannot be written or would overwrite an input, before any work."""
-    output_format(output)
-    if not output.parent.is_dir():
-        raise StylekitError(f"output folder '{output.parent}' does not exist")
+def _same_path(a: Path, b: str) -> bool:
+    """Whether two paths name one file, existing (links included) or about to be written."""
+    if a.exists() and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_writable(target: Path, what: str, inputs: list[str]) -> None:
+    """Refuse a file to write that would replace an input, or whose folder is missing or read-only,
+    before any work: finding out after minutes of optimisation would waste them."""
+    if not target.parent.is_dir():
+        raise StylekitError(f"{what} folder '{target.parent}' does not exist")
     for source in inputs:
-        if output.exists() and os.path.exists(source) and os.path.samefile(output, source):
-            raise StylekitError(f"output '{output}' is the input '{source}'; choose another name")
+        if _same_path(target, source):
+            raise StylekitError(f"{what} '{target}' is the input '{source}'; choose another name")
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".stylekit-check-"):
+            pass
+    except OSError as exc:
+        raise StylekitError(f"cannot write into {what} folder '{target.parent}' "
+                            f"({exc.strerror or exc})") from None
 
 
 def _warn(message: str) -> None:
@@ -175,9 +189,13 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     changes, init_file = flag_changes(flags)
     chosen = get_preset(preset) if preset else None
     style_files = [str(path) for path in chosen.style_paths] if chosen else list(styles)
-    _check_output(output, [str(content), *style_files, *([init_file] if init_file else [])])
-    if report is not None and not report.parent.is_dir():
-        raise StylekitError(f"report folder '{report.parent}' does not exist")
+    inputs = [str(content), *style_files, *([init_file] if init_file else [])]
+    output_format(output)
+    _check_writable(output, "output", inputs)
+    if report is not None:
+        _check_writable(report, "report", inputs)
+        if _same_path(report, str(output)):
+            raise StylekitError(f"report '{report}' is the output image too; choose another name")
     picture = load_image(content)
     init_image = load_image(init_file).rgb if init_file else None
     if chosen:
@@ -332,6 +350,8 @@ def presets_remove(name: str) -> None:
 def presets_validate(file: Path) -> None:
     """Check a preset FILE: its keys, option values and style images."""
     preset = load_preset_file(file)
+    for style in preset.style_paths:
+        load_image(style)  # decoded, not only found: a truncated or mislabelled image fails here
     click.echo(f"{file}: ok ('{preset.name}', {len(preset.style_paths)} style image(s), "
                f"{len(preset.options)} option(s))")
 
@@ -509,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("stylekit: interrupted", err=True)
         return 130
+    except OSError as exc:  # the system said no (disk full, read-only, permissions): no bug of ours
+        if debug:
+            traceback.print_exc()
+        where = f": '{exc.filename}'" if exc.filename else ""
+        click.echo(f"stylekit: error: {exc.strerror or exc}{where}".replace("\n", " "), err=True)
+        return 1
     except Exception as exc:  # the last line of defence: never a traceback without --debug
         if debug:
             traceback.print_exc()

@@ -230,6 +230,13 @@ def _fit_long_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
     return resize(image, max(1, round(w * ratio)), max(1, round(h * ratio)))
 
 
+def _style_long_side(style: torch.Tensor, long_side: int) -> int:
+    """A style image's long side at a scale: as asked, but never so small that its short side is under
+    MIN_SIDE (no deep features), which a small --style-scale or a panorama style would give."""
+    h, w = style.shape[-2:]
+    return max(long_side, math.ceil(MIN_SIDE * max(h, w) / min(h, w)))
+
+
 @dataclass
 class _Losses:
     content: torch.Tensor
@@ -567,10 +574,10 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     for scale, (w, h) in enumerate(sizes, start=1):
         emit("prepare", scale, (w, h))
         content = torch.cat([resize(c, w, h) for c in contents_full])
-        long_style = max(1, round(max(w, h) * options.style_scale))
+        long_style = round(max(w, h) * options.style_scale)
         per_image: list[dict[str, torch.Tensor]] = [{} for _ in requests]
         for full, _, indices in style_groups:
-            styles = [_fit_long_side(s, long_style) for s in full]
+            styles = [_fit_long_side(s, _style_long_side(s, long_style)) for s in full]
             blend = options.style_blend or (1.0,) * len(styles)
             grams = losses.blend_grams(
                 [{name: g[f"gram_{name}"] for name in style_layers}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -21,6 +22,7 @@ PLUGIN = "stylekit"  # GIMP 3 runs plug-ins/NAME/NAME.py only: folder and file n
 CONFIG_NAME = "stylekit-config.json"  # read by the plug-in from its own folder
 DEFAULT_URL = "http://127.0.0.1:8765"
 FLATPAK_ID = "org.gimp.GIMP"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def gimp_dirs(environ: Mapping[str, str] = os.environ, platform: str = sys.platform,
@@ -36,7 +38,8 @@ def gimp_dirs(environ: Mapping[str, str] = os.environ, platform: str = sys.platf
     else:
         config = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
         roots = [config / "GIMP", home / ".var" / "app" / FLATPAK_ID / "config" / "GIMP"]
-    found = sorted(path for root in roots if root.is_dir() for path in root.glob("3.*") if path.is_dir())
+    found = sorted(path for root in roots if root.is_dir() for path in root.glob("3.*")
+                   if path.is_dir() and re.fullmatch(r"3\.\d+", path.name))  # not "3.0 (copy)"
     return found or [roots[0] / "3.0"]
 
 
@@ -54,8 +57,10 @@ def stylekit_executable() -> str:
 
 def server_command(url: str, gimp_dir: Path) -> list[str]:
     """The command the plug-in runs when no server answers at url."""
-    port = urlsplit(url).port or 8765
-    command = [stylekit_executable(), "serve", "--port", str(port)]
+    parts = urlsplit(url)
+    command = [stylekit_executable(), "serve", "--port", str(parts.port or 80)]  # http's own port
+    if parts.hostname == "::1":
+        command += ["--host", "::1"]
     return ["flatpak-spawn", "--host", *command] if is_flatpak(gimp_dir) else command
 
 
@@ -104,7 +109,18 @@ def _check_url(url: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise click.BadParameter(f"'{url}' has a bad port", param_hint="--url") from None
+    if parts.scheme == "https" and parts.hostname in LOOPBACK:
+        raise click.BadParameter(f"'{url}': `stylekit serve` speaks plain HTTP on this machine; "
+                                 "use http://", param_hint="--url")
     return url.rstrip("/")
+
+
+def _split_command(text: str) -> list[str]:
+    """--command as the argument list the plug-in will run."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r}: {exc}", param_hint="--command") from None
 
 
 @click.group()
@@ -130,7 +146,7 @@ def install_command(gimp_dir: Path | None, url: str, command_text: str | None,
     url = _check_url(url)
     token = token_file.read_text(encoding="utf-8").strip() if token_file else None
     for folder in [gimp_dir] if gimp_dir else gimp_dirs():
-        command = shlex.split(command_text) if command_text else server_command(url, folder)
+        command = _split_command(command_text) if command_text else server_command(url, folder)
         target = install(folder, url, command, token)
         click.echo(f"installed the GIMP plug-in in {target}")
         click.echo(f"  server: {url}" + (" (with bearer token)" if token else ""))

@@ -196,11 +196,19 @@ def _split_alpha(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     return im.convert(im.mode[:-1]), alpha
 
 
+def _grey_white(im: Image.Image) -> float:
+    """White's value in a deep grey image: 1 in float, 2³¹ − 1 in a 32-bit integer TIFF (Pillow's
+    signed mode I), else 65535 (16-bit, which Pillow may also open as mode I)."""
+    if im.mode == "F":
+        return 1.0
+    bits = getattr(im, "tag_v2", {}).get(258, 16)  # TIFF BitsPerSample: a number, or one per band
+    return 2.0**31 - 1 if im.mode == "I" and max(np.atleast_1d(bits)) == 32 else 65535.0
+
+
 def _rgb_array(im: Image.Image, icc: bytes | None, label: str) -> np.ndarray:
     """Turn an alpha-free image of any mode into float sRGB, keeping 16-bit grey precision."""
     if im.mode in _GREY16_MODES or im.mode == "F":
-        scale = 1.0 if im.mode == "F" else 65535.0
-        grey = np.clip(np.asarray(im).astype(np.float32) / scale, 0.0, 1.0)
+        grey = np.clip(np.asarray(im).astype(np.float64) / _grey_white(im), 0.0, 1.0).astype(np.float32)
         return np.repeat(grey[..., None], 3, axis=2)
     if im.mode not in _ICC_SPACES:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import sys
 import types
@@ -276,13 +277,34 @@ def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options
     for style, copy in zip(data["style"], copies, strict=True):
         style["image"] = f"{name}/{copy}"
     images = folder / name
-    if images.exists():
-        shutil.rmtree(images)
-    images.mkdir(parents=True)
-    for copy, payload in copies.items():
-        (images / copy).write_bytes(payload)
-    write_bytes(file, tomli_w.dumps(data).encode("utf-8"))
+    if images.exists() and not file.exists():
+        raise StylekitError(f"'{images}' already exists and is not a preset's; move it away first")
+    _swap_in(file, images, copies, tomli_w.dumps(data).encode("utf-8"))
     return load_preset_file(file)
+
+
+def _swap_in(file: Path, images: Path, copies: dict[str, bytes], toml: bytes) -> None:
+    """Write the style copies beside, then swap them and the TOML in: a failure (a full disk) leaves
+    the preset being replaced whole."""
+    token = secrets.token_hex(4)
+    staging, old = (images.with_name(f".{images.name}.{token}.{end}") for end in ("new", "old"))
+    staging.mkdir(parents=True)
+    try:
+        for copy, payload in copies.items():
+            write_bytes(staging / copy, payload)
+        if images.exists():
+            images.rename(old)
+        staging.rename(images)
+        try:
+            write_bytes(file, toml)
+        except BaseException:
+            shutil.rmtree(images)
+            if old.exists():
+                old.rename(images)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_preset(name: str) -> Path:

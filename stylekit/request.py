@@ -19,6 +19,8 @@ PRECISIONS = ("auto", "fp32", "bf16-grad", "bf16", "fp16")
 POOLINGS = ("max", "avg")
 TARGET_ENGINES = ("onnx", "torch")
 BACKBONE_NAMES = tuple(BACKBONES)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the losses are float32: a larger number is infinite there
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class StyleOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _check_weights(name: str, values: Sequence[float]) -> None:
+    """Loss and blend weights: finite (in float32, where the losses are computed) and not negative."""
+    for value in values:
+        if not 0 <= value <= FLOAT32_MAX:
+            raise StylekitError(f"bad {name} {value} (must be a finite number ≥ 0)")
+
+
 def validate(options: StyleOptions) -> None:
     """Refuse impossible option values up front, with a message naming the option."""
     choices = {"optimizer": OPTIMIZERS, "init": INITS, "preserve_color": COLOR_MODES,
@@ -86,14 +95,16 @@ def validate(options: StyleOptions) -> None:
     if options.scales is not None:
         positive["scales"] = options.scales
     for name, value in positive.items():
-        if not value > 0:
-            raise StylekitError(f"bad {name} {value} (must be greater than 0)")
+        if not 0 < value <= FLOAT32_MAX:
+            raise StylekitError(f"bad {name} {value} (must be a finite number greater than 0)")
     if options.max_memory is not None and not 0 < options.max_memory < math.inf:
         raise StylekitError(f"bad max_memory {options.max_memory} (GiB, must be a number greater than 0)")
+    if not 0 <= options.seed <= MAX_SEED:
+        raise StylekitError(f"bad seed {options.seed} (must be a whole number from 0 to {MAX_SEED})")
     for name in ("content_weight", "style_weight", "tv_weight"):
-        value = getattr(options, name)
-        if not (value >= 0 and math.isfinite(value)):
-            raise StylekitError(f"bad {name} {value} (must be a finite number ≥ 0)")
+        _check_weights(name, (getattr(options, name),))
+    for name in ("style_layer_weights", "style_blend"):
+        _check_weights(name, getattr(options, name) or ())
     for layer in (options.content_layers or ()) + (options.style_layers or ()):
         if layer not in spec.layers:
             raise StylekitError(f"unknown layer '{layer}' for {options.backbone} "

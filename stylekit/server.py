@@ -32,7 +32,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Requ
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
 from .engine import output_long_side, stylize
@@ -83,8 +83,19 @@ _HINTS = typing.get_type_hints(StyleOptions)
 CLIENT_OPTIONS = tuple(name for name in _HINTS if name not in SERVER_OWNED)
 PARAMS_HELP = ("JSON object: `preset` (or upload `style`), optional `id`, `strength`, `abandon_after` "
                f"and engine options: {', '.join(CLIENT_OPTIONS)}.")
+
+
+def _from_json(hint: object) -> object:
+    """The field type a JSON value can validate as: JSON has lists where StyleOptions has tuples, and
+    strict mode would refuse every list."""
+    if "tuple" not in str(hint):
+        return hint
+    return typing.Annotated[hint, BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
+
+
 _Params = create_model("_Params", __base__=JobParams,
-                       **{name: (_HINTS[name], _OPTION_BOUNDS.get(name)) for name in CLIENT_OPTIONS})
+                       **{name: (_from_json(_HINTS[name]), _OPTION_BOUNDS.get(name))
+                          for name in CLIENT_OPTIONS})
 
 
 class JobView(BaseModel):
@@ -318,7 +329,7 @@ def parse_params(text: str) -> _Params:
     """Validate the `params` JSON into known fields, with a one-line message for the first problem."""
     try:
         raw = json.loads(text or "{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ApiError(422, f"params is not valid JSON ({exc})") from None
     if isinstance(raw, dict):
         for name in SERVER_OWNED:

@@ -21,6 +21,7 @@ import torchvision
 from .atomic import replacing
 from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec, build_network, network_state_keys
+from .request import MAX_SEED
 
 IMAGENET_WEIGHTS = {
     "vgg19": torchvision.models.VGG19_Weights.IMAGENET1K_V1,
@@ -273,8 +274,9 @@ def resolve_weights(spec: str, backbone: str = "vgg19", *, progress: bool = True
     backbone_spec(backbone)
     if spec == "random" or spec.startswith("random:"):
         seed_text = spec.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise StylekitError(f"bad --weights '{spec}' (random:SEED needs a whole number)")
+        if not seed_text.isdigit() or int(seed_text) > MAX_SEED:
+            raise StylekitError(f"bad --weights '{spec}' (random:SEED needs a whole number "
+                                f"from 0 to {MAX_SEED})")
         seed = int(seed_text)
         state = random_state_dict(backbone, seed)
         return Weights(backbone, state, "random", f"random (seed {seed})", state_dict_sha256(state))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from batch_support import PRESET, make_inputs, once_each, output_name, stamps, tiny, tiny_flags
+from PIL import Image
 
 from stylekit.batch import FAILED_FILE, Outcome, discover, make_recipe, plan, run_batch, run_local
 from stylekit.cli import main
@@ -55,6 +56,17 @@ def test_output_names_are_fixed_and_never_shared(tmp_path):
     assert plan(sources, tmp_path / "out", "ink") == items
     with pytest.raises(StylekitError, match="holds input images"):
         plan(sources, tmp_path, "ink")
+
+
+def test_an_image_whose_stem_gains_a_twin_keeps_its_earlier_output(batch, tmp_path):
+    make_inputs(tmp_path / "in", 1)
+    assert batch(tmp_path / "in")[0] == 0
+    first = tmp_path / "out" / f"img0.{PRESET}.png"
+    Image.open(tmp_path / "in" / "img0.png").save(tmp_path / "in" / "img0.jpg")  # the same stem
+    code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 1 done, 1 skipped (already there), 0 failed" in err, err
+    assert read_metadata(first)["content"] == "img0.png"
+    assert len(list((tmp_path / "out").glob("img0*.png"))) == 2
 
 
 def test_each_image_is_styled_exactly_once_and_a_rerun_does_no_work(batch, tmp_path):

@@ -178,7 +178,10 @@ def test_bad_content_is_one_line_and_leaves_no_output(apply, tmp_path, kind):
     (["--steps", "0"], "--steps"), (["--optimizer", "sgd"], "--optimizer"),
     (["--style-blend", "abc"], "--style-blend"), (["--size", "-3"], "--size"),
     (["--style-layers", "relu9_9"], "relu9_9"), (["--device", "toaster"], "--device"),
-], ids=lambda v: v[0] if isinstance(v, list) else v)
+    (["--style-layer-weights", "nan,1,1,1,1"], "bad style_layer_weights nan"),
+    (["--style-layer-weights", "-5,1,1,1,1"], "bad style_layer_weights -5"),
+    (["--seed", str(2**70)], "bad seed"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_bad_option_values_are_one_line_errors(apply, args, needle):
     code, _, err, out = apply(*args)
     assert code != 0 and err.count("\n") == 1 and needle in err and not out.exists()
@@ -214,6 +217,25 @@ def test_output_that_is_the_input_is_refused(apply, photo_path):
     before = digest(photo_path)
     code, _, err, _ = apply(output=photo_path.name)
     assert code == 1 and "is the input" in err and digest(photo_path) == before
+
+
+def test_a_report_naming_the_input_is_refused_and_the_input_kept(apply, photo_path):
+    before = digest(photo_path)
+    code, _, err, out = apply("--report", str(photo_path))
+    assert code == 1 and "report" in err and "is the input" in err
+    assert digest(photo_path) == before and not out.exists()
+
+
+def test_a_report_naming_the_output_is_refused(apply, tmp_path):
+    code, _, err, out = apply("--report", str(tmp_path / "out.png"))
+    assert code == 1 and "is the output image too" in err and not out.exists()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys (unwritable even as root)")
+def test_an_unwritable_output_folder_is_refused_before_any_work(apply):
+    code, out, err, _ = apply("--progress", "json", output="/sys/kernel/out.png")
+    assert code == 1 and "cannot write into output folder '/sys/kernel'" in err
+    assert err.count("\n") == 1 and out == ""  # no progress: it stopped before the first step
 
 
 def test_installed_command_prints_no_traceback(tmp_path, painting_path):

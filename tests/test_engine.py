@@ -110,6 +110,12 @@ def test_style_blend_weights_change_the_result(run):
     assert not np.allclose(first.image, second.image)
 
 
+@pytest.mark.parametrize("style", [make_painting(48, 48), make_painting(400, 12)], ids=["square", "panorama"])
+def test_a_style_too_small_for_the_network_at_its_scale_is_taken_at_16_px(run, style):
+    # at style_scale 0.05 the square style would be 2 px, the panorama's short side 1 px
+    assert math.isfinite(run(styles=[style], style_scale=0.05, scales=1).total_loss)
+
+
 def test_luminance_mode_keeps_the_content_colours(run):
     plain, kept = run(steps=8), run(steps=8, preserve_color="luminance")
     content = make_photo()

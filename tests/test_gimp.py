@@ -24,6 +24,7 @@ SCRIPTS = Path(__file__).parents[1] / "plugins" / "gimp" / "tests"
 OFFSETS = (12, 9)
 TOP_SIZE = (40, 32)
 SELECTION = (0, 0, 30, 64)  # x, y, width, height in image coordinates
+LIMITED_PIXELS = 4096  # the constrained server's --max-pixels: under the 80×64 background's
 
 pytestmark = pytest.mark.gimp
 
@@ -51,7 +52,8 @@ def top_layer_pixels() -> np.ndarray:
 def prepare(gimp_root: Path, inside: str, live_server: str, script: str, **spec: object) -> Path:
     """A fresh work folder in the chroot: images, the script, and the plug-in installed by the CLI.
 
-    `spec` adds to what the script reads from spec.json (batch.py: `first_call_only`).
+    `spec` adds to what the script reads from spec.json (batch.py: `first_call_only`,
+    `first_on_background`, `first_arguments`).
     """
     work = gimp_root / inside.lstrip("/")
     shutil.rmtree(work, ignore_errors=True)
@@ -120,8 +122,10 @@ def gimp_dialog_run(gimp_root: Path, live_server: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def gimp_warned_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """batch.py's first call against a server that fell back to random weights; GIMP's console output.
+def gimp_constrained_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """batch.py's first call, on the 80×64 background with a size limit of 64, against a server that
+    fell back to random weights and takes images of at most LIMITED_PIXELS; its report and GIMP's
+    console output.
 
     The server has weights `auto`, nothing cached (the test environment's own empty caches) and a proxy
     that refuses every connection, so ImageNet's download fails at once without depending on the net.
@@ -129,18 +133,20 @@ def gimp_warned_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     folder = tmp_path_factory.mktemp("offline-server")
     refused = "http://127.0.0.1:9"  # the discard port: nothing listens
     server, url = start_server(folder / "serve.log", "--weights", "auto", "--device", "cpu",
+                               "--max-pixels", str(LIMITED_PIXELS),
                                environment={"https_proxy": refused, "HTTPS_PROXY": refused,
                                             "no_proxy": "", "NO_PROXY": ""})
     try:
-        inside = f"{INSIDE}-warned"
-        prepare(gimp_root, inside, url, "batch.py", first_call_only=True)
+        inside = f"{INSIDE}-constrained"
+        work = prepare(gimp_root, inside, url, "batch.py", first_call_only=True, first_on_background=True,
+                       first_arguments={"max_size": 64})
         gimp = subprocess.run(gimp_command(gimp_root, inside, "batch.py", "gimp-console-3.0", "-i"),
                               capture_output=True, text=True, timeout=600)
     finally:
         server.terminate()
         server.wait(30)
     assert gimp.returncode == 0, gimp.stderr[-3000:]
-    return gimp.stdout + gimp.stderr
+    return {"output": gimp.stdout + gimp.stderr, **json.loads((work / "report.json").read_text())}
 
 
 def new_and_source(before: list[dict], after: list[dict]) -> tuple[dict, dict]:
@@ -206,10 +212,17 @@ def test_failures_are_messages_saying_what_to_do(gimp_run):
     assert gimp_run["layers_at_end"] == len(gimp_run["after_repeat"])  # failures add nothing
 
 
-def test_a_servers_warning_is_shown_as_a_gimp_message(gimp_warned_run):
+def test_a_servers_warning_is_shown_as_a_gimp_message(gimp_constrained_run):
     # gimp-console prints a plug-in's messages headed with its name; the GUI shows them in a dialog
-    assert "Style Transfer-Warning: ImageNet weights unavailable" in gimp_warned_run
-    assert "using seeded random weights" in gimp_warned_run
+    assert "Style Transfer-Warning: ImageNet weights unavailable" in gimp_constrained_run["output"]
+    assert "using seeded random weights" in gimp_constrained_run["output"]
+
+
+def test_a_layer_over_the_servers_pixel_limit_is_sent_at_the_working_size(gimp_constrained_run):
+    assert LIMITED_PIXELS < 80 * 64  # the background as it is would be refused
+    assert gimp_constrained_run["calls"][0]["status"] == "success"
+    new, source = new_and_source(gimp_constrained_run["before"], gimp_constrained_run["after_preset"])
+    assert new["size"] == source["size"] == [80, 64]  # worked on at 64×51, scaled back to the layer
 
 
 def test_interactive_dialog_then_repeat_with_last_values(gimp_dialog_run, live_server):

@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+import os
 import socket
 import sys
 import threading
@@ -67,15 +68,67 @@ def test_encode_png_round_trips_through_pillow():
 
 
 def test_job_params_map_the_dialog_to_engine_options():
-    params = client.job_params("ink-wash", 2.0, "fast", 64, True, 200, 100)
+    params = client.job_params("ink-wash", 2.0, "fast", True, 64, 32)
     assert params["preset"] == "ink-wash" and params["strength"] == 2.0
     assert params["steps"] == 50 and "scales" not in params  # the engine picks them for the steps
     assert params["size"] == 64 and params["preserve_color"] == "luminance"
     assert params["abandon_after"] == client.ABANDON_AFTER and len(params["id"]) == 32
-    small = client.job_params("", 1.0, "best", 1024, False, 40, 30)
-    assert "preset" not in small and small["size"] == 40 and small["preserve_color"] == "none"
+    assert "preset" not in client.job_params("", 1.0, "best", False, 40, 30)
     with pytest.raises(client.ClientError, match="fast, balanced or best"):
-        client.job_params("x", 1.0, "perfect", 64, False, 10, 10)
+        client.job_params("x", 1.0, "perfect", False, 10, 10)
+
+
+def test_unticked_keep_colours_leaves_the_presets_own_colour_mode():
+    assert "preserve_color" not in client.job_params("woodcut", 1.0, "fast", False, 48, 40)
+
+
+def test_a_layer_is_sent_at_the_size_the_server_works_at():
+    assert client.working_size(6000, 4000, 1024) == (1024, 683)
+    assert client.working_size(40, 30, 1024) == (40, 30)
+
+
+def test_a_layer_too_small_to_style_is_refused_before_sending():
+    with pytest.raises(client.ClientError, match="at least 16 on each side"):
+        client.working_size(200, 12, 1024)
+
+
+def test_a_proxy_in_the_environment_does_not_catch_the_local_server(live_server, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("no_proxy", "")
+    assert client.Client(client.Config(url=live_server)).health()["status"] == "ok"
+
+
+def serve_raw(answer: bytes) -> str:
+    """A loopback server sending one fixed raw answer to every request; returns its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=run, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_an_answer_cut_short_is_a_message_not_a_crash():
+    url = serve_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"status\"")
+    with pytest.raises(client.ClientError, match=r"connection to the stylekit server .* broke"):
+        client.Client(client.Config(url=url)).health()
+
+
+def test_another_program_on_the_port_is_named_as_not_a_stylekit_server():
+    url = serve_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    with pytest.raises(client.ClientError, match="is not a stylekit server"):
+        client.Client(client.Config(url=url)).health()
+
+
+def test_each_user_gets_a_server_log_of_their_own(tmp_path):
+    process, log = client.start_server(client.Config(command=[sys.executable, "-c", "print('up')"]))
+    process.wait(30)
+    assert log.endswith(f"stylekit-server-{os.getuid()}.log") and "up" in Path(log).read_text()
 
 
 def test_config_defaults_and_broken_file(tmp_path):
@@ -94,7 +147,7 @@ def test_a_whole_job_against_the_real_server(live_server):
     assert any(p["name"] == "ink-wash" for p in server.presets())
     rgba = np.dstack([make_photo(), np.linspace(0, 1, 40 * 48).reshape(40, 48)])
     pixels = (rgba * 255).round().astype(np.uint8)
-    params = {**client.job_params("", 1.0, "fast", 1024, False, 48, 40), "steps": 3}
+    params = {**client.job_params("", 1.0, "fast", False, 48, 40), "steps": 3}
     seen = []
     result, warnings = client.run_job(server, client.encode_png(48, 40, pixels.tobytes()), params,
                                       ("painting.png", png_bytes(make_painting())),
@@ -111,7 +164,7 @@ def test_a_job_hands_back_the_servers_warnings(app_server, monkeypatch, tmp_path
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet weights cached, and
     monkeypatch.setitem(IMAGENET_URLS, "vgg19", "http://127.0.0.1:9/vgg19-dcbb9e9d.pth")  # none to get
     server = client.Client(client.Config(url=app_server(ServerSettings(weights="auto", device="cpu"))))
-    params = {**client.job_params("ink-wash", 1.0, "fast", 1024, False, 48, 40), "steps": 2}
+    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 2}
     _, warnings = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
                                  lambda fraction, message: None)
     assert any(message.startswith("ImageNet weights unavailable") for message in warnings)
@@ -119,7 +172,7 @@ def test_a_job_hands_back_the_servers_warnings(app_server, monkeypatch, tmp_path
 
 def test_a_job_cancelled_on_the_server_is_reported(live_server):
     server = client.Client(client.Config(url=live_server))
-    params = {**client.job_params("ink-wash", 1.0, "fast", 1024, False, 48, 40), "steps": 100_000}
+    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 100_000}
     image = client.encode_png(48, 40, bytes(48 * 40 * 4))
     asked = []
 

@@ -74,3 +74,29 @@ def test_install_refuses_a_bad_url(tmp_path, capsys):
     assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", "127.0.0.1:8765"]) == 2
     assert "is not an http:// URL" in capsys.readouterr().err
     assert not (tmp_path / "plug-ins").exists()
+
+
+def test_a_url_without_a_port_starts_the_server_on_port_80_as_http_implies():
+    assert server_command("http://127.0.0.1", Path("GIMP") / "3.0")[1:] == ["serve", "--port", "80"]
+
+
+def test_an_ipv6_loopback_url_starts_the_server_listening_there():
+    assert server_command("http://[::1]:9000", Path("GIMP") / "3.0")[-2:] == ["--host", "::1"]
+
+
+def test_install_refuses_https_for_a_server_on_this_machine(tmp_path, capsys):
+    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", "https://127.0.0.1:8765"]) == 2
+    assert "speaks plain HTTP" in capsys.readouterr().err
+
+
+def test_install_names_the_option_of_a_command_it_cannot_split(tmp_path, capsys):
+    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--command", 'stylekit "serve']) == 2
+    err = capsys.readouterr().err
+    assert "--command" in err and "No closing quotation" in err and "\n" not in err.strip()
+
+
+def test_copies_of_a_profile_folder_are_not_installed_into(tmp_path):
+    home = tmp_path / "home"
+    for name in ("3.0", "3.0 (copy)", "3.0.bak"):
+        (home / ".config" / "GIMP" / name).mkdir(parents=True)
+    assert gimp_dirs({}, "linux", home) == [home / ".config" / "GIMP" / "3.0"]

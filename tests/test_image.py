@@ -171,6 +171,14 @@ def test_sixteen_bit_grey_keeps_values_beyond_8_bit_precision(tmp_path: Path) ->
     assert rgb[0, 1, 0] > rgb[0, 0, 0]
 
 
+def test_thirty_two_bit_grey_tiff_keeps_its_tones(tmp_path: Path) -> None:
+    values = (np.arange(32 * 32, dtype=np.int32) * 2_000_000).reshape(32, 32)  # up to 2³¹ − 1
+    path = tmp_path / "deep.tif"
+    Image.fromarray(values).save(path)
+    rgb = load_image(path).rgb
+    np.testing.assert_allclose(rgb[..., 1], values / (2**31 - 1), atol=1e-6)
+
+
 def test_sixteen_bit_grey_transparent_colour_becomes_alpha(tmp_path: Path) -> None:
     values = np.full((32, 32), 40000, dtype=np.uint16)
     values[:, :8] = 1234

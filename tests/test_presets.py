@@ -175,6 +175,35 @@ def test_add_refuses_to_replace_a_user_preset_unless_forced(painting_path):
     assert add_preset("mine", [painting_path], {"steps": 5}, replace=True).options == {"steps": 5}
 
 
+def test_add_never_deletes_a_folder_it_did_not_write(painting_path):
+    folder = user_presets_dir() / "mine"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(StylekitError, match="is not a preset's; move it away"):
+        add_preset("mine", [painting_path], {}, replace=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_replacement_that_fails_to_write_leaves_the_old_preset_whole(painting_path, photo_path,
+                                                                       monkeypatch):
+    old = add_preset("mine", [painting_path], {"steps": 5})
+    from stylekit import presets
+
+    write_bytes = presets.write_bytes
+
+    def disk_full_at_the_toml(target, data):  # the last write: the new images are swapped in by then
+        if Path(target).suffix == ".toml":
+            raise OSError(28, "No space left on device")
+        write_bytes(target, data)
+
+    monkeypatch.setattr(presets, "write_bytes", disk_full_at_the_toml)
+    with pytest.raises(OSError, match="No space left"):
+        add_preset("mine", [photo_path], {"steps": 9}, replace=True)
+    assert load_preset_file(old.path) == old
+    assert load_image(old.style_paths[0]).rgb.shape == load_image(painting_path).rgb.shape
+    assert sorted(p.name for p in user_presets_dir().iterdir()) == ["mine", "mine.toml"]  # no leftovers
+
+
 def test_add_refuses_bad_options_before_writing_anything(painting_path):
     with pytest.raises(StylekitError, match="bad steps 0"):
         add_preset("mine", [painting_path], {"steps": 0})
@@ -281,6 +310,13 @@ def test_presets_validate_reports_ok_or_the_problem(capsys, tmp_path):
     bad = write_preset(tmp_path, "bad", minimal("bad", "[options]\nsteps = -3\n"))
     code, _, err = run(capsys, "presets", "validate", str(bad))
     assert code == 1 and str(bad) in err and "key 'options'" in err and err.count("\n") == 1
+
+
+def test_presets_validate_decodes_the_style_images(capsys, tmp_path):
+    preset = write_preset(tmp_path, "fake", minimal("fake"))
+    (tmp_path / "style.png").write_text("not an image")
+    code, _, err = run(capsys, "presets", "validate", str(preset))
+    assert code == 1 and "style.png" in err and err.count("\n") == 1
 
 
 def test_apply_with_a_preset_lets_flags_override_its_options(capsys, tmp_path, photo_path, weights_file):

@@ -168,11 +168,26 @@ def test_resubmitting_the_same_id_returns_the_same_job(server):
     ({"optimizer": "sgd"}, PAINTING, "bad optimizer 'sgd'"),
     ({"id": "../x"}, PAINTING, "bad parameter 'id'"),
     ({"size": 100_000}, PAINTING, "over the server's limit"),
+    ({"seed": 10**23}, PAINTING, "bad seed"),
+    ({"optimizer": "adam", "learning_rate": 1e300}, PAINTING, "bad learning_rate"),
+    ({"content_layers": "relu4_2"}, PAINTING, "bad parameter 'content_layers'"),
 ])
 def test_bad_params_get_a_one_line_422(server, params, style, message):
     answer = post_job(server, params, style=style)
     assert answer.status_code == 422
     assert message in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+
+
+def test_tuple_options_are_taken_as_json_lists(server):
+    params = {**FAST, "content_layers": ["relu2_1"], "style_layer_weights": [1, 1, 1, 1, 2]}
+    job = post_job(server, params).json()
+    assert wait_for(server, job["id"], ("done",))["report"]["options"]["content_layers"] == ["relu2_1"]
+
+
+def test_params_nested_too_deep_for_the_parser_get_a_422(server):
+    deep = "[" * 100_000 + "]" * 100_000
+    answer = server.post("/v1/jobs", files={"image": ("a.png", PHOTO)}, data={"params": deep})
+    assert answer.status_code == 422 and "not valid JSON" in answer.json()["detail"]
 
 
 def test_bad_uploads_get_422(server):

@@ -30,10 +30,12 @@ def fail(procedure, message, status=Gimp.PDBStatusType.EXECUTION_ERROR):
     return procedure.new_return_values(status, GLib.Error(message))
 
 
-def read_rgba(drawable):
-    """A drawable's pixels as packed R'G'B'A bytes, in its own coordinates."""
-    rect = Gegl.Rectangle.new(0, 0, drawable.get_width(), drawable.get_height())
-    return bytes(drawable.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.CLAMP))
+def read_rgba(drawable, width=None, height=None):
+    """A drawable's pixels as packed R'G'B'A bytes, whole or scaled down to width × height."""
+    width, height = width or drawable.get_width(), height or drawable.get_height()
+    rect = Gegl.Rectangle.new(0, 0, width, height)
+    scale = width / drawable.get_width()
+    return bytes(drawable.get_buffer().get(rect, scale, PIXELS, Gegl.AbyssPolicy.CLAMP))
 
 
 def write_rgba(drawable, data):
@@ -141,20 +143,20 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
     if preset and preset not in titles:
         return fail(procedure, f"The stylekit server has no preset '{preset}'; it offers: "
                                f"{', '.join(titles) or 'none'}.", Gimp.PDBStatusType.CALLING_ERROR)
-    width, height = source.get_width(), source.get_height()
-    rgba = read_rgba(source)
+    width, height = client.working_size(source.get_width(), source.get_height(),
+                                        config.get_property("max-size"))
     params = client.job_params(preset, config.get_property("strength"), config.get_property("quality"),
-                               config.get_property("max-size"), config.get_property("preserve-colors"),
-                               width, height)
+                               config.get_property("preserve-colors"), width, height)
     Gimp.progress_set_text("Style Transfer: waiting for the server")
 
     def on_progress(fraction, message):
         Gimp.progress_set_text(f"Style Transfer: {message}")
         Gimp.progress_update(fraction)
 
-    png, warnings = client.run_job(server, client.encode_png(width, height, rgba), params, style, on_progress)
+    upload = client.encode_png(width, height, read_rgba(source, width, height))
+    png, warnings = client.run_job(server, upload, params, style, on_progress)
     name = titles[preset] if preset else os.path.splitext(style[0])[0]
-    insert_result(image, source, png, rgba, name)
+    insert_result(image, source, png, read_rgba(source), name)
     Gimp.progress_end()
     for message in warnings:  # GIMP heads each with the plug-in's name ("Style Transfer")
         Gimp.message(message)
@@ -209,7 +211,7 @@ class StyleTransfer(Gimp.PlugIn):
         procedure.add_int_argument("max-size", "Si_ze limit", "Longest side the server works at, in "
                                    "pixels; the result is scaled back to the layer", 64, 8192, 1024, flags)
         procedure.add_boolean_argument("preserve-colors", "Keep colo_urs", "Keep the layer's colours, "
-                                       "take only the texture", False, flags)
+                                       "take only the texture (off: as the preset says)", False, flags)
         return procedure
 
 

@@ -4,6 +4,7 @@ GIMP runs plug-ins in its own bundled Python, which has neither torch nor numpy:
 HTTP with urllib, writes PNG with zlib, and starts `stylekit serve` when no server answers.
 """
 
+import http.client
 import json
 import os
 import struct
@@ -30,6 +31,7 @@ START_SECONDS = 300  # a first start may download the ImageNet weights
 ABANDON_AFTER = 15.0  # the server cancels a job nobody polls for this long (GIMP's cancel kills us)
 HTTP_TIMEOUT = 60.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MIN_SIDE = 16  # the engine's smallest side (VGG pools four times)
 
 
 class ClientError(Exception):
@@ -74,6 +76,10 @@ class Client:
 
     def __init__(self, config):
         self.config = config
+        # A proxy from the environment must not catch calls to this machine's own server.
+        local = urlsplit(config.url).hostname in LOOPBACK
+        self._open = urllib.request.build_opener(urllib.request.ProxyHandler({}) if local
+                                                 else urllib.request.ProxyHandler()).open
 
     def _call(self, method, path, body=None, content_type=None):
         """One HTTP exchange; returns the body of a 2xx answer."""
@@ -83,10 +89,13 @@ class Client:
         if self.config.token:
             request.add_header("Authorization", "Bearer " + self.config.token)
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as answer:
+            with self._open(request, timeout=HTTP_TIMEOUT) as answer:
                 return answer.read()
         except urllib.error.HTTPError as exc:
             raise ClientError(self._explain(exc)) from None
+        except http.client.HTTPException as exc:  # an answer cut short, or not HTTP at all
+            raise ClientError(f"The connection to the stylekit server at {self.config.url} broke "
+                              f"({type(exc).__name__}). Try again.") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServerDown(f"No stylekit server answers at {self.config.url} ({reason}). Start it with "
@@ -108,7 +117,11 @@ class Client:
 
     def _json(self, method, path, body=None, content_type=None):
         """One exchange whose answer is JSON."""
-        return json.loads(self._call(method, path, body, content_type).decode("utf-8"))
+        try:
+            return json.loads(self._call(method, path, body, content_type).decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError too
+            raise ClientError(f"What answers at {self.config.url} is not a stylekit server; check 'url' "
+                              f"in {self.config.path or CONFIG_NAME}.") from None
 
     def health(self):
         """The server's health answer (raises ServerDown when nothing answers)."""
@@ -165,12 +178,19 @@ def ensure_server(client, on_wait=lambda: None):
 
 
 def start_server(config):
-    """Start the configured server command detached from GIMP, logging to a temporary file."""
-    log_path = os.path.join(tempfile.gettempdir(), "stylekit-server.log")
+    """Start the configured server command detached from GIMP, logging to a temporary file (one per
+    user: a file another user left in a shared /tmp must not stop this one's server)."""
+    user = f"-{os.getuid()}" if hasattr(os, "getuid") else ""  # Windows' temporary folder is per user
+    log_path = os.path.join(tempfile.gettempdir(), f"stylekit-server{user}.log")
     options = {"creationflags": 0x00000008 | 0x00000200 | 0x08000000} if sys.platform == "win32" \
         else {"start_new_session": True}  # DETACHED_PROCESS | NEW_PROCESS_GROUP | NO_WINDOW
     try:
-        with open(log_path, "wb") as log:
+        log = open(log_path, "wb")
+    except OSError as exc:
+        raise ClientError(f"Cannot write the stylekit server's log {log_path} ({exc.strerror or exc}).") \
+            from None
+    try:
+        with log:
             process = subprocess.Popen(config.command, stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, **options)
     except OSError as exc:
@@ -190,13 +210,27 @@ def _tail(path, lines=3):
     return " / ".join(text[-lines:]) or "(empty log)"
 
 
-def job_params(preset, strength, quality, max_size, preserve_colors, width, height):
-    """The server params for the plug-in's arguments (a fresh id, so retries are idempotent)."""
+def working_size(width, height, max_size):
+    """The layer's size as the server works on it, long side at most max_size: the layer is sent at
+    that size, so a photo over the server's pixel limit still goes and no upload is larger than needed."""
+    scale = min(1.0, int(max_size) / max(width, height))
+    size = max(1, round(width * scale)), max(1, round(height * scale))
+    if min(size) < MIN_SIDE:
+        raise ClientError(f"The layer is too small for Style Transfer at {size[0]}×{size[1]} pixels: it "
+                          f"needs at least {MIN_SIDE} on each side (raise the size limit, or use a "
+                          "larger layer).")
+    return size
+
+
+def job_params(preset, strength, quality, preserve_colors, width, height):
+    """The server params for the plug-in's arguments and the size sent (a fresh id, so retries are
+    idempotent). Unticked, "keep colours" leaves a preset's own colour mode alone."""
     if quality not in QUALITY:
         raise ClientError(f"Unknown quality '{quality}': use fast, balanced or best.")
     params = {"id": uuid.uuid4().hex, "strength": float(strength), "abandon_after": ABANDON_AFTER,
-              "size": min(int(max_size), max(width, height)),
-              "preserve_color": "luminance" if preserve_colors else "none", **QUALITY[quality]}
+              "size": max(width, height), **QUALITY[quality]}
+    if preserve_colors:
+        params["preserve_color"] = "luminance"
     if preset:
         params["preset"] = preset
     return params

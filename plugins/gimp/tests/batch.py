@@ -62,8 +62,10 @@ if PROCEDURE is not None:
     top.set_offsets(*SPEC["offsets"])
     report["before"] = describe(image, "before")
 
-    # 1. a preset, NONINTERACTIVE, on the second layer (alpha and an offset)
-    report["calls"].append(call(image, top, preset=SPEC["preset"], quality="fast"))
+    # 1. a preset, NONINTERACTIVE, on the second layer (alpha and an offset), or on the background
+    first = image.get_layers()[-1] if SPEC.get("first_on_background") else top
+    report["calls"].append(call(image, first, preset=SPEC["preset"], quality="fast",
+                                **SPEC.get("first_arguments", {})))
     report["after_preset"] = describe(image, "preset")
 
     if not SPEC.get("first_call_only"):  # the warning test needs only one run
