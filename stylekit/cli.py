@@ -53,7 +53,8 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 def engine_options(function):
     """The engine flags shared by every command that runs stylize() (apply, watch, batch)."""
     decorators = [
-        click.option("--size", type=click.IntRange(min=16), help="Long side of the output in pixels."),
+        click.option("--size", type=click.IntRange(min=16),
+                     help="Long side of the output in pixels (default: the content's, at most 512)."),
         click.option("--steps", type=click.IntRange(min=1),
                      help="Loss evaluations at full size; coarser scales get half."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
@@ -197,6 +198,9 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
         if _same_path(report, str(output)):
             raise StylekitError(f"report '{report}' is the output image too; choose another name")
     picture = load_image(content)
+    if picture.alpha is not None and output_format(output) == "JPEG":
+        _warn(f"JPEG has no transparency: the content's alpha is dropped in '{output}' "
+              "(.png, .webp or .tif keep it)")
     init_image = load_image(init_file).rgb if init_file else None
     if chosen:
         request = replace(preset_request(chosen, picture.rgb, changes), init_image=init_image)
@@ -502,6 +506,11 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
 
 cli.add_command(gimp)
 
+def _one_line(text: str) -> str:
+    """An error as one printable line: control characters (a newline in a path) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI so every failure is one line on stderr and a non-zero exit (--debug: traceback)."""
     args = sys.argv[1:] if argv is None else argv
@@ -519,12 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         context = f" {exc.ctx.command_path.split(' ', 1)[-1]}" if getattr(exc, "ctx", None) else ""
         where = context if context.strip() != "stylekit" else ""
         message = exc.format_message().replace("\n", " ")
-        click.echo(f"stylekit{where}: error: {message}", err=True)
+        click.echo(_one_line(f"stylekit{where}: error: {message}"), err=True)
         return exc.exit_code
     except StylekitError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"stylekit: error: {exc}", err=True)
+        click.echo(_one_line(f"stylekit: error: {exc}"), err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("stylekit: interrupted", err=True)
@@ -533,13 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         where = f": '{exc.filename}'" if exc.filename else ""
-        click.echo(f"stylekit: error: {exc.strerror or exc}{where}".replace("\n", " "), err=True)
+        click.echo(_one_line(f"stylekit: error: {exc.strerror or exc}{where}"), err=True)
         return 1
     except Exception as exc:  # the last line of defence: never a traceback without --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"stylekit: error: {type(exc).__name__}: {exc} (run with --debug for details)",
-                   err=True)
+        click.echo(_one_line(f"stylekit: error: {type(exc).__name__}: {exc} (run with --debug for "
+                             "details)"), err=True)
         return 1
     return 0
 

@@ -384,7 +384,7 @@ def plan_memory(size: tuple[int, int], batch: int, device: torch.device, free: i
     where = "the CPU" if device.type == "cpu" else "the GPU"
     images = f"{batch} images of {width}×{height}" if batch > 1 else f"a {width}×{height} image"
     room = (f"{budget / memory.GIB:.1f} GiB are free" if budget == free
-            else f"max_memory allows {budget / memory.GIB:.1f} GiB")
+            else f"max_memory allows {budget / memory.GIB:.3g} GiB")
     hint = (f"a long side of {longest} px or less fits" if longest >= MIN_SIDE
             else "close other programs to free some" if budget == free else "raise max_memory")
     raise NotEnoughMemory(f"not enough memory for {images} on {where}: it needs about "

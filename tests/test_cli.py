@@ -238,6 +238,19 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(apply):
     assert err.count("\n") == 1 and out == ""  # no progress: it stopped before the first step
 
 
+def test_a_jpeg_output_of_a_transparent_image_warns_that_the_alpha_is_dropped(apply, tmp_path):
+    rgba = np.dstack([make_photo(), np.full((40, 48), 0.5, np.float32)])
+    content = tmp_path / "clear.png"
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(content)
+    code, _, err, out = apply(content=content, output="out.jpg")
+    assert code == 0 and "JPEG has no transparency" in err and out.exists()
+
+
+def test_a_control_character_in_a_path_stays_on_the_error_line(apply, tmp_path):
+    code, _, err, _ = apply(output="no\nsuch/out.png")
+    assert code == 1 and err.count("\n") == 1 and "no\\nsuch" in err
+
+
 def test_installed_command_prints_no_traceback(tmp_path, painting_path):
     result = subprocess.run(
         [sys.executable, "-m", "stylekit.cli", "apply", str(tmp_path / "nope.jpg"), "--style",
