@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -125,9 +126,13 @@ def checked(config: WatchConfig) -> WatchConfig:
             if other is not folder and folder.inbox.is_relative_to(other.inbox):
                 raise StylekitError(f"inbox '{folder.inbox}' is inside (or is) inbox '{other.inbox}'")
         outside_inboxes(folder.out, "output folder", folders)
+    if not 0 <= config.settle < math.inf:
+        raise StylekitError(f"bad settle {config.settle} (seconds, a number ≥ 0)")
     status_file = config.status_file and config.status_file.expanduser().resolve()
     if status_file:
         outside_inboxes(status_file, "status file", folders)
+        if not status_file.parent.is_dir():
+            raise StylekitError(f"status file folder '{status_file.parent}' does not exist")
     return replace(config, folders=tuple(folders), status_file=status_file)
 
 
@@ -202,7 +207,7 @@ def _number(table: dict, key: str, default: float, where: str, *, integer: bool 
     """A number ≥ least (an integer where asked)."""
     value = table.get(key, default)
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < least:
+    if isinstance(value, bool) or not isinstance(value, kinds) or not least <= value < math.inf:
         raise StylekitError(f"{where}: {key} must be {'an integer' if integer else 'a number'} ≥ {least}")
     return value
 

@@ -21,6 +21,7 @@ RESERVED = ("processing", "done", "failed")
 TEMPORARY_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", "~")
 LOCK_NAME = ".stylekit-watch.lock"
 ERROR_SUFFIX = ".error.json"
+NAME_MAX = 255  # bytes in one file name on the usual file systems
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
@@ -113,10 +114,20 @@ def scan(layout: Layout, folder: Path) -> Iterator[Path]:
 
 
 def free_name(folder: Path, name: str, taken: Collection[Path] = (), companion: str = "") -> Path:
-    """The first of name, stem-1.ext, stem-2.ext… that is neither on disk nor taken (nor its companion)."""
+    """The first of name, stem-1.ext, stem-2.ext… that is neither on disk nor taken (nor its companion),
+    the stem shortened where the name with its companion would be too long for the file system."""
     stem, suffix = Path(name).stem, Path(name).suffix
-    names = itertools.chain([name], (f"{stem}-{number}{suffix}" for number in itertools.count(1)))
+    tails = itertools.chain([suffix], (f"-{number}{suffix}" for number in itertools.count(1)))
+    names = (_fitted(stem, tail + companion) + tail for tail in tails)
     return next(folder / n for n in names if _is_free(folder / n, taken, companion))
+
+
+def _fitted(stem: str, tail: str) -> str:
+    """stem, shortened by whole characters until stem + tail fits into NAME_MAX bytes."""
+    room = NAME_MAX - len(os.fsencode(tail))
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem
 
 
 def _is_free(path: Path, taken: Collection[Path], companion: str) -> bool:

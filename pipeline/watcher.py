@@ -28,6 +28,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from stylekit.atomic import check_writable_folder
 from stylekit.errors import StylekitError
 
 from .config import WatchConfig
@@ -104,8 +105,12 @@ class Watcher:
         now = time.monotonic()
         since = now - self._status_written
         if force or (self._changed and since >= STATUS_EVERY_S) or since >= STATUS_IDLE_S:
-            write_status(self.config.status_file, [hot.config for hot in self.hots], state,
-                         self.worker.current)
+            try:
+                write_status(self.config.status_file, [hot.config for hot in self.hots], state,
+                             self.worker.current)
+            except OSError as error:  # a report, not the work: the images go on being styled
+                self.worker.warn(f"cannot write the status file {self.config.status_file}: "
+                                 f"{error.strerror or error}")
             self._status_written, self._changed = now, False
 
     def _recover(self, hot: Hotfolder) -> None:
@@ -214,7 +219,12 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
             layout = Layout(folder.inbox, folder.out)
             stack.enter_context(locked(layout))
             layout.create()
+            for place, what in ((layout.outbox, "output folder"), (layout.processing, "folder"),
+                                (layout.done, "folder"), (layout.failed, "folder")):
+                check_writable_folder(place, what)  # else every image would be styled, then lost
             hots.append(Hotfolder(folder, layout))
+        if config.status_file is not None:
+            check_writable_folder(config.status_file.parent, "status file folder")
         if threading.current_thread() is threading.main_thread():
             stack.enter_context(_stop_on_signals(stop))
         engine = stack.enter_context(open_engine(config))

@@ -26,7 +26,7 @@ from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, s
 from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError
 from stylekit.image import LoadedImage, load_image, output_format, save_image
 from stylekit.presets import Preset, get_preset, preset_request
-from stylekit.request import Progress, ProgressCallback, Result, StyleRequest
+from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest
 
 from .config import FolderConfig, WatchConfig
 from .folders import Drop, Layout, free_name
@@ -185,11 +185,13 @@ def open_engine(config: WatchConfig) -> Iterator[Engine]:
 
 
 def warm_up(folder: FolderConfig, engine: Engine) -> tuple[str, ...]:
-    """Load the preset, weights and network once before watching, so a bad setup fails at start (and
-    what it warns about, e.g. random weights for lack of ImageNet's, is said before any image)."""
-    if folder.preset is None:
-        return ()
+    """Load the preset (if the inbox has one for its top), weights and network once before watching,
+    so a bad setup fails at start (and what it warns about, e.g. random weights for lack of
+    ImageNet's, is said before any image)."""
     blank = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    if folder.preset is None:  # presets by sub-folder: the folder's options on a blank style
+        options = StyleOptions().replace(**folder.overrides)
+        return engine.warm_up(StyleRequest(blank, [blank], options))
     return engine.warm_up(preset_request(get_preset(folder.preset), blank, dict(folder.overrides)))
 
 

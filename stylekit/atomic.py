@@ -6,8 +6,11 @@ import contextlib
 import json
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import StylekitError
 
 
 @contextlib.contextmanager
@@ -37,5 +40,20 @@ def write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(target: str | os.PathLike, data: object) -> None:
-    """Write indented UTF-8 JSON atomically (reports, job records, status files)."""
-    write_bytes(target, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    """Write indented UTF-8 JSON atomically (reports, job records, status files); text that UTF-8
+    cannot hold (a file name's undecodable bytes) is written as \\u escapes, which JSON keeps."""
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(data, indent=2).encode("ascii")
+    write_bytes(target, text + b"\n")
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """StylekitError unless a file can be created in folder (read-only mounts, permissions, full
+    disks): checked before the work that would otherwise be lost when its result cannot be saved."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".stylekit-check-"):
+            pass
+    except OSError as exc:
+        raise StylekitError(f"cannot write into {what} '{folder}' ({exc.strerror or exc})") from None

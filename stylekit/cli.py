@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import traceback
 from contextlib import nullcontext
 from dataclasses import replace
@@ -14,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .atomic import write_json
+from .atomic import check_writable_folder, write_json
 from .errors import StylekitError
 from .gimp_install import gimp
 from .image import load_image, output_format, save_image
@@ -146,12 +145,7 @@ def _check_writable(target: Path, what: str, inputs: list[str]) -> None:
     for source in inputs:
         if _same_path(target, source):
             raise StylekitError(f"{what} '{target}' is the input '{source}'; choose another name")
-    try:
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".stylekit-check-"):
-            pass
-    except OSError as exc:
-        raise StylekitError(f"cannot write into {what} folder '{target.parent}' "
-                            f"({exc.strerror or exc})") from None
+    check_writable_folder(target.parent, f"{what} folder")
 
 
 def _warn(message: str) -> None:

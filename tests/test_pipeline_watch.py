@@ -118,6 +118,58 @@ def test_fifty_files_dropped_at_once_come_out_exactly_once(boxes, weights_file):
     assert files(inbox / "processing") == [] and files(inbox / "failed") == []
 
 
+def test_a_file_name_that_is_not_utf8_is_styled_like_any_other(boxes, weights_file):
+    inbox, outbox = boxes
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or a Windows share writes them
+    with watching(config_for(inbox, outbox, weights_file)):
+        drop(inbox / name)
+        wait_for(lambda: settled(inbox, 1), what="the image to be done")
+    assert os.listdir(outbox) == [name] and os.listdir(inbox / "done") == [name]
+
+
+def test_a_name_too_long_for_its_error_record_fails_under_a_shortened_name(boxes, weights_file):
+    inbox, outbox = boxes
+    name = "a" * 247 + ".jpg"  # 251 bytes: with ".error.json" over the file system's 255
+    with watching(config_for(inbox, outbox, weights_file)):
+        (inbox / name).write_bytes(b"not an image")
+        wait_for(lambda: settled(inbox, 1), what="the file to fail")
+    kept = next(path for path in (inbox / "failed").iterdir() if path.suffix == ".jpg")
+    assert kept.read_bytes() == b"not an image" and "not an image" in error_of(kept)["error"]
+    assert error_of(kept)["file"] == name
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys (unwritable even as root)")
+def test_an_outbox_that_cannot_be_written_stops_the_watcher_at_start(boxes, weights_file):
+    inbox, _ = boxes
+    drop(inbox / "photo.png")
+    with pytest.raises(StylekitError, match="cannot write into output folder '/sys/kernel'"), \
+            watching(config_for(inbox, Path("/sys/kernel"), weights_file)):
+        pass
+    assert (inbox / "photo.png").exists() and files(inbox / "failed") == []
+
+
+def test_a_status_file_that_cannot_be_written_is_a_warning_not_a_failure(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    config = config_for(inbox, outbox, weights_file)
+    assert config.status_file is not None
+    with watching(config):
+        config.status_file.unlink()
+        config.status_file.mkdir()  # from now on every rewrite of the status file fails
+        drop(inbox / "photo.png")
+        wait_for(lambda: files(inbox / "done") == ["photo.png"], what="the image to be done")
+    assert files(outbox) == ["photo.png"]
+    assert "cannot write the status file" in capsys.readouterr().err
+
+
+def test_with_presets_by_sub_folder_only_a_bad_setup_still_stops_the_watcher_at_start(boxes, tmp_path,
+                                                                                      weights_file):
+    inbox, outbox = boxes
+    config = config_for(inbox, outbox, weights_file, preset=None,
+                        overrides={"weights": str(tmp_path / "missing.pth")})
+    with pytest.raises(StylekitError, match=r"missing\.pth' not found"), watching(config):
+        pass
+
+
 def test_name_collisions_get_suffixes_and_nothing_is_overwritten(boxes, weights_file):
     inbox, outbox = boxes
     (outbox / "photo.png").write_bytes(b"someone else's file")
@@ -304,6 +356,9 @@ def test_a_second_watcher_on_the_same_inbox_is_refused(boxes, weights_file):
     (["watch", "--config", "{missing}"], "not found"),
     (["watch", "--status", "{missing}"], "neither an inbox folder nor a config file"),
     (["watch", "--status"], "--status needs the INBOX"),
+    (["watch", "{inbox}", "--out", "{outbox}", "--settle", "nan"], "bad settle nan"),
+    (["watch", "{inbox}", "--out", "{outbox}", "--status-file", "{missing}/status.json"],
+     "status file folder"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsys):
     inbox, outbox = boxes
