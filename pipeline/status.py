@@ -54,6 +54,9 @@ def report(target: Path | None) -> str:
         raise StylekitError(f"'{target}' is neither an inbox folder nor a config file")
     lines = []
     for inbox, about in inboxes:
+        if not inbox.is_dir():
+            lines.append(f"{inbox}{about}: the inbox does not exist")
+            continue
         counts = count(inbox)
         holder = lock_holder(inbox)
         watcher = f"watcher running (pid {holder})" if holder else "no watcher running"

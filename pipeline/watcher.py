@@ -95,6 +95,8 @@ class Watcher:
             else:
                 self.write_status()
                 self.stop.wait(TICK_S)
+        for hot, jobs in self.again:  # recovered from the last run but not started: back too
+            self.worker.hand_back(hot, jobs)
         self.write_status(state="stopped", force=True)
         self.log("stopped", "stopped cleanly")
 

@@ -221,13 +221,17 @@ class Worker:
         try:
             self._run(hot, jobs)
         except Cancelled:
-            for job in jobs:
-                if job.id in hot.live:
-                    where = hand_back(hot.layout, hot.live.pop(job.id))
-                    self.log("back", f"{job.source} handed back as {where.relative_to(hot.layout.inbox)}",
-                             file=job.source, moved_to=str(where))
+            self.hand_back(hot, jobs)
         finally:
             self.current = None
+
+    def hand_back(self, hot: Hotfolder, jobs: list[Job]) -> None:
+        """Put every job not finished yet back into the inbox (on shutdown)."""
+        for job in jobs:
+            if job.id in hot.live:
+                where = hand_back(hot.layout, hot.live.pop(job.id))
+                self.log("back", f"{job.source} handed back as {where.relative_to(hot.layout.inbox)}",
+                         file=job.source, moved_to=str(where))
 
     def fail(self, hot: Hotfolder, job: Job, reason: str) -> None:
         """Move a job's input to failed/ with its reason."""

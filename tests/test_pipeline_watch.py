@@ -31,6 +31,8 @@ from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
 from stylekit.image import read_metadata
 from stylekit.pipeline.config import from_cli, load
+from stylekit.pipeline.folders import Layout, inspect
+from stylekit.pipeline.jobs import claim
 from stylekit.pipeline.status import count
 from stylekit.weights import IMAGENET_URLS
 
@@ -168,6 +170,20 @@ def test_with_presets_by_sub_folder_only_a_bad_setup_still_stops_the_watcher_at_
                         overrides={"weights": str(tmp_path / "missing.pth")})
     with pytest.raises(StylekitError, match=r"missing\.pth' not found"), watching(config):
         pass
+
+
+def test_a_stop_hands_back_recovered_jobs_that_had_not_started(boxes, weights_file):
+    inbox, outbox = boxes
+    layout = Layout(inbox, outbox)
+    layout.create()
+    for i in range(3):  # claimed, as a watcher killed with -9 leaves them
+        drop(inbox / f"p{i}.png", seed=i)
+        claim(layout, inspect(layout, inbox / f"p{i}.png"), PRESET, f"p{i}.png")
+    assert len(files(inbox / "processing")) == 6  # the inputs and their job records
+    with watching(config_for(inbox, outbox, weights_file, overrides={"steps": 100_000})):
+        pass  # stopped while the first recovered job runs
+    assert files(inbox / "processing") == []
+    assert sorted(path.name for path in inbox.glob("*.png")) == ["p0.png", "p1.png", "p2.png"]
 
 
 def test_name_collisions_get_suffixes_and_nothing_is_overwritten(boxes, weights_file):
@@ -335,6 +351,13 @@ def test_status_counts_and_the_status_command(boxes, weights_file, capsys):
     assert main(["watch", "--status", str(inbox)]) == 0
     assert "no watcher running" in capsys.readouterr().out
     assert count(inbox).done == 1
+
+
+def test_the_status_of_a_config_names_an_inbox_that_does_not_exist(tmp_path, capsys):
+    (tmp_path / "pipeline.toml").write_text("[[folder]]\ninbox = 'gone'\nout = 'out'\n", encoding="utf-8")
+    assert main(["watch", "--status", str(tmp_path / "pipeline.toml")]) == 0
+    assert f"{tmp_path / 'gone'} (preset - → {tmp_path / 'out'}): the inbox does not exist" in \
+        capsys.readouterr().out
 
 
 def test_a_second_watcher_on_the_same_inbox_is_refused(boxes, weights_file):
