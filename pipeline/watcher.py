@@ -74,6 +74,7 @@ class Watcher:
         self.worker = Worker(log, stop, config.retries, heartbeat=self.write_status, engine=engine)
         self._status_written = 0.0
         self._changed = True
+        self._current_written: str | None = None
 
     def run(self) -> None:
         """Recover, take what is already waiting, then follow events until stopped."""
@@ -106,7 +107,8 @@ class Watcher:
             return
         now = time.monotonic()
         since = now - self._status_written
-        if force or (self._changed and since >= STATUS_EVERY_S) or since >= STATUS_IDLE_S:
+        changed = self._changed or self.worker.current != self._current_written  # the next of a group
+        if force or (changed and since >= STATUS_EVERY_S) or since >= STATUS_IDLE_S:
             try:
                 write_status(self.config.status_file, [hot.config for hot in self.hots], state,
                              self.worker.current)
@@ -114,6 +116,7 @@ class Watcher:
                 self.worker.warn(f"cannot write the status file {self.config.status_file}: "
                                  f"{error.strerror or error}")
             self._status_written, self._changed = now, False
+            self._current_written = self.worker.current
 
     def _recover(self, hot: Hotfolder) -> None:
         """Finish or requeue what the last run left in processing/ (after kill -9 or a crash)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -351,6 +352,20 @@ def test_status_counts_and_the_status_command(boxes, weights_file, capsys):
     assert main(["watch", "--status", str(inbox)]) == 0
     assert "no watcher running" in capsys.readouterr().out
     assert count(inbox).done == 1
+
+
+def test_the_status_file_names_each_image_of_a_group_while_it_runs(boxes, weights_file):
+    inbox, outbox = boxes
+    config = config_for(inbox, outbox, weights_file, settle=0.5, overrides={"steps": 100})
+    seen = set()
+    with watching(config):
+        for i in range(3):
+            drop(inbox / f"p{i}.png", seed=i, size=48)
+        while not settled(inbox, 3):
+            with contextlib.suppress(ValueError):  # read between two rewrites
+                seen.add(json.loads(config.status_file.read_text())["current"])
+            time.sleep(0.05)
+    assert {"p0.png", "p1.png", "p2.png"} <= seen
 
 
 def test_the_status_of_a_config_names_an_inbox_that_does_not_exist(tmp_path, capsys):
