@@ -398,7 +398,7 @@ def _fingerprint(*parts: bytes) -> str:
 def _too_large(settings: ServerSettings) -> HTTPException:
     """The 413 answer (an HTTPException, which FastAPI passes through its body parsing untouched)."""
     limit = settings.max_upload_bytes / 2**20
-    return HTTPException(413, f"upload is over the server's limit of {limit:g} MB "
+    return HTTPException(413, f"upload is over the server's limit of {round(limit, 2):g} MB "
                               "(stylekit serve --max-upload-mb)")
 
 
