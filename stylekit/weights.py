@@ -89,6 +89,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a .pth file safely (tensors only, no pickled code)."""
     if not path.is_file():
         raise StylekitError(f"weights file '{path}' not found")
+    with open(path, "rb") as stream:
+        head = stream.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+        raise StylekitError(f"'{path}' is not a torchvision weights file (not a PyTorch checkpoint)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file

@@ -83,7 +83,7 @@ def test_weights_file_without_classifier_is_accepted(tmp_path):
 def test_file_that_is_not_weights_is_refused(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("hello")
-    with pytest.raises(StylekitError, match="not a torchvision weights file"):
+    with pytest.raises(StylekitError, match=r"not a torchvision weights file \(not a PyTorch checkpoint\)"):
         w.resolve_weights(str(path), "vgg19")
 
 
