@@ -262,15 +262,21 @@ def test_end_to_end_over_real_http(live_server):
         assert result.size == (48, 40) and result.mode == "RGBA"
 
 
+def test_a_host_it_cannot_listen_on_leaves_no_token_file_behind(tmp_path, capsys):
+    token = tmp_path / "token"
+    assert main(["serve", "--host", "999.1.1.1", "--port", "0", "--token-file", str(token)]) == 1
+    assert "999.1.1.1" in capsys.readouterr().err and not token.exists()
+
+
 def test_serve_refuses_off_loopback_without_a_usable_token(tmp_path, capsys):
     shared = tmp_path / "token"
     shared.write_text("x" * 40)
     shared.chmod(0o644)
-    assert main(["serve", "--host", "0.0.0.0", "--token-file", str(shared)]) == 1
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--token-file", str(shared)]) == 1
     assert "can be read by other users" in capsys.readouterr().err
     shared.chmod(0o600)
     shared.write_text("short")
-    assert main(["serve", "--host", "0.0.0.0", "--token-file", str(shared)]) == 1
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--token-file", str(shared)]) == 1
     assert "no usable token" in capsys.readouterr().err
 
 
