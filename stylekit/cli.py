@@ -500,6 +500,7 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
 
 cli.add_command(gimp)
 
+
 def _one_line(text: str) -> str:
     """An error as one printable line: control characters (a newline in a path) shown escaped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
