@@ -294,11 +294,12 @@ def _swap_in(file: Path, images: Path, copies: dict[str, bytes], toml: bytes) ->
             write_bytes(staging / copy, payload)
         if images.exists():
             images.rename(old)
-        staging.rename(images)
         try:
+            staging.rename(images)
             write_bytes(file, toml)
         except BaseException:
-            shutil.rmtree(images)
+            if not staging.exists():  # the new images were swapped in: out with them
+                shutil.rmtree(images, ignore_errors=True)
             if old.exists():
                 old.rename(images)
             raise
