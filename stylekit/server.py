@@ -88,7 +88,7 @@ PARAMS_HELP = ("JSON object: `preset` (or upload `style`), optional `id`, `stren
 def _from_json(hint: object) -> object:
     """The field type a JSON value can validate as: JSON has lists where StyleOptions has tuples, and
     strict mode would refuse every list."""
-    if "tuple" not in str(hint):
+    if not any(typing.get_origin(member) is tuple for member in typing.get_args(hint)):
         return hint
     return typing.Annotated[hint, BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
 
