@@ -9,12 +9,12 @@ from .errors import Cancelled, StylekitError
 from .request import Progress, Result, StyleOptions, StyleRequest
 
 __all__ = ["Cancelled", "Progress", "Result", "StyleOptions", "StyleRequest", "StylekitError",
-           "__version__", "stylize"]
+           "__version__", "stylize", "stylize_batch"]
 
 
 def __getattr__(name: str):
     """`stylize` on first use: importing torch takes seconds, which `stylekit --help` should not."""
-    if name == "stylize":
-        from .engine import stylize
-        return stylize
+    if name in ("stylize", "stylize_batch"):
+        from . import engine
+        return getattr(engine, name)
     raise AttributeError(f"module 'stylekit' has no attribute {name!r}")

@@ -78,7 +78,8 @@ def engine_options(function):
         click.option("--precision", type=click.Choice(PRECISIONS),
                      help="bf16-grad: fp32 losses, bf16 gradient convolutions (auto: bf16-grad on CPUs "
                           "with native bf16; else fp32, which is TF32 convolutions on CUDA)."),
-        click.option("--seed", type=int, help="Seed for noise init and random weights (default 0)."),
+        click.option("--seed", type=int, help="Seed for the noise init (default 0; random weights "
+                                              "take theirs from --weights random:SEED)."),
         click.option("--targets", type=click.Choice(TARGET_ENGINES),
                      help="What computes the fixed content/style targets (default onnx; torch "
                           "on a GPU that onnxruntime cannot use)."),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,15 @@ from .errors import NotEnoughMemory, StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .gradients import gradient_function
 from .onnx_features import CUDA_PROVIDER, gpu_provider_installed, onnx_targets
-from .request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest, validate
+from .request import (
+    Progress,
+    ProgressCallback,
+    Result,
+    StyleOptions,
+    StyleRequest,
+    check_image,
+    validate,
+)
 from .weights import Weights, resolve_weights
 
 DEFAULT_LONG_SIDE = 512  # without --size, larger images are scaled down to this; smaller ones kept
@@ -311,14 +318,6 @@ def _pick_targets(request: StyleRequest, weights: Weights, layers: tuple[str, ..
     return _Targets(compute, style, name, notes)
 
 
-def _peak_memory(device: torch.device) -> int:
-    """Peak bytes: the CUDA allocator's high-water mark on a GPU, the process's peak RSS on a CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def _upscale(image: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     """The previous scale's result at this scale's size, with the content's new fine detail added.
 
@@ -471,15 +470,14 @@ def _check_batch(requests: Sequence[StyleRequest]) -> None:
     """A batch shares options and content size (each image may have its own styles and init)."""
     if not requests:
         raise ValueError("stylize_batch needs at least one request")
-    first = requests[0]
-    for request in requests[1:]:
-        if request.options != first.options:
-            raise ValueError("requests in one batch must have the same options")
-        if request.content.shape != first.content.shape:
-            raise ValueError("requests in one batch must have contents of the same size")
     for request in requests:
-        if not request.styles:
-            raise StylekitError("at least one style image is needed")
+        if isinstance(request.styles, np.ndarray) or not request.styles:
+            raise StylekitError("at least one style image is needed, in a list")
+        check_image(request.content, "the content image")
+        for index, style in enumerate(request.styles, start=1):
+            check_image(style, f"style image {index}")
+        if request.init_image is not None:
+            check_image(request.init_image, "the init image")
         blend = request.options.style_blend or (1.0,) * len(request.styles)
         if len(blend) != len(request.styles):
             images = f"{len(request.styles)} style image{'s' if len(request.styles) > 1 else ''}"
@@ -487,6 +485,12 @@ def _check_batch(requests: Sequence[StyleRequest]) -> None:
         if min(blend) < 0 or sum(blend) <= 0:
             raise StylekitError(f"bad style_blend {', '.join(map(str, blend))} "
                                 "(weights must be ≥ 0 and not all 0)")
+    first = requests[0]
+    for request in requests[1:]:
+        if request.options != first.options:
+            raise ValueError("requests in one batch must have the same options")
+        if request.content.shape != first.content.shape:
+            raise ValueError("requests in one batch must have contents of the same size")
 
 
 def _same_styles(a: StyleRequest, b: StyleRequest) -> bool:
@@ -512,14 +516,16 @@ def stylize_batch(requests: Sequence[StyleRequest],
     options = requests[0].options
     validate(options)
     started = time.perf_counter()
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
     runtime = pick_runtime(options.device, options.precision)
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runtime.device)
-    # On the CPU, freed activations are reused rather than page-faulted anew each evaluation (heap.py).
-    with heap.reused_memory() if runtime.device.type == "cpu" else nullcontext():
-        return _run_batch(requests, progress, runtime, started)
+    memory.reset_peak(runtime.device)
+    cuda = [runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()] \
+        if runtime.device.type == "cuda" else []
+    # The seed is this run's: the caller's own random state is restored afterwards.
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(options.seed)
+        # On the CPU, freed activations are reused rather than page-faulted anew each evaluation (heap.py).
+        with heap.reused_memory() if runtime.device.type == "cpu" else nullcontext():
+            return _run_batch(requests, progress, runtime, started)
 
 
 def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | None,
@@ -625,7 +631,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     emit("done", len(sizes), sizes[-1])
     warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings + (
         (LEAN_WARNING,) if lean else ())
-    seconds, peak = time.perf_counter() - started, _peak_memory(runtime.device)
+    seconds, peak = time.perf_counter() - started, memory.peak_bytes(runtime.device)
     return [Result(
         image=to_array(output[i:i + 1]), seconds=seconds, iterations=done,
         content_loss=float(final.content[i]), style_loss=float(final.style[i]),

@@ -7,6 +7,9 @@ torch's CUDA memory counters only; the figures are measured (docs/benchmarks.md,
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import torch
 
 PIXEL_BYTES = {"cpu": 4608, "cpu-lean": 3328, "cuda": 1536}
@@ -36,6 +39,33 @@ def available_bytes(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start counting a run's peak afresh: a server or a hot folder runs many, and each reports its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:  # Linux: "5" resets the process's peak resident size (VmHWM) and nothing else
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+                clear_refs.write("5")
+        except OSError:
+            pass  # elsewhere the peak is the process's since its start
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The peak since reset_peak: the CUDA allocator's high-water mark on a GPU, resident size on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def needed_bytes(pixels: int, footprint: str, pairs: int) -> int:

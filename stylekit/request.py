@@ -53,6 +53,12 @@ class StyleOptions:
     targets: str = "onnx"  # fixed targets computed by: onnx (onnxruntime, see onnx_features) | torch
     max_memory: float | None = None  # GiB a run may plan to take (None: what the device has free)
 
+    def __post_init__(self) -> None:
+        """Lists where tuples are meant (as callers and JSON give them) become tuples."""
+        for name in ("content_layers", "style_layers", "style_layer_weights", "style_blend"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
     def replace(self, **changes: object) -> StyleOptions:
         """A copy with some options changed, refusing unknown names."""
         known = {f.name for f in fields(self)}
@@ -86,6 +92,11 @@ def validate(options: StyleOptions) -> None:
         spec = backbone_spec(options.backbone)
     except ValueError as exc:
         raise StylekitError(str(exc)) from None
+    for name in ("steps", "seed", "size", "scales", "min_scale"):
+        value = getattr(options, name)
+        if (value is not None or name in ("steps", "seed")) and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise StylekitError(f"bad {name} {value!r} (must be a whole number)")
     positive = {"steps": options.steps, "style_scale": options.style_scale,
                 "learning_rate": options.learning_rate}
     if options.min_scale is not None:
@@ -113,6 +124,19 @@ def validate(options: StyleOptions) -> None:
     if options.style_layer_weights and len(options.style_layer_weights) != len(style_layers):
         raise StylekitError(f"{len(options.style_layer_weights)} style layer weights given for "
                             f"{len(style_layers)} style layers")
+
+
+def check_image(image: object, what: str) -> None:
+    """Refuse pixels the engine cannot take as they are, naming the image: anything but an H×W×3
+    float32 array of finite values in [0, 1] (image.load_image makes one from a file)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 \
+            or image.dtype != np.float32:
+        shape = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) \
+            else type(image).__name__
+        raise StylekitError(f"{what} must be an H×W×3 float32 array in [0, 1], not a {shape} "
+                            "(stylekit.image.load_image reads a file into one)")
+    if image.size and not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
+        raise StylekitError(f"{what} has values outside [0, 1] (NaN, infinite, or 0–255 rather than 0–1)")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """stylize(): the optimisation loop, its options, progress and cancellation."""
 
 import math
+import mmap
 import re
 from types import SimpleNamespace
 
@@ -114,6 +115,52 @@ def test_style_blend_weights_change_the_result(run):
 def test_a_style_too_small_for_the_network_at_its_scale_is_taken_at_16_px(run, style):
     # at style_scale 0.05 the square style would be 2 px, the panorama's short side 1 px
     assert math.isfinite(run(styles=[style], style_scale=0.05, scales=1).total_loss)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ((make_photo() * 255).astype(np.uint8), "float32 array"),
+    (make_photo().astype(np.float64), "float32 array"),
+    (make_photo()[..., 0], "H×W×3"),
+    (make_photo() * 255, "outside \\[0, 1\\]"),
+    (np.where(np.eye(40, 48, dtype=bool)[..., None], np.nan, make_photo()).astype(np.float32), "NaN"),
+], ids=["uint8", "float64", "grey 2-D", "0-255 floats", "NaN"])
+def test_pixels_the_engine_cannot_take_are_refused_naming_the_image(weights_file, content, message):
+    options = StyleOptions(weights=str(weights_file), steps=2, device="cpu", targets="torch")
+    with pytest.raises(StylekitError, match=f"the content image .*{message}"):
+        stylize(StyleRequest(content, [make_painting()], options))
+
+
+def test_a_bare_style_array_instead_of_a_list_is_refused(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=2, device="cpu", targets="torch")
+    with pytest.raises(StylekitError, match="in a list"):
+        stylize(StyleRequest(make_photo(), make_painting(), options))
+
+
+def test_a_run_leaves_the_callers_random_state_alone(run):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run(steps=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_layer_options_may_be_given_as_lists(run):
+    assert StyleOptions(style_layers=["relu1_1", "relu2_1"]).style_layers == ("relu1_1", "relu2_1")
+    assert math.isfinite(run(content_layers=["relu3_1"], style_layers=["relu1_1", "relu2_1"]).total_loss)
+
+
+@pytest.mark.parametrize(("name", "value"), [("steps", 2.5), ("seed", 1.5), ("seed", None), ("scales", 1.0)])
+def test_counts_must_be_whole_numbers(run, name, value):
+    with pytest.raises(StylekitError, match=f"bad {name} .*whole number"):
+        run(**{name: value})
+
+
+def test_each_run_reports_its_own_peak_memory_not_the_processes(run):
+    first = run(steps=1)
+    with mmap.mmap(-1, 1 << 30) as ballast:  # a GiB, touched, then unmapped before the next run
+        for offset in range(0, len(ballast), mmap.PAGESIZE):
+            ballast[offset] = 1
+    assert run(steps=1).peak_memory_bytes < first.peak_memory_bytes + (256 << 20)
 
 
 def test_luminance_mode_keeps_the_content_colours(run):
