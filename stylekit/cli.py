@@ -275,6 +275,7 @@ def export_onnx_command(output: Path, weights_spec: str, backbone: str, layers: 
     """
     if output.suffix.lower() != ".onnx":
         raise StylekitError(f"output '{output}' must end in .onnx")
+    _check_writable(output, "output", [weights_spec] if os.path.isfile(weights_spec) else [])
     from .features import backbone_spec
     from .onnx_features import OPSET, checked_layers, export_onnx
     from .weights import resolve_weights

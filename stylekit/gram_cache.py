@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .atomic import replacing
+from .errors import one_line
 from .weights import cache_dir
 
 if TYPE_CHECKING:
@@ -85,8 +86,19 @@ def _digest(image: torch.Tensor, feature_layers: tuple[str, ...], gram_layers: t
     return digest.hexdigest()[:32]
 
 
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over an entry's names, shapes, types and values: torch.load checks none of them, so a
+    file damaged on disk would otherwise give wrong targets without a word."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
-    """A cached entry, or None when absent, unreadable or not holding the expected tensors."""
+    """A cached entry, or None when absent, unreadable, damaged or not holding the expected tensors."""
     if not path.is_file():
         return None
     try:
@@ -94,19 +106,24 @@ def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
     except Exception as exc:  # torch.load raises many unrelated types for a damaged file
         log.warning("ignoring unreadable Gram cache file %s (%s)", path, type(exc).__name__)
         return None
-    if not isinstance(data, dict) or set(data) != names:
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    if not isinstance(tensors, dict) or set(tensors) != names:
         return None
-    return data
+    if data.get("sha256") != _checksum(tensors):
+        log.warning("ignoring damaged Gram cache file %s (its checksum does not match)", path)
+        return None
+    return tensors
 
 
 def _write(path: Path, targets: dict[str, torch.Tensor]) -> None:
     """Save atomically (temp file, then rename); a cache that cannot be written only costs speed."""
+    tensors = {name: value.detach().cpu() for name, value in targets.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path) as temp:
-            torch.save({name: value.detach().cpu() for name, value in targets.items()}, temp)
-    except OSError as exc:
-        log.warning("cannot write Gram cache file %s (%s)", path, exc)
+            torch.save({"tensors": tensors, "sha256": _checksum(tensors)}, temp)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        log.warning("cannot write Gram cache file %s (%s)", path, one_line(exc))
 
 
 def cached_targets(compute: TargetFn, context: str, label: str) -> TargetFn:

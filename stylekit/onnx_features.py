@@ -38,6 +38,8 @@ INPUT_NAME = "image"
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 QUIET = 4  # onnxruntime's FATAL level: its provider-fallback lines stay out of the user's terminal
+PROBE_SIDE = 32  # a cached model is checked against the network on a probe image this size ...
+PROBE_TOLERANCE = 1e-3  # ... and must agree to this share of each output's largest value
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,12 @@ def _session(path: str, stamp: tuple[int, int, int], use_gpu: bool) -> ort.Infer
     return ort.InferenceSession(path, sess_options=options, providers=providers)
 
 
+def _stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """A file's version as far as the caches here care: rewritten means a new one."""
+    info = os.stat(path)
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
 def gpu_provider_installed() -> bool:
     """Whether this onnxruntime has the CUDA provider at all (the plain onnxruntime package has not;
     asking it for CUDA anyway makes it print a warning)."""
@@ -145,8 +153,7 @@ def gpu_provider_installed() -> bool:
 
 def open_session(path: str | os.PathLike[str], use_gpu: bool = False) -> ort.InferenceSession:
     """A session on CUDA when asked for and usable, else on the CPU; logs the provider really used."""
-    info = os.stat(path)
-    session = _session(os.fspath(path), (info.st_mtime_ns, info.st_size, info.st_ino), use_gpu)
+    session = _session(os.fspath(path), _stamp(path), use_gpu)
     provider = session.get_providers()[0]
     if use_gpu and provider != CUDA_PROVIDER:
         log.info("onnxruntime cannot use the GPU here; running %s on %s", path, provider)
@@ -156,6 +163,27 @@ def open_session(path: str | os.PathLike[str], use_gpu: bool = False) -> ort.Inf
 def _signature(session: ort.InferenceSession) -> tuple[list[str], list[str]]:
     """Input and output names, to tell a cached file made for other layers."""
     return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+
+
+_VERIFIED: set[tuple[str, tuple[int, int, int], bool]] = set()  # cached files found to agree
+
+
+def _disagreement(session: ort.InferenceSession, weights: Weights, layers: tuple[str, ...],
+                  gram_layers: tuple[str, ...], pooling: str) -> str | None:
+    """Why a cached model does not compute what the network computes on a probe image (None: it
+    does). A file damaged on disk can still load and run, and its numbers would be silently wrong."""
+    probe = torch.rand(1, 3, PROBE_SIDE, PROBE_SIDE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _Graph(weights.backbone, weights.state_dict, layers, gram_layers, pooling)(probe)
+    try:
+        got = session.run(None, {INPUT_NAME: probe.numpy()})
+    except Exception as exc:  # onnxruntime raises many types; a model that cannot run is damaged too
+        return one_line(exc)
+    for name, want, have in zip(output_names(layers, gram_layers), expected, got, strict=True):
+        want = want.numpy()
+        if have.shape != want.shape or not np.abs(have - want).max() <= PROBE_TOLERANCE * np.abs(want).max():
+            return f"its output {name} differs from the network's"
+    return None
 
 
 def cached_session(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str],
@@ -170,9 +198,12 @@ def cached_session(weights: Weights, layers: Sequence[str], gram_layers: Sequenc
         except Exception as exc:  # onnxruntime raises a dozen unrelated types for a bad file
             reason = one_line(exc)
         else:
-            if _signature(session) == expected:
+            key = (str(path), _stamp(path), use_gpu)  # checked once per file version
+            reason = ("its inputs and outputs differ" if _signature(session) != expected else None
+                      if key in _VERIFIED else _disagreement(session, weights, layers, gram_layers, pooling))
+            if reason is None:
+                _VERIFIED.add(key)
                 return session
-            reason = "its inputs and outputs differ"
         log.warning("rebuilding cached ONNX model %s (%s)", path, reason)
     else:
         log.info("exporting %s features to %s", weights.backbone, path)

@@ -134,6 +134,21 @@ def test_stale_cache_file_with_other_outputs_is_rebuilt(weights, tmp_path):
     assert [o.name for o in session.get_outputs()] == ["relu1_1", "relu2_1", "gram_relu2_1"]
 
 
+def test_a_cached_model_that_loads_but_computes_other_numbers_is_rebuilt(weights, tmp_path):
+    other = resolve_weights("random:5", "vgg19").state_dict  # as if its stored weights were damaged
+    damaged = export_onnx(other, "vgg19", SMALL, ("relu1_1",), "avg", tmp_path / "damaged.onnx")
+    path = export_cache_path(weights, SMALL, ("relu1_1",), "avg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(damaged, path)
+    before = file_identity(path)
+    session = cached_session(weights, SMALL, ("relu1_1",), "avg")
+    assert file_identity(path) != before
+    probe = torch.rand(1, 3, 32, 32)
+    expected = FeatureExtractor("vgg19", weights.state_dict, SMALL, "avg")(probe)["relu2_1"]
+    got = torch.from_numpy(session.run(["relu2_1"], {"image": probe.numpy()})[0])
+    assert relative_error(got, expected) < 1e-4
+
+
 def test_cache_key_covers_weights_layers_pooling_and_onnxruntime_version(weights, monkeypatch):
     base = export_cache_path(weights, SMALL, SMALL, "max")
     changed_weights = type(weights)("vgg19", weights.state_dict, "file", "other", "0" * 64)
@@ -209,6 +224,14 @@ def test_export_onnx_command_refuses_bad_layers_in_one_line(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert code == 1 and message in err and err.count("\n") == 1
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_export_onnx_never_writes_over_its_own_weights_file(weights_file, tmp_path, capsys):
+    weights = tmp_path / "weights.onnx"
+    shutil.copyfile(weights_file, weights)
+    before = weights.read_bytes()
+    assert main(["export-onnx", "-o", str(weights), "--weights", str(weights)]) == 1
+    assert "is the input" in capsys.readouterr().err and weights.read_bytes() == before
 
 
 def test_onnx_vs_torch_benchmark_times_both_paths(tmp_path):

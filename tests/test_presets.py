@@ -375,6 +375,27 @@ def test_gram_cache_recomputes_an_unreadable_entry(relu1_targets):
     assert torch.equal(compute(style, (), ("relu1_1",))["gram_relu1_1"], expected["gram_relu1_1"])
 
 
+def test_gram_cache_recomputes_an_entry_whose_values_were_damaged(relu1_targets):
+    compute = cached_targets(relu1_targets, "context", "damaged")
+    style = torch.rand(1, 3, 20, 20)
+    expected = compute(style, (), ("relu1_1",))
+    for entry in grams_dir().glob("damaged-*.pt"):  # still a valid file, with other numbers inside
+        data = torch.load(entry, weights_only=True)
+        data["tensors"]["gram_relu1_1"] = data["tensors"]["gram_relu1_1"] * 1000
+        torch.save(data, entry)
+    assert torch.equal(compute(style, (), ("relu1_1",))["gram_relu1_1"], expected["gram_relu1_1"])
+
+
+def test_a_gram_cache_that_cannot_be_written_only_costs_speed(relu1_targets, monkeypatch, caplog):
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", disk_full)  # how torch.save reports a full disk
+    compute = cached_targets(relu1_targets, "context", "full-disk")
+    assert "gram_relu1_1" in compute(torch.rand(1, 3, 20, 20), (), ("relu1_1",))
+    assert "cannot write Gram cache file" in caplog.text
+
+
 def test_gram_cache_drops_the_least_recently_used_entry_beyond_its_limit(relu1_targets, tmp_path,
                                                                          monkeypatch):
     monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
