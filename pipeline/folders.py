@@ -172,6 +172,19 @@ def locked(layout: Layout) -> Iterator[None]:
         os.close(fd)  # closing releases the lock; the kernel does the same after kill -9
 
 
+def check_not_nested(inbox: Path) -> None:
+    """Refuse an inbox inside another watcher's inbox, or holding one: each would take the other's
+    files in processing/ for drops of its own."""
+    for parent in inbox.parents:
+        if holder := lock_holder(parent):
+            raise StylekitError(f"inbox '{inbox}' is inside '{parent}', which another stylekit watch "
+                                f"(pid {holder}) watches")
+    for root, _, names in os.walk(inbox):
+        if LOCK_NAME in names and Path(root) != inbox and (holder := lock_holder(Path(root))):
+            raise StylekitError(f"inbox '{inbox}' holds '{root}', which another stylekit watch "
+                                f"(pid {holder}) watches")
+
+
 def lock_holder(inbox: Path) -> str | None:
     """The pid of the watcher holding an inbox's lock, or None when no watcher is running there."""
     try:

@@ -32,7 +32,7 @@ from stylekit.atomic import check_writable_folder
 from stylekit.errors import StylekitError
 
 from .config import WatchConfig
-from .folders import Drop, Layout, inspect, is_candidate, locked, scan
+from .folders import Drop, Layout, check_not_nested, inspect, is_candidate, locked, scan
 from .jobs import Job, recover
 from .log import EventLog
 from .settle import Settler
@@ -222,6 +222,7 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
         hots = []
         for folder in config.folders:
             layout = Layout(folder.inbox, folder.out)
+            check_not_nested(layout.inbox)
             stack.enter_context(locked(layout))
             layout.create()
             for place, what in ((layout.outbox, "output folder"), (layout.processing, "folder"),

@@ -383,6 +383,25 @@ def test_a_second_watcher_on_the_same_inbox_is_refused(boxes, weights_file):
         pass
 
 
+def test_a_watcher_inside_another_watchers_inbox_is_refused(boxes, weights_file, tmp_path_factory):
+    inbox, outbox = boxes
+    (inbox / "swirl").mkdir()
+    other_out = tmp_path_factory.mktemp("other-out")
+    with watching(config_for(inbox, outbox, weights_file)), \
+            pytest.raises(StylekitError, match=r"is inside .* which another stylekit watch"), \
+            watching(config_for(inbox / "swirl", other_out, weights_file)):
+        pass
+
+
+def test_a_watcher_around_another_watchers_inbox_is_refused(boxes, weights_file, tmp_path_factory):
+    inbox, outbox = boxes
+    other_out = tmp_path_factory.mktemp("other-out")
+    with watching(config_for(inbox, outbox, weights_file)), \
+            pytest.raises(StylekitError, match=r"holds .* which another stylekit watch"), \
+            watching(config_for(inbox.parent, other_out, weights_file)):
+        pass
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["watch"], "give INBOX and --out"),
     (["watch", "{inbox}", "--out", "{missing}"], "does not exist"),
