@@ -31,6 +31,7 @@ from stylekit.cli import main
 from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
 from stylekit.image import read_metadata
+from stylekit.pipeline import watcher
 from stylekit.pipeline.config import from_cli, load
 from stylekit.pipeline.folders import Layout, inspect
 from stylekit.pipeline.jobs import claim
@@ -354,9 +355,10 @@ def test_status_counts_and_the_status_command(boxes, weights_file, capsys):
     assert count(inbox).done == 1
 
 
-def test_the_status_file_names_each_image_of_a_group_while_it_runs(boxes, weights_file):
+def test_the_status_file_names_each_image_of_a_group_while_it_runs(boxes, weights_file, monkeypatch):
+    monkeypatch.setattr(watcher, "STATUS_EVERY_S", 0.0)  # every change written at once, however fast
     inbox, outbox = boxes
-    config = config_for(inbox, outbox, weights_file, settle=0.5, overrides={"steps": 100})
+    config = config_for(inbox, outbox, weights_file, settle=0.5, overrides={"steps": 40})
     seen = set()
     with watching(config):
         for i in range(3):
