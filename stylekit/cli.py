@@ -231,7 +231,7 @@ def weights() -> None:
 
 @weights.command("status")
 def weights_status_command() -> None:
-    """Show which ImageNet weights are cached and where."""
+    """Show which ImageNet weights are cached (checksums verified) and where."""
     from .weights import weights_status
     for row in weights_status():
         click.echo(f"{row['backbone']:9} {row['state']:8} {row['path']}")

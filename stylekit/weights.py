@@ -199,12 +199,17 @@ def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
 
 
 def weights_status() -> list[dict[str, str]]:
-    """One row per backbone: where its ImageNet weights are, or that they are missing."""
+    """One row per backbone: where its ImageNet weights are and whether their checksum holds (the
+    file a run would use: "cached" for a damaged one would only defer the bad news), or missing."""
     rows = []
     for backbone in IMAGENET_WEIGHTS:
         found = [p for p in (imagenet_cache_path(backbone), imported_path(backbone)) if p.is_file()]
-        rows.append({"backbone": backbone, "state": "cached" if found else "missing",
-                     "path": str(found[0] if found else imagenet_cache_path(backbone))})
+        path = found[0] if found else imagenet_cache_path(backbone)
+        state = "missing"
+        if found:
+            expected = _expected_digest(path)
+            state = "corrupt" if expected and not sha256_of(path).startswith(expected) else "cached"
+        rows.append({"backbone": backbone, "state": state, "path": str(path)})
     return rows
 
 

@@ -157,6 +157,13 @@ def test_corrupted_imported_file_is_detected(offline, weights_file):
         w.resolve_weights("imagenet", "vgg19")
 
 
+def test_status_calls_a_damaged_cached_file_corrupt(offline, weights_file):
+    _, target = w.import_weights(weights_file)
+    with open(target, "r+b") as handle:
+        handle.truncate(4000)
+    assert {row["backbone"]: row["state"] for row in w.weights_status()}["vgg19"] == "corrupt"
+
+
 def test_import_refuses_a_file_that_is_not_weights(offline, tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_bytes(b"\xff\xd8\xff not really")
