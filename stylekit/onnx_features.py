@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ INPUT_NAME = "image"
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 QUIET = 4  # onnxruntime's FATAL level: its provider-fallback lines stay out of the user's terminal
+STALE_TEMP_S = 3600.0  # a temporary export this old is a killed process's, not one being written
 PROBE_SIDE = 32  # a cached model is checked against the network on a probe image this size ...
 PROBE_TOLERANCE = 1e-3  # ... and must agree to this share of each output's largest value
 
@@ -118,12 +120,15 @@ def export_cache_path(weights: Weights, layers: Sequence[str], gram_layers: Sequ
 
 
 def _drop_other_generations(folder: Path) -> None:
-    """Delete exports made for another onnxruntime, opset or graph version: none will be read again."""
-    for entry in folder.parent.iterdir():
+    """Delete exports made for another onnxruntime, opset or graph version (none will be read again),
+    and half-written ones that a process killed mid-export left in this one."""
+    stale = time.time() - STALE_TEMP_S
+    leftovers = [p for p in folder.glob(".*.tmp") if p.stat().st_mtime < stale]
+    for entry in [*folder.parent.iterdir(), *leftovers]:
         try:
             if entry.is_dir() and entry != folder:
                 shutil.rmtree(entry)
-            elif entry.suffix == ".onnx":  # the flat layout of stylekit versions before these folders
+            elif entry.suffix in (".onnx", ".tmp"):  # .onnx: the flat layout before these folders
                 entry.unlink()
         except OSError as exc:
             log.warning("cannot delete old ONNX export %s (%s)", entry, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import numpy as np
 import onnx
@@ -114,6 +115,20 @@ def test_a_new_export_deletes_those_of_other_onnxruntime_or_graph_versions(weigh
     cached_session(weights, SMALL, ("relu2_1",), "max")
     assert path.is_file() and kept.is_file()
     assert not old_generation.parent.exists() and not flat_layout.exists()
+
+
+def test_a_new_export_deletes_half_written_ones_left_by_killed_processes(weights):
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    left = path.parent / ".vgg19-max-dead.onnx.1a2b.tmp"
+    writing = path.parent / ".vgg19-max-live.onnx.3c4d.tmp"
+    for temp in (left, writing):
+        temp.write_bytes(b"half an export")
+    hours_ago = time.time() - 2 * onnx_features.STALE_TEMP_S
+    os.utime(left, (hours_ago, hours_ago))
+    path.unlink(missing_ok=True)
+    cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert not left.exists() and writing.exists()  # another process may be writing that one now
 
 
 def test_corrupt_cache_file_is_rebuilt(weights):
