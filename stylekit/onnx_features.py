@@ -123,7 +123,7 @@ def _drop_other_generations(folder: Path) -> None:
     """Delete exports made for another onnxruntime, opset or graph version (none will be read again),
     and half-written ones that a process killed mid-export left in this one."""
     stale = time.time() - STALE_TEMP_S
-    leftovers = [p for p in folder.glob(".*.tmp") if p.stat().st_mtime < stale]
+    leftovers = [p for p in folder.glob(".*.tmp") if _modified(p) < stale]
     for entry in [*folder.parent.iterdir(), *leftovers]:
         try:
             if entry.is_dir() and entry != folder:
@@ -142,6 +142,14 @@ def _session(path: str, stamp: tuple[int, int, int], use_gpu: bool) -> ort.Infer
     options.log_severity_level = QUIET
     providers = [CUDA_PROVIDER, CPU_PROVIDER] if use_gpu and gpu_provider_installed() else [CPU_PROVIDER]
     return ort.InferenceSession(path, sess_options=options, providers=providers)
+
+
+def _modified(path: Path) -> float:
+    """When a file was last written; infinity for one gone meanwhile (another process cleaned up)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def _stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:
