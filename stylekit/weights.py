@@ -160,18 +160,22 @@ def download_imagenet(backbone: str, progress: bool = True) -> Path:
     return target
 
 
+def _cached_file(backbone: str) -> Path | None:
+    """The ImageNet file a run would use: torch's cache first, then an earlier `weights import`."""
+    return next((p for p in (imagenet_cache_path(backbone), imported_path(backbone)) if p.is_file()), None)
+
+
 def _cached_imagenet(backbone: str) -> Weights | None:
     """The ImageNet weights from torch's cache or from an earlier `weights import`, if present."""
-    for path in (imagenet_cache_path(backbone), imported_path(backbone)):
-        if path.is_file():
-            digest = sha256_of(path)
-            expected = _expected_digest(path)
-            if expected and not digest.startswith(expected):
-                raise StylekitError(f"cached weights '{path}' are corrupt (checksum {digest[:12]} "
-                                    f"does not match {expected[:12]}); delete it and try again")
-            state = check_state_dict(_read_state_dict(path), backbone, str(path))
-            return Weights(backbone, state, "imagenet", f"imagenet ({path})", digest)
-    return None
+    path = _cached_file(backbone)
+    if path is None:
+        return None
+    digest, expected = sha256_of(path), _expected_digest(path)
+    if expected and not digest.startswith(expected):
+        raise StylekitError(f"cached weights '{path}' are corrupt (checksum {digest[:12]} "
+                            f"does not match {expected[:12]}); delete it and try again")
+    state = check_state_dict(_read_state_dict(path), backbone, str(path))
+    return Weights(backbone, state, "imagenet", f"imagenet ({path})", digest)
 
 
 def _expected_digest(path: Path) -> str | None:
@@ -203,13 +207,13 @@ def weights_status() -> list[dict[str, str]]:
     file a run would use: "cached" for a damaged one would only defer the bad news), or missing."""
     rows = []
     for backbone in IMAGENET_WEIGHTS:
-        found = [p for p in (imagenet_cache_path(backbone), imported_path(backbone)) if p.is_file()]
-        path = found[0] if found else imagenet_cache_path(backbone)
+        path = _cached_file(backbone)
         state = "missing"
-        if found:
+        if path is not None:
             expected = _expected_digest(path)
             state = "corrupt" if expected and not sha256_of(path).startswith(expected) else "cached"
-        rows.append({"backbone": backbone, "state": state, "path": str(path)})
+        rows.append({"backbone": backbone, "state": state,
+                     "path": str(path or imagenet_cache_path(backbone))})
     return rows
 
 
