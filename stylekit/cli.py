@@ -186,14 +186,14 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     chosen = get_preset(preset) if preset else None
     style_files = [str(path) for path in chosen.style_paths] if chosen else list(styles)
     inputs = [str(content), *style_files, *([init_file] if init_file else [])]
-    output_format(output)
+    jpeg = output_format(output) == "JPEG"  # an unknown extension fails here, before any work
     _check_writable(output, "output", inputs)
     if report is not None:
         _check_writable(report, "report", inputs)
         if _same_path(report, str(output)):
             raise StylekitError(f"report '{report}' is the output image too; choose another name")
     picture = load_image(content)
-    if picture.alpha is not None and output_format(output) == "JPEG":
+    if picture.alpha is not None and jpeg:
         _warn(f"JPEG has no transparency: the content's alpha is dropped in '{output}' "
               "(.png, .webp or .tif keep it)")
     init_image = load_image(init_file).rgb if init_file else None
