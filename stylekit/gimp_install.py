@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 import click
 
 from .errors import StylekitError
+from .loopback import is_loopback
 
 PLUGIN = "stylekit"  # GIMP 3 runs plug-ins/NAME/NAME.py only: folder and file names must match
 CONFIG_NAME = "stylekit-config.json"  # read by the plug-in from its own folder
 DEFAULT_URL = "http://127.0.0.1:8765"
 FLATPAK_ID = "org.gimp.GIMP"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def gimp_dirs(environ: Mapping[str, str] = os.environ, platform: str = sys.platform,
@@ -109,7 +109,7 @@ def _check_url(url: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise click.BadParameter(f"'{url}' has a bad port", param_hint="--url") from None
-    if parts.scheme == "https" and parts.hostname in LOOPBACK:
+    if parts.scheme == "https" and is_loopback(parts.hostname):
         raise click.BadParameter(f"'{url}': `stylekit serve` speaks plain HTTP on this machine; "
                                  "use http://", param_hint="--url")
     return url.rstrip("/")
@@ -129,7 +129,7 @@ def gimp() -> None:
 
 
 @gimp.command("install")
-@click.option("--gimp-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--gimp-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="GIMP 3 profile folder (default: found for this system, Flatpak included).")
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="Where the plug-in finds the server.")
 @click.option("--command", "command_text", metavar="COMMAND",
@@ -159,7 +159,7 @@ def install_command(gimp_dir: Path | None, url: str, command_text: str | None,
 
 
 @gimp.command("uninstall")
-@click.option("--gimp-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--gimp-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="GIMP 3 profile folder (default: found for this system, Flatpak included).")
 def uninstall_command(gimp_dir: Path | None) -> None:
     """Remove the plug-in from GIMP's plug-ins folder."""

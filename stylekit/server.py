@@ -10,7 +10,6 @@ import collections
 import concurrent.futures
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -28,9 +27,10 @@ from typing import Annotated
 
 import numpy as np
 import platformdirs
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, Response, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
@@ -38,6 +38,7 @@ from . import __version__
 from .engine import output_long_side, stylize
 from .errors import Cancelled, StylekitError
 from .image import encode_png, load_image
+from .loopback import is_loopback as is_loopback  # `stylekit serve` asks server.is_loopback
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
 from .request import Progress, Result, StyleOptions, StyleRequest, validate
@@ -432,6 +433,26 @@ class _BodyLimit:
 
 
 _BEARER = HTTPBearer(auto_error=False)
+
+
+class _TokenRoute(APIRoute):
+    """A /v1 route that checks the bearer token before FastAPI reads the body: dependencies run only
+    after a whole upload is parsed, so a client without the token could make the server buffer one."""
+
+    def get_route_handler(self) -> typing.Callable[[Request], typing.Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            credentials: HTTPAuthorizationCredentials | None = await _BEARER(request)
+            given = credentials.credentials.encode() if credentials else b""
+            if not hmac.compare_digest(given, request.app.state.token.encode()):
+                raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
+                                         "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+
+        return checked
+
+
 _ERRORS = {status: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
            for status, text in ((400, "malformed multipart body"), (401, "missing or wrong bearer token"),
                                 (404, "no such job"),
@@ -456,13 +477,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.jobs, app.state.warm = jobs, warm
     app.add_middleware(_BodyLimit, settings=settings)
 
-    def check_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        assert settings.token is not None
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, settings.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
-                                     "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
-
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, exc.status)
@@ -474,7 +488,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse({"detail": f"{where}: {error['msg']}"}, 422)
 
     guarded = settings.token is not None  # the schema declares the token only when it is asked for
-    api = APIRouter(prefix="/v1", dependencies=[Depends(check_token)] if guarded else [],
+    app.state.token = settings.token
+    api = APIRouter(prefix="/v1", route_class=_TokenRoute if guarded else APIRoute,
+                    dependencies=[Security(_BEARER)] if guarded else [],  # declares it in the schema
                     responses={401: _ERRORS[401]} if guarded else {})
 
     @api.get("/health", response_model=Health)
@@ -535,16 +551,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.include_router(api)
     return app
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def default_token_file() -> Path:

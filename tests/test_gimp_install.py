@@ -4,7 +4,11 @@ import json
 import os
 import py_compile
 import stat
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from stylekit.cli import main
 from stylekit.gimp_install import gimp_dirs, server_command
@@ -37,6 +41,7 @@ def test_flatpak_gimp_starts_the_server_outside_its_sandbox(tmp_path):
 
 def test_install_then_uninstall(tmp_path, capsys):
     profile = tmp_path / "GIMP" / "3.0"
+    profile.mkdir(parents=True)
     assert main(["gimp", "install", "--gimp-dir", str(profile), "--url", "http://127.0.0.1:9100/"]) == 0
     out = capsys.readouterr().out
     folder = profile / "plug-ins" / "stylekit"
@@ -60,6 +65,7 @@ def test_install_with_command_and_token(tmp_path, capsys):
     token = tmp_path / "server-token"
     token.write_text("t" * 40 + "\n")
     profile = tmp_path / "profile"
+    profile.mkdir()
     assert main(["gimp", "install", "--gimp-dir", str(profile), "--url", "http://10.0.0.5:8765",
                  "--command", "/opt/stylekit/bin/stylekit serve --weights imagenet",
                  "--token-file", str(token)]) == 0
@@ -84,9 +90,29 @@ def test_an_ipv6_loopback_url_starts_the_server_listening_there():
     assert server_command("http://[::1]:9000", Path("GIMP") / "3.0")[-2:] == ["--host", "::1"]
 
 
-def test_install_refuses_https_for_a_server_on_this_machine(tmp_path, capsys):
-    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", "https://127.0.0.1:8765"]) == 2
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "[::1]"])
+def test_install_refuses_https_for_a_server_on_this_machine(tmp_path, capsys, host):
+    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", f"https://{host}:8765"]) == 2
     assert "speaks plain HTTP" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_a_gimp_dir_that_does_not_exist_is_refused_not_created(tmp_path, capsys, command):
+    typo = tmp_path / "GIMP" / "3.O"
+    assert main(["gimp", command, "--gimp-dir", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{typo}' does not exist" in err and "\n" not in err.strip()
+    assert not typo.exists()
+
+
+def test_installing_loads_neither_torch_nor_the_server(tmp_path):
+    # `stylekit gimp install` must stay quick and work where only the plug-in is wanted.
+    script = (f"import sys\nfrom stylekit.cli import main\n"
+              f"assert main(['gimp', 'install', '--gimp-dir', {str(tmp_path)!r}]) == 0\n"
+              "print(sorted({'torch', 'fastapi', 'starlette', 'uvicorn'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_install_names_the_option_of_a_command_it_cannot_split(tmp_path, capsys):

@@ -1,15 +1,19 @@
 """`stylekit serve`: every endpoint, cancelling, limits, the token off loopback, retries, fuzzing."""
 
+import http.client
 import io
 import json
 import os
+import socket
 import stat
+import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
 import schemathesis
+import uvicorn
 from conftest import make_painting, make_photo, start_server
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
@@ -18,10 +22,12 @@ from schemathesis.checks import allow_header_conformance, positive_data_acceptan
 
 from stylekit.cli import main
 from stylekit.image import read_metadata
+from stylekit.loopback import is_loopback
 from stylekit.presets import get_preset
-from stylekit.server import ServerSettings, create_app, is_loopback, load_or_create_token
+from stylekit.server import ServerSettings, create_app, listen, load_or_create_token
 
 FAST = {"steps": 3, "targets": "torch"}
+TOKEN = "s3cret-token-0123456789"
 ENDLESS = {"steps": 100_000, "targets": "torch"}  # runs until cancelled
 
 
@@ -235,6 +241,37 @@ def test_token_is_compared_and_required_when_set():
     assert client.get("/openapi.json").status_code == 200
 
 
+def test_a_job_with_the_right_token_is_queued():
+    client = TestClient(create_app(ServerSettings(token=TOKEN)))  # no lifespan: nothing runs
+    client.headers["Authorization"] = f"Bearer {TOKEN}"
+    assert post_job(client, FAST).status_code == 202
+
+
+@pytest.fixture
+def token_server():
+    """A real uvicorn server on loopback (in a thread) that requires TOKEN; yields (host, port)."""
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerSettings(token=TOKEN)), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield sock.getsockname()[:2]
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_wrong_token_is_refused_before_the_upload_is_read(token_server):
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer nope\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 20000000\r\n\r\n")
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    with socket.create_connection(token_server, timeout=10) as client:
+        client.sendall(head + part + bytes(1000))  # 20 MB announced, 1 kB sent: a server reading it waits
+        answer = http.client.HTTPResponse(client)
+        answer.begin()
+        assert answer.status == 401 and "bearer token" in json.loads(answer.read())["detail"]
+
+
 def test_token_file_is_private_and_reused(tmp_path):
     path = tmp_path / "config" / "server-token"
     token = load_or_create_token(path)
@@ -246,7 +283,7 @@ def test_token_file_is_private_and_reused(tmp_path):
 
 
 def test_loopback_detection():
-    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "127.8.0.1", "::1", "localhost"]))
     assert not any(map(is_loopback, ["0.0.0.0", "192.168.1.2", "::", "example.org"]))
 
 
