@@ -58,6 +58,7 @@ def prepare(gimp_root: Path, inside: str, live_server: str, script: str, **spec:
     work = gimp_root / inside.lstrip("/")
     shutil.rmtree(work, ignore_errors=True)
     (work / "home").mkdir(parents=True)
+    (work / "profile").mkdir()  # `gimp install` refuses a profile folder that does not exist
     save_png(work / "base.png", make_photo(80, 64, seed=2))
     Image.fromarray((top_layer_pixels() * 255).round().astype(np.uint8), "RGBA").save(work / "top.png")
     save_png(work / "painting.png", make_painting(48, 48))

@@ -8,7 +8,7 @@ PORT=${PORT:-8766}
 DISPLAY_NUMBER=:97
 STYLEKIT_GIMP_EXTRA="x11-utils x11-apps netpbm" sh plugins/gimp/tests/make-chroot.sh "$ROOT"
 rm -rf "$ROOT$WORK"
-mkdir -p "$ROOT$WORK/home"
+mkdir -p "$ROOT$WORK/home" "$ROOT$WORK/profile"
 SERVER= XVFB= GIMP=
 trap 'kill $GIMP $XVFB $SERVER 2>/dev/null || true' EXIT
 XDG_CONFIG_HOME="$ROOT$WORK/config" STYLEKIT_CACHE_DIR="$ROOT$WORK/cache" \
