@@ -623,11 +623,9 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
                        and pixels <= CHECKPOINT_PIXELS)  # checkpointing recomputes
             done = base + _optimise(image, evaluate, steps, options, report, history, graphed)
     assert image is not None
+    output = color.keep_content_chroma(image, content) if options.preserve_color == "luminance" else image
     with torch.no_grad():
-        final = evaluate(image)
-    output = image
-    if options.preserve_color == "luminance":
-        output = color.keep_content_chroma(image, torch.cat([resize(c, *sizes[-1]) for c in contents_full]))
+        final = evaluate(output)  # the losses of the pixels returned, the content's colours restored too
     emit("done", len(sizes), sizes[-1])
     warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings + (
         (LEAN_WARNING,) if lean else ())

@@ -24,8 +24,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from . import losses
-from .atomic import replacing
+from . import disk_cache, losses
+from .atomic import check_writable_folder, replacing
 from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
 from .weights import Weights, cache_dir, state_dict_sha256
@@ -42,6 +42,9 @@ QUIET = 4  # onnxruntime's FATAL level: its provider-fallback lines stay out of 
 STALE_TEMP_S = 3600.0  # a temporary export this old is a killed process's, not one being written
 PROBE_SIDE = 32  # a cached model is checked against the network on a probe image this size ...
 PROBE_TOLERANCE = 1e-3  # ... and must agree to this share of each output's largest value
+DEFAULT_LIMIT_MB = 1024.0  # exports kept per version folder ($STYLEKIT_ONNX_CACHE_MB); VGG19's: 52 MB
+IN_USE_S = 60.0  # an export used this recently may be loading in another process: never pruned
+GRAPH_BYTES = 1 << 20  # an export's size beyond its weights (its graph: tens of KB), with room to spare
 
 log = logging.getLogger(__name__)
 
@@ -199,31 +202,66 @@ def _disagreement(session: ort.InferenceSession, weights: Weights, layers: tuple
     return None
 
 
+def _model_bytes(weights: Weights, layers: tuple[str, ...], pooling: str) -> int:
+    """About what an export of these layers takes on disk: its weights, plus its graph."""
+    extractor = FeatureExtractor(weights.backbone, weights.state_dict, layers, pooling)
+    return GRAPH_BYTES + sum(t.numel() * t.element_size() for t in extractor.state_dict().values())
+
+
+def _check_room(folder: Path, needed: int) -> None:
+    """StylekitError unless the folder can take a file of `needed` bytes: an export spends seconds
+    before it writes anything, and on a full or read-only disk every run would spend them again."""
+    check_writable_folder(folder, "the ONNX cache folder")
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StylekitError(f"no room for the ONNX export in '{folder}': it needs about "
+                            f"{needed / (1 << 20):.0f} MB and {free / (1 << 20):.0f} MB are free")
+
+
+def _reused_session(path: Path, weights: Weights, layers: tuple[str, ...], gram_layers: tuple[str, ...],
+                    pooling: str, use_gpu: bool) -> ort.InferenceSession | None:
+    """The cached export's session if it is there and computes what the network computes, else None
+    (an unusable file is logged; a missing one, or one another process pruned meanwhile, is a miss)."""
+    expected = ([INPUT_NAME], output_names(layers, gram_layers))
+    try:
+        disk_cache.mark_used(path)  # before opening: recently used files are not pruned (IN_USE_S)
+        session = open_session(path, use_gpu)
+        key = (str(path), _stamp(path), use_gpu)  # checked once per file version
+    except Exception as exc:  # onnxruntime raises a dozen unrelated types for a bad file
+        if not path.is_file():
+            log.info("exporting %s features to %s", weights.backbone, path)
+            return None
+        reason = one_line(exc)
+    else:
+        reason = ("its inputs and outputs differ" if _signature(session) != expected else None
+                  if key in _VERIFIED else _disagreement(session, weights, layers, gram_layers, pooling))
+        if reason is None:
+            _VERIFIED.add(key)
+            return session
+    log.warning("rebuilding cached ONNX model %s (%s)", path, reason)
+    return None
+
+
 def cached_session(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str],
                    pooling: str, use_gpu: bool = False) -> ort.InferenceSession:
-    """The session for these weights and layers, exporting into the cache when missing or unusable."""
+    """The session for these weights and layers, exporting into the cache when missing or unusable.
+
+    A new export first checks that the cache has room for it, then deletes other versions' folders and
+    the least recently used exports beyond $STYLEKIT_ONNX_CACHE_MB (DEFAULT_LIMIT_MB) in its own.
+    """
     layers, gram_layers = checked_layers(weights.backbone, layers, gram_layers)
     path = export_cache_path(weights, layers, gram_layers, pooling)
-    expected = ([INPUT_NAME], output_names(layers, gram_layers))
-    if path.is_file():
-        try:
-            session = open_session(path, use_gpu)
-        except Exception as exc:  # onnxruntime raises a dozen unrelated types for a bad file
-            reason = one_line(exc)
-        else:
-            key = (str(path), _stamp(path), use_gpu)  # checked once per file version
-            reason = ("its inputs and outputs differ" if _signature(session) != expected else None
-                      if key in _VERIFIED else _disagreement(session, weights, layers, gram_layers, pooling))
-            if reason is None:
-                _VERIFIED.add(key)
-                return session
-        log.warning("rebuilding cached ONNX model %s (%s)", path, reason)
-    else:
-        log.info("exporting %s features to %s", weights.backbone, path)
+    session = _reused_session(path, weights, layers, gram_layers, pooling, use_gpu)
+    if session is not None:
+        return session
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(path.parent, _model_bytes(weights, layers, pooling))
     export_onnx(weights.state_dict, weights.backbone, layers, gram_layers, pooling, path)
     _drop_other_generations(path.parent)
-    return open_session(path, use_gpu)
+    session = open_session(path, use_gpu)
+    limit = disk_cache.limit_bytes("STYLEKIT_ONNX_CACHE_MB", DEFAULT_LIMIT_MB)
+    disk_cache.prune(path.parent, "*.onnx", limit, IN_USE_S)
+    return session
 
 
 def onnx_targets(weights: Weights, layers: Sequence[str], gram_layers: Sequence[str], pooling: str,

@@ -171,6 +171,14 @@ def test_luminance_mode_keeps_the_content_colours(run):
     assert np.abs(kept.image - content).mean() < np.abs(plain.image - content).mean()
 
 
+def test_luminance_mode_reports_the_losses_of_the_image_it_returns(run):
+    kept = run(steps=8, preserve_color="luminance")
+    # One evaluation at one scale, started from the returned pixels, scores exactly those pixels.
+    rescored = run(steps=1, scales=1, init_image=kept.image)
+    assert (kept.content_loss, kept.style_loss, kept.tv_loss, kept.total_loss) == pytest.approx(
+        (rescored.content_loss, rescored.style_loss, rescored.tv_loss, rescored.total_loss), rel=1e-4)
+
+
 def test_histogram_mode_changes_the_result(run):
     assert not np.allclose(run(preserve_color="histogram").image, run().image)
 

@@ -131,6 +131,115 @@ def test_a_new_export_deletes_half_written_ones_left_by_killed_processes(weights
     assert not left.exists() and writing.exists()  # another process may be writing that one now
 
 
+def hours_ago(path, hours: float = 3.0) -> None:
+    """Date a file's last write and read back, as if nobody had touched it for a while."""
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))
+
+
+def fake_export(folder, name: str, megabytes: float = 1.0):
+    """A file the size of an export, long unused, in the cache's version folder."""
+    path = folder / name
+    path.write_bytes(bytes(int(megabytes * (1 << 20))))
+    hours_ago(path)
+    return path
+
+
+def test_a_new_export_drops_the_least_recently_used_exports_beyond_the_limit(weights, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STYLEKIT_ONNX_CACHE_MB", "1.9")  # the new export (0.5 MB) and one more
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    path.parent.mkdir(parents=True)
+    unused = fake_export(path.parent, "vgg19-max-unused.onnx")
+    read = fake_export(path.parent, "vgg19-max-read.onnx")
+    os.utime(read, (time.time() - 3600, read.stat().st_mtime))  # written as long ago, read since
+    cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert path.is_file() and read.is_file() and not unused.exists()
+
+
+def test_reusing_an_export_marks_it_used_and_keeps_its_warm_session(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    first = cached_session(weights, SMALL, ("relu2_1",), "max")
+    written = path.stat().st_mtime_ns
+    os.utime(path, ns=(written - 3600 * 10**9, written))  # last read an hour before it was written
+    second = cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert path.stat().st_atime_ns > written and path.stat().st_mtime_ns == written
+    assert second is first  # the same file version: neither reopened nor probed again
+
+
+def test_an_export_used_within_the_last_minute_is_never_pruned(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STYLEKIT_ONNX_CACHE_MB", "0")
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    path.parent.mkdir(parents=True)
+    unused = fake_export(path.parent, "vgg19-max-unused.onnx")
+    opening = fake_export(path.parent, "vgg19-max-opening.onnx")
+    os.utime(opening)  # another process is opening it now
+    cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert not unused.exists() and opening.is_file() and path.is_file()
+
+
+def test_an_export_deleted_by_another_process_as_it_is_opened_is_a_plain_miss(weights, tmp_path,
+                                                                             monkeypatch, caplog):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    cached_session(weights, SMALL, ("relu2_1",), "max")
+    real = ort.InferenceSession
+    pruned = []
+
+    def pruned_first(path_or_bytes, sess_options=None, providers=None):
+        if not pruned:  # another process's prune, between the look-up and onnxruntime's read
+            pruned.append(path_or_bytes)
+            os.unlink(path_or_bytes)
+        return real(path_or_bytes, sess_options=sess_options, providers=providers)
+    monkeypatch.setattr(ort, "InferenceSession", pruned_first)
+    onnx_features._session.cache_clear()
+    session = cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert pruned and path.is_file() and "gram_relu2_1" in [o.name for o in session.get_outputs()]
+    assert "rebuilding" not in caplog.text  # a file gone is not a damaged file
+
+
+def test_a_disk_too_full_for_the_export_skips_it_until_there_is_room(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    real_usage, real_export, exports = shutil.disk_usage, onnx_features.export_onnx, []
+    free = 100_000
+
+    def usage(folder):
+        return real_usage(folder)._replace(free=free)
+
+    def export(*args, **kwargs):
+        exports.append(args)
+        return real_export(*args, **kwargs)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    monkeypatch.setattr(onnx_features, "export_onnx", export)
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    for _ in range(2):
+        with pytest.raises(StylekitError, match=r"^no room for the ONNX export in .* 0 MB are free$"):
+            cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert not exports and not path.exists()
+    free = 1 << 30  # freed
+    cached_session(weights, SMALL, ("relu2_1",), "max")
+    assert len(exports) == 1 and path.is_file()
+
+
+def test_a_read_only_cache_folder_skips_the_export(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))
+    path = export_cache_path(weights, SMALL, ("relu2_1",), "max")
+    path.parent.mkdir(parents=True)
+    path.parent.chmod(0o555)
+    try:
+        (path.parent / "probe").touch()
+    except PermissionError:
+        pass
+    else:
+        pytest.skip("this user writes into read-only folders (root does)")
+    monkeypatch.setattr(onnx_features, "export_onnx", lambda *a, **k: pytest.fail("exported for nothing"))
+    with pytest.raises(StylekitError, match=r"^cannot write into the ONNX cache folder"):
+        cached_session(weights, SMALL, ("relu2_1",), "max")
+
+
 def test_corrupt_cache_file_is_rebuilt(weights):
     path = export_cache_path(weights, SMALL, ("relu1_1",), "max")
     path.parent.mkdir(parents=True, exist_ok=True)
