@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -49,15 +51,16 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def engine_options(function):
-    """The engine flags shared by every command that runs stylize() (apply, watch, batch)."""
+def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
+    """The engine flags shared by every command that runs stylize() (apply, watch, batch) or keeps
+    them (presets add); --init offers a FILE only where the command can use one (init_file)."""
     decorators = [
         click.option("--size", type=click.IntRange(min=16),
                      help="Long side of the output in pixels (default: the content's, at most 512)."),
         click.option("--steps", type=click.IntRange(min=1),
                      help="Loss evaluations at full size; coarser scales get half."),
         click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
-        click.option("--init", "init", metavar="content|noise|style|FILE",
+        click.option("--init", "init", metavar="content|noise|style" + ("|FILE" if init_file else ""),
                      help="Starting image (default: content)."),
         click.option("--content-weight", type=click.FloatRange(min=0)),
         click.option("--style-weight", type=click.FloatRange(min=0)),
@@ -87,9 +90,16 @@ def engine_options(function):
                      help="Most memory a run may take, in GiB (default: what is free); a larger "
                           "run is refused at once, naming the size that fits."),
     ]
-    for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+
+    def decorate(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+    return decorate
+
+
+engine_options = _engine_options(init_file=False)
+engine_options_with_init_file = _engine_options(init_file=True)
 
 
 def ray_options(function):
@@ -149,14 +159,46 @@ def _check_writable(target: Path, what: str, inputs: list[str]) -> None:
     check_writable_folder(target.parent, f"{what} folder")
 
 
+def _say(level: str, message: str) -> None:
+    """A warning (or worse) on stderr the way every command prints one: `warning: …`, in yellow."""
+    click.secho(f"{level}: {message}", fg="yellow" if level == "warning" else None, err=True)
+
+
 def _warn(message: str) -> None:
-    click.secho(f"warning: {message}", fg="yellow", err=True)
+    _say("warning", message)
+
+
+class _LibraryLog(logging.Handler):
+    """stylekit's library log records (gram_cache, presets, onnx_features …), warnings and worse,
+    handed to `say(level, message)`: printed the way the running command prints its own warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.say: Callable[[str, str], object] = _say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.say(record.levelname.lower(), self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+_LIBRARY_LOG = _LibraryLog()
+
+
+def _print_library_log(say: Callable[[str, str], object]) -> None:
+    """Send stylekit's library log records to `say` until the command ends (one handler, never two)."""
+    logger = logging.getLogger("stylekit")
+    _LIBRARY_LOG.say = say
+    logger.addHandler(_LIBRARY_LOG)
+    click.get_current_context().call_on_close(lambda: logger.removeHandler(_LIBRARY_LOG))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="stylekit")
 def cli() -> None:
     """stylekit: neural style transfer (Gatys et al.) for people who edit images."""
+    _print_library_log(_say)
 
 
 @cli.command()
@@ -167,7 +209,7 @@ def cli() -> None:
                                "flags override its options.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output file: .png, .jpg, .webp or .tif.")
-@engine_options
+@engine_options_with_init_file
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]),
               default="auto", show_default=True, help="auto: a bar on a terminal, nothing otherwise.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
@@ -232,7 +274,7 @@ def weights() -> None:
 @weights.command("status")
 def weights_status_command() -> None:
     """Show which ImageNet weights are cached (checksums verified) and where."""
-    from .weights import weights_status
+    from .weights_cache import weights_status  # not .weights: torch would load for nothing
     for row in weights_status():
         click.echo(f"{row['backbone']:9} {row['state']:8} {row['path']}")
 
@@ -434,10 +476,12 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
               stylekit watch --status inbox
     """
     from .pipeline import config, status, watcher  # watchdog loads only for this command
+    from .pipeline.log import EventLog
 
     if show_status:
         click.echo(status.report(inbox or config_file))
         return
+    _print_library_log(EventLog(log_json))  # a library warning is an event like the watcher's own
     overrides, init_file = flag_changes(flags)
     if init_file:
         raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
@@ -484,6 +528,8 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
     out.mkdir(parents=True, exist_ok=True)
     warned: set[str] = set()  # each warning once: random weights would otherwise repeat per image
     with tqdm(total=len(items), unit="img", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+        _print_library_log(lambda level, message: bar.write(f"{level}: {message}", file=sys.stderr))
+
         def show(outcome: batching.Outcome) -> None:
             if outcome.status == "failed":
                 bar.write(f"failed: {outcome.item.source}: {outcome.reason}", file=sys.stderr)

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,13 +64,10 @@ def load_image(
     """Decode a file or upload to float sRGB so callers never see Pillow modes or profiles."""
     shown = name or ("<bytes>" if isinstance(source, bytes) else Path(source).name)
     label = _quote(name or _source_text(source))
-    with _open_image(source, label) as im:
+    with _open_image(source, label, max_pixels) as im:
         width, height = im.size
         if width * height > max_pixels:
-            raise ImageError(
-                f"image {label} is {width}×{height} = {width * height:,} pixels, "
-                f"over the limit of {max_pixels:,}"
-            )
+            raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
         im.load()
         icc = im.info.get("icc_profile")
         ImageOps.exif_transpose(im, in_place=True)
@@ -164,19 +162,39 @@ def _open_stream(source: str | os.PathLike[str] | bytes, label: str) -> Iterator
         yield stream
 
 
+def _too_many_pixels(label: str, pixels: str, limit: int) -> ImageError:
+    """One message for an image over the pixel limit, whichever check refused it."""
+    return ImageError(f"image {label} is {pixels} pixels, over the limit of {limit:,}")
+
+
+def _bomb_pixels(error: Image.DecompressionBombError) -> str:
+    """The pixel count Pillow's hard guard refused an image for: its message says it (the least it
+    can be, should Pillow's wording change)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found[1]):,}" if found else f"over {2 * Image.MAX_IMAGE_PIXELS:,}"
+
+
 @contextlib.contextmanager
-def _open_image(source: str | os.PathLike[str] | bytes, label: str) -> Iterator[Image.Image]:
-    """Open a source with Pillow, turning every decoding failure in the block into ImageError."""
+def _open_image(
+    source: str | os.PathLike[str] | bytes, label: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Iterator[Image.Image]:
+    """Open a source with Pillow, turning every decoding failure in the block into ImageError.
+
+    load_image checks the pixel count against max_pixels before decoding, so Pillow's warning for
+    images over its own process-wide limit is ignored; its hard guard (twice that limit) refuses an
+    image before the size is known, and gets the same message.
+    """
     with _open_stream(source, label) as stream:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(stream) as im:
                     yield im
         except UnidentifiedImageError:
             raise ImageError(f"{label} is not an image stylekit can read") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image {label} is too large to decode safely ({e})") from e
+        except Image.DecompressionBombError as e:
+            limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+            raise _too_many_pixels(label, _bomb_pixels(e), limit) from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"image {label} is truncated or corrupt ({e})") from e
 

@@ -208,26 +208,34 @@ def load_preset_file(path: str | os.PathLike[str]) -> Preset:
     return _parse(data, path, builtin)
 
 
-def list_presets() -> list[Preset]:
-    """Every usable preset, user ones overriding built-ins by name; invalid files are logged and skipped."""
-    found: dict[str, Preset] = {}
+def _preset_files() -> dict[str, Path]:
+    """Each preset name's file, a user file overriding the built-in one: the file get_preset reads."""
+    files: dict[str, Path] = {}
     for folder in (builtin_presets_dir(), user_presets_dir()):
-        for file in sorted(folder.glob("*.toml")):
-            try:
-                found[file.stem] = load_preset_file(file)
-            except StylekitError as exc:
-                log.warning("skipping %s", exc)
-    return sorted(found.values(), key=lambda preset: preset.name)
+        files.update((file.stem, file) for file in folder.glob("*.toml") if file.is_file())
+    return files
+
+
+def list_presets() -> list[Preset]:
+    """Every preset get_preset would give, user ones overriding built-ins by name; invalid files are
+    logged and skipped (a broken user preset hides the built-in of its name, as it does for get_preset)."""
+    presets = []
+    for name, file in sorted(_preset_files().items()):
+        try:
+            presets.append(load_preset_file(file))
+        except StylekitError as exc:
+            overrides = file.parent != builtin_presets_dir() and (builtin_presets_dir() / file.name).is_file()
+            log.warning("skipping %s%s", exc,
+                        f" (the built-in '{name}' it overrides is not used either)" if overrides else "")
+    return presets
 
 
 def get_preset(name: str) -> Preset:
     """The user's preset of that name if there is one, else the built-in one."""
-    check_name(name)
-    for folder in (user_presets_dir(), builtin_presets_dir()):
-        if (folder / f"{name}.toml").is_file():
-            return load_preset_file(folder / f"{name}.toml")
-    known = sorted({f.stem for d in (builtin_presets_dir(), user_presets_dir()) for f in d.glob("*.toml")})
-    raise StylekitError(f"unknown preset '{name}' (available: {', '.join(known)})")
+    files = _preset_files()
+    if check_name(name) not in files:
+        raise StylekitError(f"unknown preset '{name}' (available: {', '.join(sorted(files))})")
+    return load_preset_file(files[name])
 
 
 def preset_request(preset: Preset, content: np.ndarray,

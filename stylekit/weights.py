@@ -1,6 +1,7 @@
 """Where a backbone's weights come from: torchvision's ImageNet files, a user's file, or seeded random.
 
-`--weights auto|imagenet|random|random:SEED|PATH` is resolved here into a plain state dict.
+`--weights auto|imagenet|random|random:SEED|PATH` is resolved here into a plain state dict; the cached
+files themselves are found and checksummed in weights_cache.py, without torch.
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
 import torch
-import torchvision
 
 from .atomic import replacing
 from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec, build_network, network_state_keys
 from .request import MAX_SEED
+from .weights_cache import (
+    IMAGENET_URLS,
+    cached_file,
+    expected_digest,
+    imagenet_cache_path,
+    imagenet_file_name,
+    imported_path,
+    sha256_of,
+)
+from .weights_cache import cache_dir as cache_dir  # re-exported: gram_cache and onnx_features use it
 
-IMAGENET_WEIGHTS = {
-    "vgg19": torchvision.models.VGG19_Weights.IMAGENET1K_V1,
-    "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-}
-IMAGENET_URLS = {name: weights.url for name, weights in IMAGENET_WEIGHTS.items()}
 RANDOM_FLOOR = 0.1  # dead random channels are floored at this share of the layer's median
 RANDOM_TARGET_MEAN = 1.0  # Gatys: every channel's mean activation over natural images is 1
 DOWNLOAD_TIMEOUT_S = 20.0
@@ -44,35 +47,6 @@ class Weights:
     description: str
     sha256: str | None = None
     warning: str | None = None
-
-
-def cache_dir() -> Path:
-    """stylekit's own cache folder (STYLEKIT_CACHE_DIR overrides the platform default)."""
-    return Path(os.environ.get("STYLEKIT_CACHE_DIR") or platformdirs.user_cache_dir("stylekit"))
-
-
-def imagenet_file_name(backbone: str) -> str:
-    """torchvision's file name, whose hash prefix torch.hub verifies on download."""
-    return os.path.basename(IMAGENET_URLS[backbone])
-
-
-def imagenet_cache_path(backbone: str) -> Path:
-    """Where torch's normal hub cache keeps the ImageNet file (TORCH_HOME is honoured)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_file_name(backbone)
-
-
-def imported_path(backbone: str) -> Path:
-    """Where `stylekit weights import` keeps a user-supplied file that is not torchvision's own."""
-    return cache_dir() / "weights" / f"imported-{backbone}.pth"
-
-
-def sha256_of(path: Path) -> str:
-    """Stream a file through SHA-256 (weights files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -117,7 +91,7 @@ def check_state_dict(data: dict[str, torch.Tensor], backbone: str, origin: str) 
 
 def detect_backbone(data: dict[str, torch.Tensor], origin: str) -> str:
     """Tell which backbone a state dict belongs to, by its keys and shapes."""
-    for name in IMAGENET_WEIGHTS:
+    for name in IMAGENET_URLS:
         try:
             check_state_dict(data, name, origin)
         except StylekitError:
@@ -147,7 +121,7 @@ def download_imagenet(backbone: str, progress: bool = True) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         if progress:
             print(f"Downloading {url} to {target}", file=sys.stderr)
-        torch.hub.download_url_to_file(url, str(target), hash_prefix=_expected_digest(target),
+        torch.hub.download_url_to_file(url, str(target), hash_prefix=expected_digest(target),
                                        progress=progress)
     except Exception as exc:
         raise StylekitError(
@@ -160,31 +134,17 @@ def download_imagenet(backbone: str, progress: bool = True) -> Path:
     return target
 
 
-def _cached_file(backbone: str) -> Path | None:
-    """The ImageNet file a run would use: torch's cache first, then an earlier `weights import`."""
-    return next((p for p in (imagenet_cache_path(backbone), imported_path(backbone)) if p.is_file()), None)
-
-
 def _cached_imagenet(backbone: str) -> Weights | None:
     """The ImageNet weights from torch's cache or from an earlier `weights import`, if present."""
-    path = _cached_file(backbone)
+    path = cached_file(backbone)
     if path is None:
         return None
-    digest, expected = sha256_of(path), _expected_digest(path)
+    digest, expected = sha256_of(path), expected_digest(path)
     if expected and not digest.startswith(expected):
         raise StylekitError(f"cached weights '{path}' are corrupt (checksum {digest[:12]} "
                             f"does not match {expected[:12]}); delete it and try again")
     state = check_state_dict(_read_state_dict(path), backbone, str(path))
     return Weights(backbone, state, "imagenet", f"imagenet ({path})", digest)
-
-
-def _expected_digest(path: Path) -> str | None:
-    """The checksum a cached file must have: torchvision's name prefix, or the one saved on import."""
-    sidecar = path.with_suffix(".sha256")
-    if sidecar.is_file():
-        return sidecar.read_text().strip()
-    stem = path.stem.rsplit("-", 1)
-    return stem[1] if len(stem) == 2 and stem[0] != "imported" else None
 
 
 def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
@@ -200,21 +160,6 @@ def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
     if target == imported_path(backbone):
         target.with_suffix(".sha256").write_text(digest + "\n")
     return backbone, target
-
-
-def weights_status() -> list[dict[str, str]]:
-    """One row per backbone: where its ImageNet weights are and whether their checksum holds (the
-    file a run would use: "cached" for a damaged one would only defer the bad news), or missing."""
-    rows = []
-    for backbone in IMAGENET_WEIGHTS:
-        path = _cached_file(backbone)
-        state = "missing"
-        if path is not None:
-            expected = _expected_digest(path)
-            state = "corrupt" if expected and not sha256_of(path).startswith(expected) else "cached"
-        rows.append({"backbone": backbone, "state": state,
-                     "path": str(path or imagenet_cache_path(backbone))})
-    return rows
 
 
 def calibration_images(count: int = 8, size: int = 96, seed: int = 0) -> torch.Tensor:

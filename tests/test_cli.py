@@ -2,8 +2,11 @@
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +303,44 @@ def test_listing_presets_does_not_load_torch():
     done = _without_torch(["presets", "list"])
     assert "ink-wash" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_weights_status_checks_the_cached_file_without_loading_torch(weights_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["weights", "import", str(weights_file)]) == 0
+    done = _without_torch(["weights", "status"])
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("vgg19     cached ") and lines[-1] == "False"
+
+
+@pytest.mark.parametrize(("command", "offered"), [
+    (["apply"], "content|noise|style|FILE"), (["watch"], "content|noise|style"),
+    (["batch"], "content|noise|style"), (["presets", "add"], "content|noise|style"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_init_help_offers_a_file_only_where_the_command_takes_one(command, offered, capsys):
+    assert main([*command, "--help"]) == 0
+    init_line = next(line for line in capsys.readouterr().out.splitlines() if "--init" in line)
+    assert init_line.split()[1] == offered
+
+
+def test_watch_log_json_logs_a_library_warning_as_a_json_event(tmp_path, weights_file):
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    outbox.mkdir()
+    env = {**os.environ, "STYLEKIT_CACHE_DIR": str(tmp_path / "cache"), "STYLEKIT_GRAM_CACHE_MB": "lots"}
+    command = [sys.executable, "-m", "stylekit.cli", "watch", str(inbox), "--preset", "ink-wash", "--out",
+               str(outbox), "--weights", str(weights_file), "--size", "32", "--steps", "1", "--log-json"]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) as watcher:
+        deadline = threading.Timer(120, watcher.kill)
+        deadline.start()
+        lines = []
+        for line in watcher.stderr:  # the Gram cache warns of the limit while the watcher warms up
+            lines.append(line)
+            if '"event": "watching"' in line:
+                watcher.send_signal(signal.SIGINT)
+        deadline.cancel()
+    events = [json.loads(line) for line in lines]
+    assert events[-1]["event"] == "stopped"
+    assert any(event["event"] == "warning" and "STYLEKIT_GRAM_CACHE_MB='lots'" in event["message"]
+               for event in events)

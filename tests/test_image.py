@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -334,14 +335,40 @@ def test_pixel_limit_is_enforced_before_decoding(tmp_path: Path) -> None:
     assert "1,024" in message
 
 
-@pytest.mark.parametrize("pillow_limit", [100, 600])  # Pillow's error (>2×limit) and its warning
-def test_pillow_decompression_bomb_check_becomes_image_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pillow_limit: int
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims a size its few bytes never hold: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_past_pillows_own_guard_gets_stylekits_message_and_limit(tmp_path: Path) -> None:
+    path = _png_claiming(tmp_path / "bomb.png", 20_000, 20_000)  # over twice Pillow's default limit
+    message = _assert_image_error(path, "bomb.png")
+    assert message == f"image '{path}' is 400,000,000 pixels, over the limit of 50,000,000"
+
+
+def test_pillows_warning_limit_leaves_the_decision_to_stylekits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "small.png"
+    Image.new("RGB", (32, 32)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # Pillow warns over 600, refuses over 1,200
+    assert load_image(path).rgb.shape == (32, 32, 3)
+
+
+def test_a_lower_pillow_limit_set_in_the_process_is_the_one_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "bomb.png"
     Image.new("RGB", (32, 32)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
-    _assert_image_error(path, "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over 200 before stylekit looks
+    message = _assert_image_error(path, "bomb.png")
+    assert message.endswith("is 1,024 pixels, over the limit of 200")
 
 
 def test_bad_bytes_are_reported_with_name() -> None:

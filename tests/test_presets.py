@@ -144,6 +144,15 @@ def test_an_invalid_user_preset_is_skipped_in_the_list_with_a_warning(caplog):
     assert "broken" not in names and "broken.toml" in caplog.text
 
 
+def test_a_broken_user_preset_hides_the_builtin_it_overrides_in_the_list_too(caplog):
+    write_preset(user_presets_dir(), "swirl", minimal("swirl", "[options]\nsteps = 'many'\n"))
+    with caplog.at_level(logging.WARNING, logger="stylekit.presets"):
+        names = [p.name for p in list_presets()]
+    assert "swirl" not in names and "swirl.toml" in caplog.text and "built-in 'swirl'" in caplog.text
+    with pytest.raises(StylekitError, match=r"swirl\.toml': key 'options\.steps'"):
+        get_preset("swirl")  # what `apply --preset swirl` would meet: the user's file, not the built-in
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_preset_names_are_refused(name, painting_path):
     for action in (lambda: get_preset(name), lambda: remove_preset(name),
@@ -279,6 +288,13 @@ def test_presets_list_and_show(capsys):
     assert code == 0 and [line.split()[0] for line in out.splitlines()] == BUILTINS
     code, out, _ = run(capsys, "presets", "show", "ink-wash")
     assert code == 0 and "ink-wash.jpg (weight 1)" in out and "style_weight = 3000000.0" in out
+
+
+def test_presets_list_prints_a_skipped_file_as_a_warning_like_the_clis_own(capsys):
+    write_preset(user_presets_dir(), "broken", minimal("broken", "[options]\nsteps = 'many'\n"))
+    code, out, err = run(capsys, "presets", "list")
+    assert code == 0 and "broken" not in out
+    assert err.startswith("warning: skipping preset file '") and "broken.toml" in err
 
 
 def test_presets_add_then_remove_from_the_command_line(capsys, painting_path):

@@ -4,11 +4,14 @@ import functools
 import http.server
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from stylekit import weights as w
+from stylekit import weights_cache
 from stylekit.errors import StylekitError
 from stylekit.features import FeatureExtractor
 
@@ -145,7 +148,7 @@ def test_import_makes_the_file_the_cached_imagenet_weights(offline, weights_file
     direct = w.resolve_weights(str(weights_file), "vgg19")
     assert resolved.source == "imagenet"
     assert all(torch.equal(resolved.state_dict[k], direct.state_dict[k]) for k in direct.state_dict)
-    assert {row["backbone"]: row["state"] for row in w.weights_status()}["vgg19"] == "cached"
+    assert {row["backbone"]: row["state"] for row in weights_cache.weights_status()}["vgg19"] == "cached"
 
 
 def test_corrupted_imported_file_is_detected(offline, weights_file):
@@ -161,7 +164,7 @@ def test_status_calls_a_damaged_cached_file_corrupt(offline, weights_file):
     _, target = w.import_weights(weights_file)
     with open(target, "r+b") as handle:
         handle.truncate(4000)
-    assert {row["backbone"]: row["state"] for row in w.weights_status()}["vgg19"] == "corrupt"
+    assert {row["backbone"]: row["state"] for row in weights_cache.weights_status()}["vgg19"] == "corrupt"
 
 
 def test_import_refuses_a_file_that_is_not_weights(offline, tmp_path):
@@ -169,3 +172,21 @@ def test_import_refuses_a_file_that_is_not_weights(offline, tmp_path):
     path.write_bytes(b"\xff\xd8\xff not really")
     with pytest.raises(StylekitError, match=r"photo\.jpg"):
         w.import_weights(path)
+
+
+def test_imagenet_urls_are_torchvisions_own():
+    models = torchvision.models
+    torchvisions = {"vgg19": models.VGG19_Weights.IMAGENET1K_V1.url,
+                    "vgg16": models.VGG16_Weights.IMAGENET1K_V1.url,
+                    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1.url}
+    assert torchvisions == weights_cache.IMAGENET_URLS
+
+
+@pytest.mark.parametrize("environment", [{"TORCH_HOME": "{tmp}/torch"}, {"XDG_CACHE_HOME": "{tmp}/xdg"},
+                                         {"HOME": "{tmp}/home"}], ids=lambda env: next(iter(env)))
+def test_the_hub_folder_is_the_one_torch_uses(environment, monkeypatch, tmp_path):
+    for name in ("TORCH_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    assert weights_cache.torch_hub_dir() == Path(torch.hub.get_dir())
