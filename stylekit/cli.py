@@ -19,6 +19,7 @@ from .atomic import check_writable_folder, write_json
 from .errors import StylekitError
 from .gimp_install import gimp
 from .image import load_image, output_format, save_image
+from .loopback import is_loopback
 from .pipeline.config import FORMATS as OUTPUT_FORMATS
 from .presets import add_preset, get_preset, list_presets, load_preset_file, preset_request, remove_preset
 from .progress import json_lines, progress_bar
@@ -426,7 +427,7 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
 
     sock = server.listen(host, port)  # first: a bad --host must not leave a token file behind
     token = None
-    if require_token or token_file or not server.is_loopback(host):
+    if require_token or token_file or not is_loopback(host):
         token_path = token_file or server.default_token_file()
         token = server.load_or_create_token(token_path)
         click.echo(f"clients must send 'Authorization: Bearer <token>' (token in {token_path})", err=True)

@@ -10,7 +10,6 @@ a size limit by dropping the least recently used entries.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -20,9 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import disk_cache
 from .atomic import replacing
 from .errors import one_line
-from .weights import cache_dir
+from .weights_cache import cache_dir
 
 if TYPE_CHECKING:
     from .engine import TargetFn
@@ -40,41 +40,7 @@ DEFAULT_LIMIT_MB = 1024.0
 
 def limit_bytes() -> int:
     """The cache's size limit: $STYLEKIT_GRAM_CACHE_MB (0 keeps nothing), else DEFAULT_LIMIT_MB."""
-    value = os.environ.get("STYLEKIT_GRAM_CACHE_MB", "")
-    try:
-        limit = int(float(value or DEFAULT_LIMIT_MB) * (1 << 20))
-        if limit < 0:
-            raise ValueError
-    except (ValueError, OverflowError):  # OverflowError: inf
-        _warn_unusable_limit(value)
-        limit = int(DEFAULT_LIMIT_MB * (1 << 20))
-    return limit
-
-
-@functools.cache
-def _warn_unusable_limit(value: str) -> None:
-    """Once per process and value: a long-running hot folder would otherwise repeat it per image."""
-    log.warning("ignoring STYLEKIT_GRAM_CACHE_MB=%r (not a size in MB); using %g", value, DEFAULT_LIMIT_MB)
-
-
-def prune(folder: Path, limit: int) -> None:
-    """Delete the least recently used entries until the folder holds at most `limit` bytes."""
-    entries = []
-    for path in folder.glob("*.pt"):
-        try:
-            info = path.stat()
-        except OSError:  # another process pruned it first
-            continue
-        entries.append((info.st_mtime_ns, info.st_size, path))
-    total = sum(size for _, size, _ in entries)
-    for _, size, path in sorted(entries):
-        if total <= limit:
-            break
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot prune Gram cache file %s (%s)", path, exc)
-        total -= size
+    return disk_cache.limit_bytes("STYLEKIT_GRAM_CACHE_MB", DEFAULT_LIMIT_MB)
 
 
 def _digest(image: torch.Tensor, feature_layers: tuple[str, ...], gram_layers: tuple[str, ...],
@@ -146,7 +112,7 @@ def cached_targets(compute: TargetFn, context: str, label: str) -> TargetFn:
         log.debug("Gram cache miss %s", path)
         targets = compute(image, feature_layers, gram_layers)
         _write(path, targets)
-        prune(path.parent, limit_bytes())
+        disk_cache.prune(path.parent, "*.pt", limit_bytes())
         return targets
 
     return compute_cached

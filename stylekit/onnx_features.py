@@ -28,7 +28,8 @@ from . import disk_cache, losses
 from .atomic import check_writable_folder, replacing
 from .errors import StylekitError, one_line
 from .features import FeatureExtractor, backbone_spec
-from .weights import Weights, cache_dir, state_dict_sha256
+from .weights import Weights, state_dict_sha256
+from .weights_cache import cache_dir
 
 if TYPE_CHECKING:
     from .engine import TargetFn

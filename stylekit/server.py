@@ -38,7 +38,6 @@ from . import __version__
 from .engine import output_long_side, stylize
 from .errors import Cancelled, StylekitError
 from .image import encode_png, load_image
-from .loopback import is_loopback as is_loopback  # `stylekit serve` asks server.is_loopback
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
 from .request import Progress, Result, StyleOptions, StyleRequest, validate

@@ -30,7 +30,6 @@ from .weights_cache import (
     imported_path,
     sha256_of,
 )
-from .weights_cache import cache_dir as cache_dir  # re-exported: gram_cache and onnx_features use it
 
 RANDOM_FLOOR = 0.1  # dead random channels are floored at this share of the layer's median
 RANDOM_TARGET_MEAN = 1.0  # Gatys: every channel's mean activation over natural images is 1

@@ -14,7 +14,7 @@ import torch
 from conftest import make_painting, make_photo, save_png
 from PIL import Image
 
-from stylekit import gram_cache, stylize
+from stylekit import disk_cache, gram_cache, stylize
 from stylekit.cli import main
 from stylekit.engine import Runtime, torch_targets
 from stylekit.errors import StylekitError
@@ -446,7 +446,7 @@ def test_gram_cache_limit_that_is_no_size_falls_back_to_the_default(value, monke
 
 
 def test_an_unusable_gram_cache_limit_is_reported_once_not_per_image(monkeypatch, caplog):
-    gram_cache._warn_unusable_limit.cache_clear()
+    disk_cache._warn_unusable_limit.cache_clear()
     monkeypatch.setenv("STYLEKIT_GRAM_CACHE_MB", "plenty")
     gram_cache.limit_bytes()
     gram_cache.limit_bytes()
