@@ -38,7 +38,9 @@ class Job:
     claimed: str  # its file name in processing/
     preset: str | None
     output: str | None  # relative to the outbox, chosen at claim time so a restart never makes a second
-    attempts: int = 0  # attempts started; a crash mid-job counts, so a poison image cannot loop forever
+    # Attempts made. A crash counts against a job styled alone, so a poison image cannot loop forever;
+    # a crash mid-group counts against none of its jobs, which then run again one by one.
+    attempts: int = 0
     size: int | None = None  # the long side after an out-of-memory failure (None: the preset's)
     final: str | None = None  # relative to the inbox: done/… or failed/…, recorded before the move
     error: str | None = None
@@ -47,6 +49,11 @@ class Job:
     def name(self) -> str:
         """The input's file name as dropped, for messages."""
         return Path(self.source).name
+
+    @property
+    def tried(self) -> str:
+        """Its attempts, for messages: '1 attempt', '3 attempts'."""
+        return f"{self.attempts} attempt{'' if self.attempts == 1 else 's'}"
 
 
 def journal_path(layout: Layout, job: Job) -> Path:
@@ -192,8 +199,8 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
         elif is_published(layout, job):
             finished.append((job, finish(layout, job)))
         elif job.attempts >= max_attempts:
-            reason = (f"gave up after {job.attempts} attempts: the watcher stopped while styling it "
-                      "each time (out of memory?)")
+            reason = (f"gave up after {job.tried}: the watcher stopped while styling it alone "
+                      "(out of memory?)")
             finished.append((job, finish(layout, job, reason)))
         else:
             again.append(job)

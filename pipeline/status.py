@@ -42,8 +42,9 @@ def write_status(path: Path, folders: list[FolderConfig], state: str, current: s
                      **asdict(count(f.inbox))} for f in folders]})
 
 
-def report(target: Path | None) -> str:
-    """`stylekit watch --status INBOX_OR_CONFIG`: one line per inbox."""
+def report(target: Path | None) -> tuple[str, str | None]:
+    """`stylekit watch --status INBOX_OR_CONFIG`: one line per inbox, and what is wrong if an inbox
+    does not exist (None if all do: the command fails otherwise, so that a monitoring check notices)."""
     if target is None:
         raise StylekitError("--status needs the INBOX folder or a pipeline.toml to report on")
     if target.is_dir():
@@ -53,16 +54,22 @@ def report(target: Path | None) -> str:
     else:
         raise StylekitError(f"'{target}' is neither an inbox folder nor a config file")
     lines = []
+    missing = []
     for inbox, about in inboxes:
         if not inbox.is_dir():
             lines.append(f"{inbox}{about}: the inbox does not exist")
+            missing.append(f"'{inbox}'")
             continue
         counts = count(inbox)
         holder = lock_holder(inbox)
         watcher = f"watcher running (pid {holder})" if holder else "no watcher running"
         lines.append(f"{inbox}{about}: queued {counts.queued}, processing {counts.processing}, "
                      f"done {counts.done}, failed {counts.failed}; {watcher}")
-    return "\n".join(lines)
+    problem = None
+    if missing:
+        problem = f"inbox {missing[0]} does not exist" if len(missing) == 1 else \
+            f"inboxes {', '.join(missing)} do not exist"
+    return "\n".join(lines), problem
 
 
 def _files(folder: Path, skip: str = "") -> int:

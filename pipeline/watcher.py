@@ -1,7 +1,8 @@
 """`stylekit watch`: a watchdog observer, a scan at start and now and then, settle, claim, style, repeat.
 
 Everything runs in the main thread except the observer, which only queues paths. SIGINT/SIGTERM set
-the stop event; the engine's progress callback then hands back the current image and the loop exits.
+the stop event; the engine's progress callback then hands back the current image and the loop exits
+(a second Ctrl-C stops the engine at once: see stopping.py).
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from watchdog.events import (
@@ -37,6 +36,7 @@ from .jobs import Job, recover
 from .log import EventLog
 from .settle import Settler
 from .status import write_status
+from .stopping import Stopping
 from .worker import Engine, Hotfolder, Worker, open_engine, warm_up
 
 TICK_S = 0.05  # how often the settle check runs while idle
@@ -62,16 +62,16 @@ class Watcher:
     """The loop over configured inboxes: recover, notice, settle, claim a group, style it."""
 
     def __init__(self, config: WatchConfig, hots: list[Hotfolder], log: EventLog,
-                 stop: threading.Event, engine: Engine) -> None:
+                 stopping: Stopping, engine: Engine) -> None:
         self.config = config
         self.hots = hots
         self.log = log
-        self.stop = stop
+        self.stop = stopping.event
         self.paths: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.settler = Settler(config.settle)
         self.ready: dict[Path, tuple[Hotfolder, Drop]] = {}
         self.again: list[tuple[Hotfolder, list[Job]]] = []
-        self.worker = Worker(log, stop, config.retries, heartbeat=self.write_status, engine=engine)
+        self.worker = Worker(log, stopping, config.retries, heartbeat=self.write_status, engine=engine)
         self._status_written = 0.0
         self._changed = True
         self._current_written: str | None = None
@@ -127,7 +127,7 @@ class Watcher:
                      file=job.source, moved_to=str(where))
         for job in found.again:
             hot.live[job.id] = job
-            self.again.append((hot, [job]))  # one at a time: a job that crashed the watcher runs alone
+            self.again.append((hot, [job]))  # one at a time: a crash now counts against its one image
         if found.again:
             self.log("recovered", f"{len(found.again)} image(s) left in {hot.layout.processing} "
                                   "will run again", count=len(found.again))
@@ -199,26 +199,14 @@ class Watcher:
         return True
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM ask for a clean stop; a second Ctrl-C interrupts at once."""
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, action in previous.items():
-            signal.signal(signum, action)
-
-
 def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
     """Run the hot folders until stop is set (by SIGINT/SIGTERM when running in the main thread)."""
-    stop = stop or threading.Event()
+    stopping = Stopping(stop or threading.Event())
+    signals = threading.current_thread() is threading.main_thread()
     log = EventLog(config.log_json)
     with contextlib.ExitStack() as stack:
+        if signals:
+            stack.enter_context(stopping.on_signals())
         hots = []
         for folder in config.folders:
             layout = Layout(folder.inbox, folder.out)
@@ -231,12 +219,17 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
             hots.append(Hotfolder(folder, layout))
         if config.status_file is not None:
             check_writable_folder(config.status_file.parent, "status file folder")
-        if threading.current_thread() is threading.main_thread():
-            stack.enter_context(_stop_on_signals(stop))
-        engine = stack.enter_context(open_engine(config))
-        said = [message for hot in hots for message in warm_up(hot.config, engine)]
+        try:
+            with stopping.abortable():  # nothing is claimed yet: a second Ctrl-C may stop at once
+                engine = stack.enter_context(open_engine(config))
+                said = [message for hot in hots for message in warm_up(hot.config, engine)]
+        except KeyboardInterrupt:
+            log("stopped", "stopped while starting")
+            return
+        if signals:
+            stopping.install()  # ray.init put in a SIGTERM handler of its own
         log("engine", f"styling {engine.where}", engine=config.engine)
-        watcher = Watcher(config, hots, log, stop, engine)
+        watcher = Watcher(config, hots, log, stopping, engine)
         for message in said:
             watcher.worker.warn(message)
         # watchdog's inotify can add a folder's watch twice when nested folders appear at once

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from .config import FolderConfig, WatchConfig
 from .folders import Drop, Layout, free_name
 from .jobs import Job, claim, claimed_path, finish, hand_back, output_temp, publish, save
 from .log import EventLog
+from .stopping import Stopping
 
 SHRINK = 0.7  # each out-of-memory retry makes the long side this much smaller
 PROGRESS_EVERY_S = 10.0
@@ -198,10 +198,10 @@ def warm_up(folder: FolderConfig, engine: Engine) -> tuple[str, ...]:
 class Worker:
     """Runs groups of claimed jobs to their end: published and done, failed with a reason, or handed back."""
 
-    def __init__(self, log: EventLog, stop: threading.Event, retries: int,
+    def __init__(self, log: EventLog, stopping: Stopping, retries: int,
                  heartbeat: Callable[[], None], engine: Engine) -> None:
         self.log = log
-        self.stop = stop
+        self.stopping = stopping
         self.retries = retries
         self.heartbeat = heartbeat
         self.engine = engine
@@ -220,7 +220,7 @@ class Worker:
         """Style jobs of one preset; on shutdown, hand back every one not finished yet."""
         try:
             self._run(hot, jobs)
-        except Cancelled:
+        except (Cancelled, KeyboardInterrupt):  # a stop, or a second Ctrl-C while the engine worked
             self.hand_back(hot, jobs)
         finally:
             self.current = None
@@ -240,10 +240,16 @@ class Worker:
                  file=job.source, preset=job.preset, error=reason, moved_to=str(where), attempts=job.attempts)
 
     def _run(self, hot: Hotfolder, jobs: list[Job]) -> None:
-        """Count the attempt (a crash counts too), load every image, then style them as one group."""
+        """Count the attempt, load every image, then style them as one group.
+
+        A job styled alone has its attempt recorded first, so a crash counts against it. A group's
+        attempts are recorded only with each outcome: a crash mid-group, whichever image caused it,
+        counts against none of them, and the restart runs each alone (see Watcher._recover).
+        """
         for job in jobs:
             job.attempts += 1
-            save(hot.layout, job)
+            if len(jobs) == 1:
+                save(hot.layout, job)
         try:
             preset = get_preset(str(jobs[0].preset))
         except StylekitError as error:
@@ -296,8 +302,7 @@ class Worker:
         elif is_transient(outcome):
             size = request.options.size or "full"
             why = f": {outcome}" if isinstance(outcome, StylekitError) else ""  # a refusal says what fits
-            tries = f"{job.attempts} attempt{'s' if job.attempts > 1 else ''}"
-            self.fail(hot, job, f"out of memory after {tries}, the last at size {size}{why}")
+            self.fail(hot, job, f"out of memory after {job.tried}, the last at size {size}{why}")
         elif isinstance(outcome, StylekitError):
             self.fail(hot, job, str(outcome))
         else:
@@ -327,21 +332,29 @@ class Worker:
                  **{k: v for k, v in result.report().items() if k != "options"})
 
     def _stylize(self, requests: Sequence[StyleRequest]) -> Iterator[Result | Exception]:
-        """The requests through the engine, stopping on shutdown."""
-        return self.engine.stylize_group(requests, self._progress, self._tick)
+        """The requests through the engine, stopping on shutdown (at once on a second Ctrl-C)."""
+        outcomes = self.engine.stylize_group(requests, self._progress, self._tick)
+        while True:
+            with self.stopping.abortable():
+                outcome = next(outcomes, None)
+            if outcome is None:
+                return
+            yield outcome
 
     def _tick(self) -> None:
         """Stop on shutdown (the jobs are handed back); refresh the status file now and then."""
-        if self.stop.is_set():
-            raise Cancelled
-        self.heartbeat()
+        with self.stopping.abortable(False):  # a status file is never cut short
+            if self.stopping.event.is_set():
+                raise Cancelled
+            self.heartbeat()
 
     def _progress(self, progress: Progress) -> None:
         """Stop at the next loss evaluation on shutdown; log and refresh the status file now and then."""
-        self._tick()
-        now = time.monotonic()
-        if progress.stage == "optimise" and now - self._logged >= PROGRESS_EVERY_S:
-            self._logged = now
-            self.log("progress", f"{self.current}: {progress.fraction:.0%} (scale {progress.scale}/"
-                                 f"{progress.scales}, {progress.width}×{progress.height})",
-                     file=self.current, fraction=round(progress.fraction, 4))
+        with self.stopping.abortable(False):  # nor is a log line
+            self._tick()
+            now = time.monotonic()
+            if progress.stage == "optimise" and now - self._logged >= PROGRESS_EVERY_S:
+                self._logged = now
+                self.log("progress", f"{self.current}: {progress.fraction:.0%} (scale {progress.scale}/"
+                                     f"{progress.scales}, {progress.width}×{progress.height})",
+                         file=self.current, fraction=round(progress.fraction, 4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -104,7 +105,18 @@ engine_options_with_init_file = _engine_options(init_file=True)
 
 
 def ray_options(function):
-    """Where stylize() runs, for the commands that can hand their images to a Ray pool (batch, watch)."""
+    """Where stylize() runs, for the commands that can hand their images to a Ray pool (batch, watch).
+    A Ray flag given without --engine ray is refused: the local engine would silently ignore it."""
+    @functools.wraps(function)
+    def checked(*args: object, engine_name: str, **kwargs: object) -> object:
+        source = click.get_current_context().get_parameter_source
+        for name in ("ray_address", "gpus_per_task"):
+            if engine_name != "ray" and source(name) is not click.core.ParameterSource.DEFAULT:
+                flag = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{flag} is for --engine ray only (add --engine ray, or leave "
+                                       f"{flag} out)")
+        return function(*args, engine_name=engine_name, **kwargs)
+
     decorators = [
         click.option("--engine", "engine_name", type=click.Choice(["local", "ray"]), default="local",
                      show_default=True, help="local: this process; ray: a Ray cluster's workers."),
@@ -114,8 +126,8 @@ def ray_options(function):
                      help="GPUs per Ray worker (default 1 if the cluster has GPUs; 0: one worker per CPU)."),
     ]
     for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+        checked = decorator(checked)
+    return checked
 
 
 def flag_changes(flags: dict) -> tuple[dict[str, object], str | None]:
@@ -480,7 +492,10 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
     from .pipeline.log import EventLog
 
     if show_status:
-        click.echo(status.report(inbox or config_file))
+        text, problem = status.report(inbox or config_file)
+        click.echo(text)
+        if problem:  # an inbox is missing: exit 1, so that a monitoring check notices
+            raise StylekitError(problem)
         return
     _print_library_log(EventLog(log_json))  # a library warning is an event like the watcher's own
     overrides, init_file = flag_changes(flags)

@@ -1,4 +1,5 @@
-"""`stylekit watch` as a real process: kill -9 mid-batch then a restart, and clean SIGTERM/SIGINT exits."""
+"""`stylekit watch` as a real process: kill -9 mid-batch then a restart (and whom a crash counts
+against), clean SIGTERM/SIGINT exits, and a second Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,13 @@ from stylekit.cli import main
 pytestmark = pytest.mark.usefixtures("pipeline_preset")
 
 
-def start(inbox: Path, outbox: Path, weights: Path, log: Path, steps: int) -> subprocess.Popen:
-    """Start `stylekit watch` on tiny images (one torch thread), logging JSON lines to log."""
-    command = [str(Path(sys.executable).parent / "stylekit"), "watch", str(inbox), "--preset", PRESET,
-               "--out", str(outbox), "--weights", str(weights), "--device", "cpu", "--steps", str(steps),
-               "--settle", "0.2", "--log-json"]
+def start(inbox: Path, outbox: Path, weights: Path, log: Path, steps: int, *flags: str,
+          config: Path | None = None) -> subprocess.Popen:
+    """Start `stylekit watch` on tiny images (one torch thread), logging JSON lines to log; with a
+    config file, its folders instead of INBOX and OUTBOX."""
+    folder = ["--config", str(config)] if config else [str(inbox), "--preset", PRESET, "--out", str(outbox)]
+    command = [str(Path(sys.executable).parent / "stylekit"), "watch", *folder, "--weights", str(weights),
+               "--device", "cpu", "--steps", str(steps), "--settle", "0.2", "--log-json", *flags]
     with open(log, "a", encoding="utf-8") as stream:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -86,3 +90,78 @@ def test_a_stop_signal_hands_back_the_current_image_and_exits_0(signum, boxes, w
     assert sorted(finished + [p.name for p in inbox.glob("*.png")]) == sorted(names)
     assert main(["watch", "--status", str(inbox)]) == 0
     assert f"queued {len(names) - len(finished)}, processing 0" in capsys.readouterr().out
+
+
+def test_a_kill_mid_group_counts_against_none_of_its_images_but_a_kill_while_alone_does(
+        boxes, weights_file, tmp_path):
+    inbox, outbox = boxes
+    names = [f"photo {i}.png" for i in range(3)]
+    for i, name in enumerate(names):
+        drop(inbox / name, seed=i, size=48)
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"retries = 0\n[[folder]]\ninbox = '{inbox}'\nout = '{outbox}'\npreset = '{PRESET}'\n",
+                      encoding="utf-8")  # no second attempt: a crash counted against an image fails it
+    log = tmp_path / "watch.log"
+
+    def kill_9_as_image_starts(number: int) -> None:
+        process = start(inbox, outbox, weights_file, log, 200, config=config)
+        try:
+            wait_for(lambda: len(events(log, "start")) >= number or settled(inbox, len(names))
+                     or process.poll() is not None, 180, f"image {number} to start")
+        finally:
+            process.kill()
+        process.wait(30)
+        assert len(files(inbox / "processing")) == 2 * len(names), "every image was meant to be in flight"
+
+    kill_9_as_image_starts(1)  # while the three run as one group
+    kill_9_as_image_starts(2)  # while the first of them to be recovered runs alone
+    alone = events(log, "start")[-1]["file"]
+
+    last = start(inbox, outbox, weights_file, log, 200, config=config)
+    try:
+        wait_for(lambda: settled(inbox, len(names)) or last.poll() is not None, 300, "every image")
+    finally:
+        last.send_signal(signal.SIGTERM)
+    assert last.wait(60) == 0, log.read_text()
+    assert files(inbox / "failed") == [alone, f"{alone}.error.json"]
+    error = json.loads((inbox / "failed" / f"{alone}.error.json").read_text(encoding="utf-8"))["error"]
+    assert "gave up after 1 attempt" in error
+    assert files(inbox / "done") == sorted(set(names) - {alone}) == files(outbox)
+
+
+def test_a_second_ctrl_c_stops_at_once_logging_only_json_and_handing_every_image_back(
+        boxes, weights_file, tmp_path):
+    inbox, outbox = boxes
+    names = [f"photo {i}.png" for i in range(3)]
+    for i, name in enumerate(names):
+        drop(inbox / name, seed=i, size=64)
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, 200, "--size", "256", "--scales", "1")  # ~1 s a step
+    try:
+        wait_for(lambda: events(log, "progress") or process.poll() is not None, 180, "styling to begin")
+    finally:
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the first stop waits for the step under way; the second comes meanwhile
+        process.send_signal(signal.SIGINT)
+    assert process.wait(60) == 0, log.read_text()
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert all(line.startswith("{") for line in lines), lines
+    assert json.loads(lines[-1])["event"] == "stopped"
+    assert files(inbox / "processing") == [] and files(outbox) == []
+    assert sorted(p.name for p in inbox.glob("*.png")) == names
+
+
+def test_a_ctrl_c_while_the_stopped_watcher_exits_changes_nothing(boxes, weights_file, tmp_path):
+    inbox, outbox = boxes
+    drop(inbox / "photo.png")
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, 200)
+    try:
+        wait_for(lambda: events(log, "start") or process.poll() is not None, 180, "the image to start")
+    finally:
+        process.send_signal(signal.SIGINT)
+    wait_for(lambda: events(log, "stopped") or process.poll() is not None, 60, "the clean stop")
+    process.send_signal(signal.SIGINT)  # while the process winds down (it takes a moment with torch)
+    assert process.wait(60) == 0, log.read_text()
+    assert all(line.startswith("{") for line in log.read_text(encoding="utf-8").splitlines())
+    assert [p.name for p in inbox.glob("*.png")] == ["photo.png"] and files(inbox / "processing") == []

@@ -370,11 +370,15 @@ def test_the_status_file_names_each_image_of_a_group_while_it_runs(boxes, weight
     assert {"p0.png", "p1.png", "p2.png"} <= seen
 
 
-def test_the_status_of_a_config_names_an_inbox_that_does_not_exist(tmp_path, capsys):
-    (tmp_path / "pipeline.toml").write_text("[[folder]]\ninbox = 'gone'\nout = 'out'\n", encoding="utf-8")
-    assert main(["watch", "--status", str(tmp_path / "pipeline.toml")]) == 0
-    assert f"{tmp_path / 'gone'} (preset - → {tmp_path / 'out'}): the inbox does not exist" in \
-        capsys.readouterr().out
+def test_the_status_of_a_config_names_an_inbox_that_does_not_exist_and_exits_1(tmp_path, capsys):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "pipeline.toml").write_text("[[folder]]\ninbox = 'here'\nout = 'out'\n"
+                                            "[[folder]]\ninbox = 'gone'\nout = 'out'\n", encoding="utf-8")
+    assert main(["watch", "--status", str(tmp_path / "pipeline.toml")]) == 1
+    out, err = capsys.readouterr()
+    assert f"{tmp_path / 'here'} (preset - → {tmp_path / 'out'}): queued 0" in out
+    assert f"{tmp_path / 'gone'} (preset - → {tmp_path / 'out'}): the inbox does not exist" in out
+    assert err == f"stylekit: error: inbox '{tmp_path / 'gone'}' does not exist\n"
 
 
 def test_a_second_watcher_on_the_same_inbox_is_refused(boxes, weights_file):
@@ -418,6 +422,11 @@ def test_a_watcher_around_another_watchers_inbox_is_refused(boxes, weights_file,
     (["watch", "{inbox}", "--out", "{outbox}", "--settle", "nan"], "bad settle nan"),
     (["watch", "{inbox}", "--out", "{outbox}", "--status-file", "{missing}/status.json"],
      "status file folder"),
+    # a Ray flag without --engine ray is refused before anything else (here: the missing outbox)
+    (["watch", "{inbox}", "--out", "{missing}", "--ray-address", "10.0.0.10:6379"],
+     "--ray-address is for --engine ray only"),
+    (["watch", "{inbox}", "--out", "{missing}", "--engine", "local", "--gpus-per-task", "0"],
+     "--gpus-per-task is for --engine ray only"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsys):
     inbox, outbox = boxes
