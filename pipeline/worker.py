@@ -316,7 +316,8 @@ class Worker:
                     "styles": [p.name for p in preset.style_paths], "job": job.id, **result.report()}
         try:
             temp.parent.mkdir(parents=True, exist_ok=True)
-            save_image(temp, result.image, picture.alpha, metadata=metadata, quality=hot.config.quality)
+            save_image(temp, result.image, picture.alpha, metadata=metadata, quality=hot.config.quality,
+                       source_metadata=picture.source_metadata)
             output = publish(hot.layout, job, hot.taken())
         except (StylekitError, OSError) as error:
             temp.unlink(missing_ok=True)

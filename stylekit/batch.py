@@ -176,7 +176,8 @@ def conclude(item: Item, recipe: Recipe, picture: LoadedImage | None, value: Res
         metadata = {"software": f"stylekit {__version__}", "content": item.source.name,
                     "preset": recipe.preset, "styles": list(recipe.style_names), **value.report()}
         try:
-            save_image(item.output, value.image, picture.alpha, metadata=metadata)
+            save_image(item.output, value.image, picture.alpha, metadata=metadata,
+                       source_metadata=picture.source_metadata)
         except StylekitError as error:
             value = error
         else:

@@ -249,8 +249,8 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
             raise StylekitError(f"report '{report}' is the output image too; choose another name")
     picture = load_image(content)
     if picture.alpha is not None and jpeg:
-        _warn(f"JPEG has no transparency: the content's alpha is dropped in '{output}' "
-              "(.png, .webp or .tif keep it)")
+        _warn(f"JPEG has no transparency: the content's transparent parts are flattened onto white in "
+              f"'{output}' (.png, .webp or .tif keep them)")
     init_image = load_image(init_file).rgb if init_file else None
     if chosen:
         request = replace(preset_request(chosen, picture.rgb, changes), init_image=init_image)
@@ -269,7 +269,8 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
         _warn(message)
     metadata = {"software": f"stylekit {__version__}", "content": content.name,
                 "preset": preset, "styles": [Path(s).name for s in style_files], **result.report()}
-    save_image(output, result.image, picture.alpha, metadata=metadata)
+    save_image(output, result.image, picture.alpha, metadata=metadata,
+               source_metadata=picture.source_metadata)
     if report is not None:
         write_json(report, {"output": str(output), **result.report()})
     if progress_mode == "json":

@@ -6,22 +6,27 @@ This module knows files and pixels only; tensors and networks live elsewhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import logging
 import os
 import re
+import struct
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from stylekit.atomic import write_bytes
 from stylekit.errors import StylekitError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000  # guard against decompression bombs
 
@@ -36,14 +41,36 @@ _FORMATS = {
 _FORMAT_HINT = "use .png, .jpg, .webp or .tif"
 _SOFTWARE = "stylekit"
 _PNG_META_KEY = "stylekit"
-_EXIF_DESCRIPTION = 0x010E
-_EXIF_SOFTWARE = 0x0131
+_ASCII_COMMENT = b"ASCII\0\0\0"  # EXIF UserComment's character-code prefix (the JSON is ASCII)
+_JPEG_EXIF_LIMIT = 65533  # the most EXIF a JPEG APP1 segment holds
 _GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ICC_SPACES = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
+_NO_OPTIMISATION = 0x0100  # LittleCMS's cmsFLAGS_NOOPTIMIZE: optimised, its 16-bit grey curves err up to 4%
+_Tag = ExifTags.Base
+# What an output keeps of its input's first EXIF directory: who made the picture, with what and when.
+# Orientation (the pixels are already upright), the thumbnail (it would show the unstyled photo) and
+# the tags describing how and in which colours the input stored its pixels stay behind.
+_KEPT_TAGS = frozenset({
+    _Tag.DocumentName, _Tag.ImageDescription, _Tag.Make, _Tag.Model, _Tag.PageName, _Tag.DateTime,
+    _Tag.Artist, _Tag.HostComputer, _Tag.Copyright, _Tag.Rating, _Tag.RatingPercent, _Tag.XPTitle,
+    _Tag.XPComment, _Tag.XPAuthor, _Tag.XPKeywords, _Tag.XPSubject,
+})
+# Left out of the Exif directory: the maker note (its offsets point into the input file, and it may
+# hold a preview) and the interoperability directory (the input's colour space); the size and colour
+# space fields are written for the output.
+_LEFT_BEHIND = frozenset({_Tag.MakerNote, ExifTags.IFD.Interop})
 
 
 class ImageError(StylekitError):
     """An image could not be read or written; the message names the file."""
+
+
+@dataclass(frozen=True)
+class SourceMetadata:
+    """The input's own metadata that save_image carries to its output: camera EXIF and resolution."""
+
+    exif: bytes = b""  # an EXIF block of the kept tags (_KEPT_TAGS, Exif and GPS directories), or b""
+    dpi: tuple[float, float] | None = None  # print resolution, when the input gave one
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,7 @@ class LoadedImage:
     rgb: np.ndarray  # float32, H×W×3, sRGB, values in [0, 1], C-contiguous
     alpha: np.ndarray | None  # float32, H×W in [0, 1], or None when the source had no alpha
     name: str  # file name for messages ("<bytes>" when loaded from bytes)
+    source_metadata: SourceMetadata = field(default_factory=SourceMetadata)  # for save_image
 
 
 def load_image(
@@ -61,7 +89,12 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
 ) -> LoadedImage:
-    """Decode a file or upload to float sRGB so callers never see Pillow modes or profiles."""
+    """Decode a file or upload to float sRGB so callers never see Pillow modes or profiles.
+
+    Fully transparent pixels get their visible neighbours' colours, so what a file keeps under
+    alpha 0 cannot change the result; an animation or multi-page file warns that only its first
+    frame is used.
+    """
     shown = name or ("<bytes>" if isinstance(source, bytes) else Path(source).name)
     label = _quote(name or _source_text(source))
     with _open_image(source, label, max_pixels) as im:
@@ -71,9 +104,14 @@ def load_image(
         im.load()
         icc = im.info.get("icc_profile")
         ImageOps.exif_transpose(im, in_place=True)
+        kept = _source_metadata(im)
         colour, alpha = _split_alpha(im)
         rgb = _rgb_array(colour, icc, label)
-    return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, name=shown)
+        _warn_if_animated(im, label)  # last: counting frames moves through the file
+    if alpha is not None:
+        rgb = _fill_hidden(rgb, alpha)
+    return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, name=shown,
+                       source_metadata=kept)
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
@@ -92,15 +130,20 @@ def save_image(
     alpha: np.ndarray | None = None,
     *,
     metadata: dict[str, Any] | None = None,
+    source_metadata: SourceMetadata | None = None,
     quality: int = 95,
 ) -> None:
-    """Write an image atomically so a failure never leaves a partial or clobbered file."""
+    """Write an image atomically so a failure never leaves a partial or clobbered file.
+
+    It carries the run's metadata (read_metadata reads it back), the input's source_metadata and an
+    sRGB profile; JPEG, which has no alpha, gets the transparent parts flattened onto white.
+    """
     fmt = output_format(path)
     target = Path(path)
     label = _quote(os.fspath(path))
     if not target.parent.is_dir():
         raise ImageError(f"cannot save {label}: folder {_quote(str(target.parent))} does not exist")
-    data = _encode(rgb, alpha if fmt != "JPEG" else None, fmt, metadata, quality, label)
+    data = _encode(rgb, alpha, fmt, metadata, source_metadata or SourceMetadata(), quality, label)
     _write_atomically(target, data, label)
 
 
@@ -111,7 +154,7 @@ def encode_png(
     metadata: dict[str, Any] | None = None,
 ) -> bytes:
     """Encode a PNG in memory exactly as save_image would, for answering HTTP requests."""
-    return _encode(rgb, alpha, "PNG", metadata, 95, _quote("<png>"))
+    return _encode(rgb, alpha, "PNG", metadata, SourceMetadata(), 95, _quote("<png>"))
 
 
 def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, Any]:
@@ -119,7 +162,9 @@ def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, An
     with _open_image(path_or_bytes, _quote(_source_text(path_or_bytes))) as im:
         text = im.info.get(_PNG_META_KEY)
         if text is None:
-            text = im.getexif().get(_EXIF_DESCRIPTION)
+            comment = im.getexif().get_ifd(ExifTags.IFD.Exif).get(_Tag.UserComment)
+            if isinstance(comment, bytes) and comment.startswith(_ASCII_COMMENT):
+                text = comment[len(_ASCII_COMMENT):].decode("ascii", "replace")
     if not isinstance(text, str):
         return {}
     try:
@@ -199,6 +244,45 @@ def _open_image(
             raise ImageError(f"image {label} is truncated or corrupt ({e})") from e
 
 
+def _warn_if_animated(im: Image.Image, label: str) -> None:
+    """Say that only the first frame of an animation (or page of a multi-page TIFF) is used; a
+    camera's MPO JPEG is left alone, its other images being previews."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's about damaged later frames
+            frames = getattr(im, "n_frames", 1)
+    except Exception:  # a damaged later frame (Pillow raises many kinds): only the first is readable
+        return
+    if frames > 1 and im.format != "MPO":
+        kind = "pages" if im.format == "TIFF" else "frames"
+        log.warning("image %s has %d %s: only the first is used", label, frames, kind)
+
+
+def _source_metadata(im: Image.Image) -> SourceMetadata:
+    """The EXIF tags and resolution an output keeps of its input; EXIF Pillow cannot re-encode is left
+    behind rather than refusing the picture."""
+    dpi = im.info.get("dpi")
+    if dpi is not None:
+        dpi = (float(dpi[0]), float(dpi[1]))
+        if not all(0 < value < 1e6 for value in dpi):
+            dpi = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's about damaged EXIF
+            exif = im.getexif()
+            kept = Image.Exif()
+            for tag in _KEPT_TAGS.intersection(exif):
+                kept[tag] = exif[tag]
+            for directory in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
+                if directory in exif:
+                    entries = exif.get_ifd(directory).items()
+                    kept[directory] = {tag: value for tag, value in entries if tag not in _LEFT_BEHIND}
+            data = kept.tobytes() if len(kept) else b""
+    except Exception:  # damaged or odd EXIF (Pillow raises many kinds): the picture matters more
+        data = b""
+    return SourceMetadata(exif=data, dpi=dpi)
+
+
 def _split_alpha(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     """Split transparency (alpha band or transparent colour) from colour so each converts alone."""
     if "transparency" in im.info and im.mode in _GREY16_MODES:
@@ -214,6 +298,53 @@ def _split_alpha(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     return im.convert(im.mode[:-1]), alpha
 
 
+def _fill_hidden(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Repaint fully transparent pixels from their visible neighbours (a push-pull pyramid fill), so
+    the colour a file keeps under alpha 0 cannot change the result; with nothing visible, grey."""
+    hidden = alpha == 0
+    if not hidden.any():
+        return rgb
+    if hidden.all():
+        return np.full_like(rgb, 0.5)
+    coarse = _push_pull(_block_sums(rgb * alpha[..., None]), _block_sums(alpha))
+    return np.where(hidden[..., None], _upsample(coarse, *alpha.shape), rgb)
+
+
+def _block_sums(values: np.ndarray) -> np.ndarray:
+    """Sums of 2×2 blocks (an odd edge padded with zeros): one level down the pyramid."""
+    odd = (values.shape[0] % 2, values.shape[1] % 2)
+    if any(odd):
+        values = np.pad(values, [(0, odd[0]), (0, odd[1])] + [(0, 0)] * (values.ndim - 2))
+    return values[0::2, 0::2] + values[1::2, 0::2] + values[0::2, 1::2] + values[1::2, 1::2]
+
+
+def _push_pull(sums: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Colour everywhere from alpha-weighted colour sums: where a level has little weight, the
+    next coarser level's colour, smoothly enlarged, shows through."""
+    colour = sums / np.maximum(weight, 1e-12)[..., None]
+    if weight.size == 1:  # the top: its weight is the whole image's, never 0 here
+        return colour
+    coarser = _upsample(_push_pull(_block_sums(sums), _block_sums(weight)), *weight.shape)
+    share = np.minimum(weight, 1.0)[..., None]
+    return share * colour + (1.0 - share) * coarser
+
+
+def _upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Enlarge a pyramid level 2× to height×width, interpolating linearly between pixel centres."""
+    for axis, size in ((0, height), (1, width)):
+        last = values.shape[axis] - 1
+        position = np.clip((np.arange(size) + 0.5) / 2 - 0.5, 0, last)
+        low = np.floor(position).astype(np.intp)
+        shape = [size if i == axis else 1 for i in range(values.ndim)]
+        part = (position - low).astype(values.dtype).reshape(shape)
+        below, above = np.take(values, low, axis), np.take(values, np.minimum(low + 1, last), axis)
+        below *= 1 - part  # in place: at full size these arrays are as large as the picture
+        above *= part
+        below += above
+        values = below
+    return values
+
+
 def _grey_white(im: Image.Image) -> float:
     """White's value in a deep grey image: 1 in float, 2³¹ − 1 in a 32-bit integer TIFF (Pillow's
     signed mode I), else 65535 (16-bit, which Pillow may also open as mode I)."""
@@ -226,8 +357,10 @@ def _grey_white(im: Image.Image) -> float:
 def _rgb_array(im: Image.Image, icc: bytes | None, label: str) -> np.ndarray:
     """Turn an alpha-free image of any mode into float sRGB, keeping 16-bit grey precision."""
     if im.mode in _GREY16_MODES or im.mode == "F":
-        grey = np.clip(np.asarray(im).astype(np.float64) / _grey_white(im), 0.0, 1.0).astype(np.float32)
-        return np.repeat(grey[..., None], 3, axis=2)
+        grey = np.clip(np.asarray(im).astype(np.float64) / _grey_white(im), 0.0, 1.0)
+        if icc:
+            grey = _grey_icc_to_srgb(grey, icc)
+        return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
     if im.mode not in _ICC_SPACES:
         try:
             im = im.convert("RGB")
@@ -253,6 +386,53 @@ def _icc_to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
         return im
 
 
+def _grey_icc_to_srgb(grey: np.ndarray, icc: bytes) -> np.ndarray:
+    """Apply an embedded grey profile to deep grey values in [0, 1] at full precision: its tone curve,
+    sampled through LittleCMS at 16 bits (Pillow's RGB transforms have 8) and interpolated; a
+    broken or non-grey profile changes nothing."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space != "GRAY":
+            return grey
+        transform = ImageCms.buildTransform(profile, _srgb_grey_profile(), "I;16", "I;16",
+                                            flags=_NO_OPTIMISATION)
+        ramp = Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256))
+        curve = np.asarray(ImageCms.applyTransform(ramp, transform), dtype=np.float64).ravel()
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return grey
+    return np.interp(grey, np.linspace(0.0, 1.0, 65536), curve / 65535.0)
+
+
+@functools.cache
+def _srgb_grey_profile() -> ImageCms.ImageCmsProfile:
+    """A grey ICC profile with sRGB's tone curve (D50 white, ICC v2), which Pillow cannot create:
+    grey converted into it at 16 bits is the grey of sRGB."""
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    d50 = (0.9642, 1.0, 0.8249)
+    srgb_curve = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)  # ICC parametric curve type 3
+    tags = [(b"wtpt", b"XYZ " + bytes(4) + b"".join(map(s15, d50))),
+            (b"kTRC", b"para" + bytes(4) + struct.pack(">HH", 3, 0) + b"".join(map(s15, srgb_curve)))]
+    offset = 128 + 4 + 12 * len(tags)
+    table = data = b""
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x02100000, b"mntr", b"GRAY", b"XYZ ")
+    header += bytes(12) + b"acsp" + bytes(24) + b"".join(map(s15, d50))
+    icc = header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
+    return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+
+
+@functools.cache
+def _srgb_icc() -> bytes:
+    """The sRGB profile every output embeds, so apps working in a wider space show it right."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
 def _to_uint8(values: np.ndarray, label: str) -> np.ndarray:
     """Round and clip [0, 1] floats to bytes, refusing NaN/inf that would silently become black."""
     if not np.all(np.isfinite(values)):
@@ -260,12 +440,12 @@ def _to_uint8(values: np.ndarray, label: str) -> np.ndarray:
     return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None, label: str) -> Image.Image:
-    """Build an 8-bit RGB(A) Pillow image, resizing alpha to the colour size if needed."""
+def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None, label: str, *, flatten: bool) -> Image.Image:
+    """Build an 8-bit RGB(A) Pillow image, resizing alpha to the colour size if needed; flatten
+    composites onto white instead (for a format without alpha), as the picture looks on paper."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype.kind != "f":
         raise ValueError(f"rgb must be a float H×W×3 array, got {rgb.dtype} {rgb.shape}")
-    planes = [_to_uint8(rgb, label)]
     if alpha is not None:
         alpha = np.asarray(alpha)
         if alpha.ndim != 2 or alpha.dtype.kind != "f":
@@ -276,26 +456,60 @@ def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None, label: str) -> Image.Imag
                 (width, height), Image.Resampling.BILINEAR
             )
             alpha = np.asarray(resized)
+        if flatten:
+            cover = np.clip(alpha, 0.0, 1.0)[..., None]
+            rgb, alpha = rgb * cover + (1.0 - cover), None
+    planes = [_to_uint8(rgb, label)]
+    if alpha is not None:
         planes.append(_to_uint8(alpha, label)[..., None])
     return Image.fromarray(np.concatenate(planes, axis=2))
 
 
-def _save_options(fmt: str, metadata: dict[str, Any] | None, quality: int) -> dict[str, Any]:
-    """Pillow save arguments for a format, carrying the metadata where read_metadata looks."""
-    text = None if metadata is None else json.dumps(metadata)
+def _output_exif(source: SourceMetadata, size: tuple[int, int], text: str | None) -> Image.Exif:
+    """The output's EXIF: the input's kept tags, its resolution, the output's size and colour space,
+    Software=stylekit, and the run's metadata (text) as UserComment, which nothing shows as a caption."""
+    exif = Image.Exif()
+    if source.exif:
+        exif.load(source.exif)
+    exif[_Tag.Software] = _SOFTWARE
+    if source.dpi is not None:
+        exif[_Tag.XResolution], exif[_Tag.YResolution] = source.dpi
+        exif[_Tag.ResolutionUnit] = 2  # inches
+    details = exif.get_ifd(ExifTags.IFD.Exif)
+    details.update({_Tag.ColorSpace: 1, _Tag.ExifImageWidth: size[0], _Tag.ExifImageHeight: size[1]})
+    if text is not None:
+        details[_Tag.UserComment] = _ASCII_COMMENT + text.encode("ascii")
+    exif[ExifTags.IFD.Exif] = details
+    return exif
+
+
+def _save_options(
+    fmt: str, size: tuple[int, int], metadata: dict[str, Any] | None, source: SourceMetadata, quality: int
+) -> dict[str, Any]:
+    """Pillow save arguments for a format: the metadata where read_metadata looks (a PNG text chunk,
+    else EXIF), the input's metadata (PNG gets EXIF only when the input had some) and sRGB's profile."""
+    text = None if metadata is None else json.dumps(metadata)  # ASCII: json.dumps escapes the rest
+    options: dict[str, Any] = {"icc_profile": _srgb_icc()}
+    if source.dpi is not None:
+        options["dpi"] = source.dpi
     if fmt == "PNG":
         info = PngInfo()
         info.add_text("Software", _SOFTWARE)
         if text is not None:
             info.add_text(_PNG_META_KEY, text)
-        return {"pnginfo": info}
-    exif = Image.Exif()
-    exif[_EXIF_SOFTWARE] = _SOFTWARE
-    if text is not None:
-        exif[_EXIF_DESCRIPTION] = text
-    if fmt == "TIFF":
-        return {"exif": exif, "compression": "tiff_lzw"}
-    return {"exif": exif.tobytes(), "quality": quality}
+        if source.exif:
+            options["exif"] = _output_exif(source, size, None).tobytes()
+        return {**options, "pnginfo": info}
+    exif = _output_exif(source, size, text)
+    if fmt == "TIFF":  # uncompressed: libtiff, which compresses, cannot write the Exif directory
+        return {**options, "exif": exif}  # (and LZW made styled pictures larger, not smaller)
+    data = exif.tobytes()
+    if fmt == "JPEG" and len(data) > _JPEG_EXIF_LIMIT:  # too much to carry: only stylekit's own
+        data = _output_exif(SourceMetadata(dpi=source.dpi), size, text).tobytes()
+    options.update(exif=data, quality=quality)
+    if fmt == "JPEG":
+        options["subsampling"] = 0  # 4:4:4: fine coloured brush strokes keep their colour
+    return options
 
 
 def _encode(
@@ -303,12 +517,13 @@ def _encode(
     alpha: np.ndarray | None,
     fmt: str,
     metadata: dict[str, Any] | None,
+    source: SourceMetadata,
     quality: int,
     label: str,
 ) -> bytes:
     """Encode into memory so nothing touches the disk until the bytes are known to be good."""
-    im = _to_pil(rgb, alpha, label)
-    options = _save_options(fmt, metadata, quality)
+    im = _to_pil(rgb, alpha, label, flatten=fmt == "JPEG")
+    options = _save_options(fmt, im.size, metadata, source, quality)
     buffer = io.BytesIO()
     try:
         im.save(buffer, format=fmt, **options)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from batch_support import PRESET, make_inputs, once_each, output_name, stamps, tiny, tiny_flags
-from PIL import Image
+from PIL import ExifTags, Image
 
 from stylekit.batch import FAILED_FILE, Outcome, discover, make_recipe, plan, run_batch, run_local
 from stylekit.cli import main
@@ -85,6 +85,19 @@ def test_each_image_is_styled_exactly_once_and_a_rerun_does_no_work(batch, tmp_p
     assert stamps(out) == before
 
 
+def test_an_output_keeps_its_inputs_camera_metadata_and_resolution(batch, tmp_path):
+    source = make_inputs(tmp_path / "in", 1)[0]
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "Canon", "EOS R5"
+    Image.open(source).save(source, exif=exif.tobytes(), dpi=(300, 300))
+    code, err = batch(tmp_path / "in")
+    assert code == 0, err
+    with Image.open(tmp_path / "out" / output_name(source)) as output:
+        assert output.info["dpi"] == pytest.approx((300, 300), abs=0.01)
+        exif = output.getexif()
+    assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model]) == ("Canon", "EOS R5")
+
+
 def test_a_warning_is_shown_once_naming_the_first_image_it_came_with(batch, tmp_path):
     make_inputs(tmp_path / "in", 2)
     code, err = batch(tmp_path / "in", "--size=240", "--max-memory=0.78")  # fits only lean: slower
@@ -140,6 +153,8 @@ def test_a_failed_image_is_recorded_with_its_reason_and_retried_next_time(batch,
     (["IN", "--out", "IN"], "holds input images"),
     (["IN", "--weights", "missing.pth"], "weights file 'missing.pth' not found"),
     (["IN", "--style-layers", "relu9_9"], "unknown layer 'relu9_9'"),
+    (["IN", "--ray-address", "10.0.0.10:6379"], "--ray-address is for --engine ray only"),
+    (["IN", "--gpus-per-task", "0.5"], "--gpus-per-task is for --engine ray only"),
 ])
 def test_bad_input_is_one_line(batch, tmp_path, args, message):
     make_inputs(tmp_path / "IN", 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_photo, save_png
-from PIL import Image
+from PIL import ExifTags, Image
 
 from stylekit.cli import main
 from stylekit.image import load_image, read_metadata
@@ -239,6 +239,19 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(apply):
     code, out, err, _ = apply("--progress", "json", output="/sys/kernel/out.png")
     assert code == 1 and "cannot write into output folder '/sys/kernel'" in err
     assert err.count("\n") == 1 and out == ""  # no progress: it stopped before the first step
+
+
+def test_apply_keeps_the_photos_camera_metadata_and_resolution(apply, tmp_path):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "Canon", "EOS R5"
+    content = tmp_path / "camera.jpg"
+    Image.fromarray((make_photo() * 255).astype(np.uint8)).save(content, exif=exif.tobytes(), dpi=(300, 300))
+    code, _, err, out = apply(content=content, output="out.jpg")
+    assert code == 0, err
+    with Image.open(out) as output:
+        assert output.info["dpi"] == pytest.approx((300, 300), abs=0.01)
+        exif = output.getexif()
+    assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model]) == ("Canon", "EOS R5")
 
 
 def test_a_jpeg_output_of_a_transparent_image_warns_that_the_alpha_is_dropped(apply, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import zlib
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+from PIL import ExifTags, Image, ImageCms
 
 from stylekit import image
 from stylekit.errors import StylekitError
@@ -48,16 +49,11 @@ def _xyz_tag(xyz: tuple[float, float, float]) -> bytes:
     return b"XYZ " + bytes(4) + b"".join(_s15(c) for c in xyz)
 
 
-def _matrix_trc_profile(colorants: list[tuple[float, float, float]], gamma: float) -> bytes:
-    """A minimal ICC v2 RGB display profile (matrix + single-gamma curves)."""
+def _display_profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """A minimal ICC v2 display profile for a colour space ("RGB " or "GRAY") with the given tags."""
     text = b"stylekit test profile\0"
     desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
-    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
-    tags = [(b"desc", desc), (b"wtpt", _xyz_tag(D50))]
-    tags += [
-        (sig, _xyz_tag(c)) for sig, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants, strict=True)
-    ]
-    tags += [(sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")]
+    tags = [(b"desc", desc), (b"wtpt", _xyz_tag(D50)), *tags]
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for sig, body in tags:
@@ -65,8 +61,52 @@ def _matrix_trc_profile(colorants: list[tuple[float, float, float]], gamma: floa
         table += sig + struct.pack(">II", offset + len(data), len(body))
         data += body
     header = struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000)
-    header += b"mntrRGB XYZ " + bytes(12) + b"acsp" + bytes(28) + b"".join(_s15(c) for c in D50)
+    header += b"mntr" + space + b"XYZ " + bytes(12) + b"acsp" + bytes(28) + b"".join(_s15(c) for c in D50)
     return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
+
+
+def _gamma_curve(gamma: float) -> bytes:
+    return b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+
+
+def _matrix_trc_profile(colorants: list[tuple[float, float, float]], gamma: float) -> bytes:
+    """A minimal ICC v2 RGB display profile (matrix + single-gamma curves)."""
+    tags = [(sig, _xyz_tag(c)) for sig, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants, strict=True)]
+    tags += [(sig, _gamma_curve(gamma)) for sig in (b"rTRC", b"gTRC", b"bTRC")]
+    return _display_profile(b"RGB ", tags)
+
+
+def _srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """The sRGB transfer curve, linear light to encoded values."""
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
+def _jpeg_bytes(im: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    im.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _exif_with_thumbnail(thumbnail: bytes) -> bytes:
+    """EXIF as a camera writes it: orientation in the first directory, a JPEG thumbnail in the second."""
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack("<I", 26)
+    ifd1 = struct.pack("<H", 2) + struct.pack("<HHII", 0x0201, 4, 1, 56)
+    ifd1 += struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail)) + struct.pack("<I", 0)
+    return b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd0 + ifd1 + thumbnail
+
+
+def _camera_exif() -> Image.Exif:
+    """What a camera records about a photo (the Exif and GPS directories included)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Canon"
+    exif[ExifTags.Base.Model] = "EOS R5"
+    exif[ExifTags.Base.DateTime] = "2024:05:06 07:08:09"
+    exif[ExifTags.Base.Artist] = "Ada"
+    exif[ExifTags.Base.Copyright] = "(c) Ada"
+    exif[ExifTags.IFD.Exif] = {ExifTags.Base.DateTimeOriginal: "2024:05:06 07:08:09",
+                               ExifTags.Base.MakerNote: b"maker's own bytes"}
+    exif[ExifTags.IFD.GPSInfo] = {ExifTags.GPS.GPSLatitudeRef: "N"}
+    return exif
 
 
 def _gradient(height: int = 32, width: int = 48) -> np.ndarray:
@@ -253,10 +293,26 @@ def test_embedded_adobe_rgb_profile_is_converted_to_srgb(tmp_path: Path) -> None
     linear = np.linalg.solve(
         np.array(SRGB_COLORANTS).T, np.array(ADOBE_COLORANTS).T @ (source / 255.0) ** ADOBE_GAMMA
     )
-    expected = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    expected = _srgb_encode(linear)
     got = load_image(path).rgb[0, 0]
     np.testing.assert_allclose(got, expected, atol=1.5 / 255)
     assert abs(got[0] - source[0] / 255.0) > 10 / 255  # really converted, not passed through
+
+
+@pytest.mark.parametrize(("mode", "suffix", "white"), [("I;16", ".png", 65535), ("F", ".tif", 1.0)])
+def test_a_grey_profile_on_deep_grey_is_applied_at_full_precision(
+    tmp_path: Path, mode: str, suffix: str, white: float
+) -> None:
+    linear_grey = _display_profile(b"GRAY", [(b"kTRC", _gamma_curve(1.0))])
+    levels = np.array([64 * 257, 64 * 257 + 1, 4, 60000]) / 65535
+    values = np.repeat(levels, 8).reshape(4, 8) * white
+    path = tmp_path / f"deep{suffix}"
+    pixels = values.astype(np.uint16 if mode == "I;16" else np.float32)
+    Image.fromarray(pixels).save(path, icc_profile=linear_grey)
+    rgb = load_image(path).rgb
+    np.testing.assert_allclose(rgb[:, 0, 0], _srgb_encode(levels), atol=2e-5)  # 64/255 → 137/255
+    assert rgb[1, 0, 0] > rgb[0, 0, 0]  # neighbouring 16-bit values stay distinct
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
 
 
 def test_broken_icc_profile_falls_back_to_plain_values(tmp_path: Path) -> None:
@@ -264,6 +320,84 @@ def test_broken_icc_profile_falls_back_to_plain_values(tmp_path: Path) -> None:
     path = tmp_path / "broken_icc.png"
     Image.fromarray(pixels).save(path, icc_profile=b"definitely not a profile")
     np.testing.assert_allclose(load_image(path).rgb, pixels / 255.0, atol=1e-6)
+
+
+def _cutout(hidden: tuple[int, int, int]) -> np.ndarray:
+    """RGBA: visible random colours on the left (opaque, then partly transparent), a fully
+    transparent right half holding the colour `hidden`."""
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, :16, :3] = _random_rgb8(32, 16)
+    rgba[:, :8, 3] = 255
+    rgba[:, 8:16, 3] = np.arange(1, 33, dtype=np.uint8)[:, None] * 7
+    rgba[:, 16:, :3] = hidden
+    return rgba
+
+
+def test_colour_under_fully_transparent_pixels_does_not_change_the_loaded_image(tmp_path: Path) -> None:
+    Image.fromarray(_cutout((255, 0, 255))).save(tmp_path / "magenta.png")
+    Image.fromarray(_cutout((0, 0, 0))).save(tmp_path / "black.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "magenta.png").rgb,
+                                  load_image(tmp_path / "black.png").rgb)
+
+
+def test_visible_pixels_keep_their_colour_however_transparent(tmp_path: Path) -> None:
+    rgba = _cutout((255, 0, 255))
+    path = tmp_path / "cutout.png"
+    Image.fromarray(rgba).save(path)
+    np.testing.assert_allclose(load_image(path).rgb[:, :16], rgba[:, :16, :3] / 255.0, atol=1e-6)
+
+
+def test_fully_transparent_pixels_take_their_visible_neighbours_colour(tmp_path: Path) -> None:
+    rgba = np.zeros((32, 48, 4), dtype=np.uint8)
+    rgba[:, :, :3] = (255, 0, 255)
+    rgba[:, :24] = (0, 128, 255, 255)
+    path = tmp_path / "half.png"
+    Image.fromarray(rgba).save(path)
+    np.testing.assert_allclose(load_image(path).rgb, np.broadcast_to([0, 128 / 255, 1], (32, 48, 3)),
+                               atol=1e-6)
+
+
+def test_a_fully_transparent_image_loads_as_grey(tmp_path: Path) -> None:
+    path = tmp_path / "invisible.png"
+    Image.new("RGBA", (32, 32), (255, 0, 255, 0)).save(path)
+    loaded = load_image(path)
+    np.testing.assert_array_equal(loaded.rgb, 0.5)
+    assert loaded.alpha is not None and not loaded.alpha.any()
+
+
+@pytest.mark.parametrize(("suffix", "kind"), [(".gif", "frames"), (".tif", "pages")])
+def test_an_animation_or_multi_page_file_warns_that_only_its_first_frame_is_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, suffix: str, kind: str
+) -> None:
+    path = tmp_path / f"several{suffix}"
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        rgb = load_image(path).rgb
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image '{path}' has 3 {kind}: only the first is used"
+    ]
+    np.testing.assert_allclose(rgb[0, 0], [1.0, 0.0, 0.0], atol=0.01)
+
+
+@pytest.mark.parametrize(("suffix", "kept"), [(".gif", 0.7), (".tif", 0.5)])
+def test_a_damaged_later_frame_leaves_the_first_loadable(tmp_path: Path, suffix: str, kept: float) -> None:
+    path = tmp_path / f"several{suffix}"
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    first = load_image(path).rgb
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * kept)])  # cut inside a later frame
+    np.testing.assert_array_equal(load_image(path).rgb, first)
+
+
+def test_a_single_frame_gives_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "still.gif"
+    Image.new("RGB", (32, 32), "red").save(path)
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        load_image(path)
+    assert caplog.records == []
 
 
 def test_load_from_bytes_uses_placeholder_name() -> None:
@@ -445,10 +579,25 @@ def test_alpha_survives_round_trip(tmp_path: Path, suffix: str) -> None:
     np.testing.assert_allclose(loaded.alpha, alpha, atol=0.5 / 255)
 
 
-def test_jpeg_drops_alpha(tmp_path: Path) -> None:
+def test_jpeg_flattens_alpha_onto_white(tmp_path: Path) -> None:
+    alpha = np.zeros((32, 48), dtype=np.float32)
+    alpha[:, 16:32] = 0.5
+    alpha[:, 32:] = 1.0
     path = tmp_path / "flat.jpg"
-    save_image(path, _gradient(), np.zeros((32, 48), dtype=np.float32))
-    assert load_image(path).alpha is None
+    save_image(path, np.zeros((32, 48, 3), dtype=np.float32), alpha)
+    loaded = load_image(path)
+    assert loaded.alpha is None
+    for column, expected in ((4, 1.0), (24, 0.5), (44, 0.0)):
+        np.testing.assert_allclose(loaded.rgb[16, column], expected, atol=3 / 255)
+
+
+def test_jpeg_keeps_fine_colour_detail(tmp_path: Path) -> None:
+    rgb = np.zeros((32, 48, 3), dtype=np.float32)
+    rgb[:, 0::2, 0] = 1.0  # one-pixel red and blue stripes: 4:2:0 subsampling would blend them purple
+    rgb[:, 1::2, 2] = 1.0
+    path = tmp_path / "stripes.jpg"
+    save_image(path, rgb)
+    assert np.abs(load_image(path).rgb - rgb).mean() < 0.03
 
 
 def test_alpha_of_different_size_is_resized(tmp_path: Path) -> None:
@@ -475,6 +624,88 @@ def test_software_tag_is_stylekit(tmp_path: Path, suffix: str) -> None:
     with Image.open(path) as im:
         software = im.info.get("Software") or im.getexif().get(0x0131)
     assert software == "stylekit"
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".tif"])
+def test_run_metadata_is_not_shown_as_a_caption(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"meta{suffix}"
+    save_image(path, _gradient(), metadata=METADATA)
+    with Image.open(path) as im:
+        assert ExifTags.Base.ImageDescription not in im.getexif()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+def test_every_output_embeds_an_srgb_profile(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"tagged{suffix}"
+    save_image(path, _gradient())
+    with Image.open(path) as im:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(im.info["icc_profile"]))
+    assert "sRGB" in ImageCms.getProfileDescription(profile)
+
+
+def test_encoded_png_embeds_an_srgb_profile() -> None:
+    with Image.open(io.BytesIO(encode_png(_gradient()))) as im:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(im.info["icc_profile"]))
+    assert "sRGB" in ImageCms.getProfileDescription(profile)
+
+
+@pytest.mark.parametrize("source_suffix", [".jpg", ".png", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+def test_camera_metadata_is_carried_to_the_output(tmp_path: Path, source_suffix: str, suffix: str) -> None:
+    source = tmp_path / f"camera{source_suffix}"
+    Image.fromarray(_random_rgb8()).save(source, exif=_camera_exif().tobytes())
+    path = tmp_path / f"styled{suffix}"
+    save_image(path, _gradient(), metadata=METADATA, source_metadata=load_image(source).source_metadata)
+    base = ExifTags.Base
+    with Image.open(path) as im:
+        exif = im.getexif()
+        details, gps = exif.get_ifd(ExifTags.IFD.Exif), exif.get_ifd(ExifTags.IFD.GPSInfo)
+    camera = {base.Make: "Canon", base.Model: "EOS R5", base.DateTime: "2024:05:06 07:08:09",
+              base.Artist: "Ada", base.Copyright: "(c) Ada", base.Software: "stylekit"}
+    assert {tag: exif.get(tag) for tag in camera} == camera
+    assert details[base.DateTimeOriginal] == "2024:05:06 07:08:09"
+    assert gps[ExifTags.GPS.GPSLatitudeRef] == "N"
+    assert read_metadata(path) == METADATA
+
+
+def test_camera_metadata_too_large_for_a_jpeg_is_left_out_not_the_picture(tmp_path: Path) -> None:
+    exif = _camera_exif()
+    exif[ExifTags.Base.XPComment] = "long story ".encode("utf-16-le") * 4000  # 88 kB; a JPEG holds 64
+    source = tmp_path / "annotated.png"
+    Image.fromarray(_random_rgb8()).save(source, exif=exif.tobytes())
+    path = tmp_path / "styled.jpg"
+    save_image(path, _gradient(), metadata=METADATA, source_metadata=load_image(source).source_metadata)
+    with Image.open(path) as im:
+        assert ExifTags.Base.Make not in im.getexif()
+    assert read_metadata(path) == METADATA
+
+
+def test_orientation_thumbnail_and_maker_note_stay_behind(tmp_path: Path) -> None:
+    source = tmp_path / "camera.jpg"
+    exif = Image.Exif()
+    exif.load(_exif_with_thumbnail(_jpeg_bytes(Image.new("RGB", (8, 8), "red"))))
+    assert exif[ExifTags.Base.Orientation] == 6 and exif.get_ifd(ExifTags.IFD.IFD1)  # the input has them
+    exif[ExifTags.IFD.Exif] = {ExifTags.Base.MakerNote: b"maker's own bytes"}
+    Image.fromarray(_random_rgb8()).save(source, exif=exif.tobytes())
+    path = tmp_path / "styled.jpg"
+    save_image(path, _gradient(), source_metadata=load_image(source).source_metadata)
+    with Image.open(path) as im:
+        kept = im.getexif()
+    assert ExifTags.Base.Orientation not in kept
+    assert not kept.get_ifd(ExifTags.IFD.IFD1)
+    assert ExifTags.Base.MakerNote not in kept.get_ifd(ExifTags.IFD.Exif)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+def test_print_resolution_is_carried_to_the_output(tmp_path: Path, suffix: str) -> None:
+    source = tmp_path / "scan.png"
+    Image.fromarray(_random_rgb8()).save(source, dpi=(300, 300))
+    path = tmp_path / f"styled{suffix}"
+    save_image(path, _gradient(), source_metadata=load_image(source).source_metadata)
+    with Image.open(path) as im:  # WebP has no resolution of its own, only EXIF's
+        exif = im.getexif()
+        dpi = (exif[ExifTags.Base.XResolution],) * 2 if suffix == ".webp" else im.info["dpi"]
+    assert dpi == pytest.approx((300, 300), abs=0.01)
 
 
 def test_read_metadata_without_metadata_is_empty(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_photo, save_png
-from PIL import Image
+from PIL import ExifTags, Image
 from pipeline_support import (
     PRESET,
     config_for,
@@ -212,6 +212,20 @@ def test_two_inputs_wanting_one_output_name_get_two_names(boxes, weights_file):
     assert files(outbox) == ["photo-1.png", "photo.png"]
     contents = sorted(read_metadata(outbox / name)["content"] for name in files(outbox))
     assert contents == ["photo.jpg", "photo.png"]
+
+
+def test_an_output_keeps_its_inputs_camera_metadata_and_resolution(boxes, weights_file):
+    inbox, outbox = boxes
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "Canon", "EOS R5"
+    Image.fromarray((make_photo() * 255).astype(np.uint8)).save(inbox / "photo.jpg", exif=exif.tobytes(),
+                                                                dpi=(300, 300))
+    with watching(config_for(inbox, outbox, weights_file, format="jpg")):
+        wait_for(lambda: settled(inbox, 1), what="the image")
+    with Image.open(outbox / "photo.jpg") as output:
+        assert output.info["dpi"] == pytest.approx((300, 300), abs=0.01)
+        exif = output.getexif()
+    assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model]) == ("Canon", "EOS R5")
 
 
 def test_preset_sub_folders_symlinks_and_deep_nesting(boxes, weights_file, tmp_path):
