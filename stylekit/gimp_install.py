@@ -59,8 +59,8 @@ def server_command(url: str, gimp_dir: Path) -> list[str]:
     """The command the plug-in runs when no server answers at url."""
     parts = urlsplit(url)
     command = [stylekit_executable(), "serve", "--port", str(parts.port or 80)]  # http's own port
-    if parts.hostname == "::1":
-        command += ["--host", "::1"]
+    if is_loopback(parts.hostname) and parts.hostname not in ("127.0.0.1", "localhost"):  # serve's default
+        command += ["--host", parts.hostname]  # ::1, 127.0.0.2 …: where the plug-in will look
     return ["flatpak-spawn", "--host", *command] if is_flatpak(gimp_dir) else command
 
 

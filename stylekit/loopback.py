@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback(host: str | None) -> bool:
     """True for addresses only this machine can reach (all of 127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
         return True

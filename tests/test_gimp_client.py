@@ -92,6 +92,12 @@ def test_a_layer_too_small_to_style_is_refused_before_sending():
         client.working_size(200, 12, 1024)
 
 
+@pytest.mark.parametrize(("host", "local"), [("127.0.0.2", True), ("::1", True), ("localhost", True),
+                                             ("gpu-box", False), ("192.168.1.5", False), (None, False)])
+def test_the_plugin_knows_every_loopback_address_as_this_machine(host, local):
+    assert client.is_loopback(host) is local
+
+
 def test_a_proxy_in_the_environment_does_not_catch_the_local_server(live_server, monkeypatch):
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("no_proxy", "")

@@ -86,8 +86,10 @@ def test_a_url_without_a_port_starts_the_server_on_port_80_as_http_implies():
     assert server_command("http://127.0.0.1", Path("GIMP") / "3.0")[1:] == ["serve", "--port", "80"]
 
 
-def test_an_ipv6_loopback_url_starts_the_server_listening_there():
-    assert server_command("http://[::1]:9000", Path("GIMP") / "3.0")[-2:] == ["--host", "::1"]
+@pytest.mark.parametrize("host", ["::1", "127.0.0.2"])
+def test_a_loopback_url_other_than_serves_default_starts_the_server_listening_there(host):
+    url = f"http://[{host}]:9000" if ":" in host else f"http://{host}:9000"
+    assert server_command(url, Path("GIMP") / "3.0")[-2:] == ["--host", host]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "[::1]"])

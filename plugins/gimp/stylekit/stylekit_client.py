@@ -5,6 +5,7 @@ HTTP with urllib, writes PNG with zlib, and starts `stylekit serve` when no serv
 """
 
 import http.client
+import ipaddress
 import json
 import os
 import struct
@@ -30,8 +31,15 @@ POLL_SECONDS = 0.25
 START_SECONDS = 300  # a first start may download the ImageNet weights
 ABANDON_AFTER = 15.0  # the server cancels a job nobody polls for this long (GIMP's cancel kills us)
 HTTP_TIMEOUT = 60.0
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MIN_SIDE = 16  # the engine's smallest side (VGG pools four times)
+
+
+def is_loopback(host):
+    """True for addresses only this machine can reach: stylekit/loopback.py's rule (no stylekit here)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ClientError(Exception):
@@ -77,7 +85,7 @@ class Client:
     def __init__(self, config):
         self.config = config
         # A proxy from the environment must not catch calls to this machine's own server.
-        local = urlsplit(config.url).hostname in LOOPBACK
+        local = is_loopback(urlsplit(config.url).hostname)
         self._open = urllib.request.build_opener(urllib.request.ProxyHandler({}) if local
                                                  else urllib.request.ProxyHandler()).open
 
@@ -159,7 +167,7 @@ def ensure_server(client, on_wait=lambda: None):
         client.health()
         return None
     except ServerDown:
-        if urlsplit(client.config.url).hostname not in LOOPBACK:
+        if not is_loopback(urlsplit(client.config.url).hostname):
             raise
     process, log_path = start_server(client.config)
     deadline = time.monotonic() + START_SECONDS
