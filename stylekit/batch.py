@@ -1,7 +1,8 @@
 """Batch styling: a folder or glob of images through one preset, each image exactly once, resumable.
 
-Every input has a fixed output, <stem>.<preset>.png in the output folder, written atomically, so a file
-there means that image is done and a re-run skips it. Images that fail are listed with their reasons
+Every input has a fixed output, <stem>.<preset>.<ext> in the output folder (ext from --format, as the
+hot folder names its outputs), written atomically, so a file there means that image is done and a
+re-run skips it; another --format gives other outputs. Images that fail are listed with their reasons
 in stylekit-failed.json beside the outputs (and tried again by the next run). An engine only decides
 where stylize() runs: `run_local` here, in this process; `ray_engine.engine` on a Ray cluster.
 """
@@ -25,13 +26,15 @@ from . import __version__
 from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
-from .image import LoadedImage, load_image, read_metadata, save_image
+from .image import LoadedImage, load_image, output_format, read_metadata, save_image
 from .presets import Preset, preset_request
 from .request import Result, StyleRequest, validate
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 FAILED_FILE = "stylekit-failed.json"
 WARM_UP_SIDE = 32
+JPEG_ALPHA_WARNING = ("JPEG has no transparency: transparent parts are flattened onto white "
+                      "(--format png, webp or tif keep them)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Recipe:
     preset: str
     template: StyleRequest  # its content is a placeholder; `request` puts each image in
     style_names: tuple[str, ...]
+    quality: int = 95  # JPEG and WebP quality, the hot folder's default
 
     def request(self, content: np.ndarray) -> StyleRequest:
         """The request for one image."""
@@ -66,6 +70,8 @@ class Outcome:
     seconds: float = 0.0
     worker: str = ""  # "local", or the Ray worker's host:pid
     warnings: tuple[str, ...] = ()  # what the run warned about (random weights, a slower lean run)
+    content_size: tuple[int, int] = (0, 0)  # width×height of the input and of the output (when done)
+    size: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -109,26 +115,40 @@ def discover(spec: str) -> list[Path]:
     return sorted(found)
 
 
-def plan(sources: Sequence[Path], out: Path, preset: str) -> list[Item]:
-    """Each source's output: <stem>.<preset>.png, or <stem>-<hash of its path>.<preset>.png for
-    sources whose stems clash (a.jpg and a.png), so two inputs never share an output. A source whose
-    plain-named output is already there (its metadata names it) keeps it: adding a.png to a folder
-    must not make the next run style a.jpg again under a new name."""
+def output_suffix(source: Path, out_format: str) -> str:
+    """An output's extension, as the hot folder picks it: out_format's, or with "same" the input's
+    where stylekit writes that format, else .png (an input stylekit reads but does not write: bmp, gif)."""
+    suffix = source.suffix if out_format == "same" else f".{out_format}"
+    try:
+        output_format(f"x{suffix}")
+    except StylekitError:
+        return ".png"
+    return suffix
+
+
+def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "same") -> list[Item]:
+    """Each source's output: <stem>.<preset><suffix> (see output_suffix), or
+    <stem>-<hash of its path>.<preset><suffix> where that name is not this source's alone: two sources
+    want it (a.jpg and a.png as PNG), or an earlier run's output there names another input in its
+    metadata (a.jpg's PNG, now that a.png's default output is PNG too). A source whose plain-named
+    output is already there and names it keeps it: adding a.png to a folder must not make the next
+    run style a.jpg again under a new name."""
     out_dir = out.resolve()
     for source in sources:
         if source.resolve().parent == out_dir:
             raise StylekitError(f"--out '{out}' holds input images ('{source.name}'); "
                                 "give the outputs a folder of their own")
-    stems = Counter(source.stem.casefold() for source in sources)
+    plain = [out / f"{source.stem}.{preset}{output_suffix(source, out_format)}" for source in sources]
+    wanted = Counter(output.name.casefold() for output in plain)
     names = Counter(source.name.casefold() for source in sources)
     items = []
-    for source in sources:
-        stem = source.stem
-        plain = out / f"{stem}.{preset}.png"
-        if stems[stem.casefold()] > 1 and not (names[source.name.casefold()] == 1
-                                               and _made_from(plain) == source.name):
-            stem += "-" + hashlib.sha256(os.fsencode(source)).hexdigest()[:8]
-        items.append(Item(source, out / f"{stem}.{preset}.png"))
+    for source, output in zip(sources, plain, strict=True):
+        maker = _made_from(output)
+        mine = maker == source.name and names[source.name.casefold()] == 1
+        if (wanted[output.name.casefold()] > 1 or maker is not None) and not mine:
+            stem = source.stem + "-" + hashlib.sha256(os.fsencode(source)).hexdigest()[:8]
+            output = out / f"{stem}.{preset}{output.suffix}"
+        items.append(Item(source, output))
     return items
 
 
@@ -175,14 +195,17 @@ def conclude(item: Item, recipe: Recipe, picture: LoadedImage | None, value: Res
         assert picture is not None
         metadata = {"software": f"stylekit {__version__}", "content": item.source.name,
                     "preset": recipe.preset, "styles": list(recipe.style_names), **value.report()}
+        flattened = picture.alpha is not None and output_format(item.output) == "JPEG"
         try:
             save_image(item.output, value.image, picture.alpha, metadata=metadata,
-                       source_metadata=picture.source_metadata)
+                       source_metadata=picture.source_metadata, quality=recipe.quality)
         except StylekitError as error:
             value = error
         else:
+            height, width = picture.rgb.shape[:2]
             return Outcome(item, "done", attempts=attempts, seconds=value.seconds, worker=worker,
-                           warnings=value.warnings)
+                           warnings=value.warnings + ((JPEG_ALPHA_WARNING,) if flattened else ()),
+                           content_size=(width, height), size=(value.width, value.height))
     return Outcome(item, "failed", failure_reason(value), attempts=attempts, worker=worker)
 
 

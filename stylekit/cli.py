@@ -22,6 +22,7 @@ from .gimp_install import gimp
 from .image import load_image, output_format, save_image
 from .loopback import is_loopback
 from .pipeline.config import FORMATS as OUTPUT_FORMATS
+from .pipeline.config import FolderConfig
 from .presets import add_preset, get_preset, list_presets, load_preset_file, preset_request, remove_preset
 from .progress import json_lines, progress_bar
 from .request import (
@@ -102,6 +103,27 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
 
 engine_options = _engine_options(init_file=False)
 engine_options_with_init_file = _engine_options(init_file=True)
+format_option = click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS),
+                             help="Output format (default: the input's where possible, else png).")
+quality_option = click.option("--quality", type=click.IntRange(1, 100), default=FolderConfig.quality,
+                              show_default=True,
+                              help="JPEG and WebP quality (refused for PNG and TIFF, which are lossless).")
+
+
+def _check_quality(formats: set[str]) -> None:
+    """Refuse a --quality given where every output is lossless: whoever gave it expected it to matter."""
+    source = click.get_current_context().get_parameter_source("quality")
+    if source is not click.core.ParameterSource.DEFAULT and not formats & {"JPEG", "WEBP"}:
+        raise click.UsageError(f"--quality is for JPEG and WebP outputs, not {' and '.join(sorted(formats))} "
+                               "(lossless): leave it out, or write .jpg or .webp")
+
+
+def _size_rule(size: int | None, preset: str | None) -> str:
+    """Why an output has its long side when --size was not given: the default rule, or the preset's."""
+    from .engine import DEFAULT_LONG_SIDE  # only after stylize's import has loaded torch anyway
+    if size is not None:
+        return f"preset '{preset}' sets size {size}"
+    return f"without --size, the photo's own, at most {DEFAULT_LONG_SIDE} px"
 
 
 def ray_options(function):
@@ -222,14 +244,15 @@ def cli() -> None:
                                "flags override its options.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output file: .png, .jpg, .webp or .tif.")
+@quality_option
 @engine_options_with_init_file
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]),
               default="auto", show_default=True, help="auto: a bar on a terminal, nothing otherwise.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a JSON report (time, iterations, losses, device, memory).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Path, progress_mode: str,
-          report: Path | None, debug: bool, **flags: object) -> None:
+def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Path, quality: int,
+          progress_mode: str, report: Path | None, debug: bool, **flags: object) -> None:
     """Stylise CONTENT with one or more --style images, or a --preset, and write -o OUTPUT.
 
     Examples: stylekit apply photo.jpg --style painting.jpg -o out.png;
@@ -241,14 +264,15 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     chosen = get_preset(preset) if preset else None
     style_files = [str(path) for path in chosen.style_paths] if chosen else list(styles)
     inputs = [str(content), *style_files, *([init_file] if init_file else [])]
-    jpeg = output_format(output) == "JPEG"  # an unknown extension fails here, before any work
+    out_format = output_format(output)  # an unknown extension fails here, before any work
+    _check_quality({out_format})
     _check_writable(output, "output", inputs)
     if report is not None:
         _check_writable(report, "report", inputs)
         if _same_path(report, str(output)):
             raise StylekitError(f"report '{report}' is the output image too; choose another name")
     picture = load_image(content)
-    if picture.alpha is not None and jpeg:
+    if picture.alpha is not None and out_format == "JPEG":
         _warn(f"JPEG has no transparency: the content's transparent parts are flattened onto white in "
               f"'{output}' (.png, .webp or .tif keep them)")
     init_image = load_image(init_file).rgb if init_file else None
@@ -259,7 +283,14 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
                                options=StyleOptions().replace(**changes), init_image=init_image)
     if progress_mode == "auto":
         progress_mode = "bar" if sys.stderr.isatty() else "none"
-    from .engine import stylize  # torch loads here, after the arguments and files are checked
+    # torch loads here, after the arguments and files are checked
+    from .engine import output_long_side, stylize
+    height, width = picture.rgb.shape[:2]
+    long_side = output_long_side(width, height, request.options.size)
+    if "size" not in changes and long_side < max(width, height):  # before the work: Ctrl-C costs nothing
+        _say("note", f"the output will be {long_side} px on its long side, smaller than the {width}×{height} "
+                     f"photo ({_size_rule(request.options.size, preset)}); --size {max(width, height)} "
+                     "keeps its size")
     if progress_mode == "json":
         result = stylize(request, progress=json_lines(sys.stdout))
     else:
@@ -269,7 +300,7 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
         _warn(message)
     metadata = {"software": f"stylekit {__version__}", "content": content.name,
                 "preset": preset, "styles": [Path(s).name for s in style_files], **result.report()}
-    save_image(output, result.image, picture.alpha, metadata=metadata,
+    save_image(output, result.image, picture.alpha, metadata=metadata, quality=quality,
                source_metadata=picture.source_metadata)
     if report is not None:
         write_json(report, {"output": str(output), **result.report()})
@@ -465,8 +496,7 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
               help="Folder the styled images are written to.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A pipeline.toml watching several folders (see pipeline/pipeline.example.toml).")
-@click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS),
-              help="Output format (default: the input's where possible, else png).")
+@format_option
 @ray_options
 @engine_options
 @click.option("--settle", type=click.FloatRange(min=0),
@@ -511,15 +541,18 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
 @click.argument("inputs", metavar="INPUT_DIR_OR_GLOB")
 @click.option("--preset", required=True, help="The preset every image gets (flags override its options).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the outputs, <stem>.<preset>.png (created if missing).")
+              help="Folder for the outputs, <stem>.<preset>.<ext> (created if missing).")
+@format_option
+@quality_option
 @ray_options
 @engine_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: str,
-          gpus_per_task: float | None, debug: bool, **flags: object) -> None:
+def batch(inputs: str, preset: str, out: Path, out_format: str | None, quality: int, engine_name: str,
+          ray_address: str, gpus_per_task: float | None, debug: bool, **flags: object) -> None:
     """Style every image of a folder or glob with --preset into --out, each exactly once.
 
-    A re-run skips images whose output exists; failures are listed in OUT/stylekit-failed.json.
+    A re-run skips images whose output exists (outputs of another --format are other outputs, made
+    anew); failures are listed in OUT/stylekit-failed.json.
 
     \b
     Examples: stylekit batch photos/ --preset ink-wash --out styled/
@@ -533,8 +566,9 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
     changes, init_file = flag_changes(flags)
     if init_file:
         raise click.UsageError("batch cannot use an --init FILE (use content, noise or style)")
-    recipe = batching.make_recipe(get_preset(preset), changes)
-    items = batching.plan(batching.discover(inputs), out, recipe.preset)
+    recipe = replace(batching.make_recipe(get_preset(preset), changes), quality=quality)
+    items = batching.plan(batching.discover(inputs), out, recipe.preset, out_format or "same")
+    _check_quality({output_format(item.output) for item in items})
 
     def started(pool: ray_engine.Pool) -> None:
         hosts = {worker.rpartition(":")[0] for worker in pool.workers}
@@ -544,6 +578,7 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
         ray_engine.engine(ray_address, gpus_per_task, on_start=started)
     out.mkdir(parents=True, exist_ok=True)
     warned: set[str] = set()  # each warning once: random weights would otherwise repeat per image
+    noted: list[batching.Outcome] = []  # the first output smaller than its input, said once
     with tqdm(total=len(items), unit="img", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
         _print_library_log(lambda level, message: bar.write(f"{level}: {message}", file=sys.stderr))
 
@@ -554,6 +589,13 @@ def batch(inputs: str, preset: str, out: Path, engine_name: str, ray_address: st
                 if message not in warned:
                     warned.add(message)
                     bar.write(f"warning: {outcome.item.source}: {message}", file=sys.stderr)
+            if "size" not in changes and not noted and max(outcome.size) < max(outcome.content_size):
+                noted.append(outcome)
+                (width, height), (from_width, from_height) = outcome.size, outcome.content_size
+                bar.write(f"note: outputs may be smaller than their inputs: {outcome.item.source} came out "
+                          f"{width}×{height} from {from_width}×{from_height} "
+                          f"({_size_rule(recipe.template.options.size, preset)}); --size PX sets every "
+                          "output's long side", file=sys.stderr)
             bar.update(1)
 
         summary = batching.run_batch(out, items, recipe, engine, show)

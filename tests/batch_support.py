@@ -32,9 +32,9 @@ def make_inputs(folder: Path, count: int = 8, sides: Sequence[int] = ()) -> list
     return [save_png(folder / f"img{i}.png", make_photo(side, side, seed=i)) for i, side in enumerate(sizes)]
 
 
-def output_name(source: Path) -> str:
-    """The output file name a batch gives a source."""
-    return f"{source.stem}.{PRESET}.png"
+def output_name(source: Path, suffix: str = ".png") -> str:
+    """The output file name a batch gives a source (a PNG, or in the format `suffix` names)."""
+    return f"{source.stem}.{PRESET}{suffix}"
 
 
 def stamps(out: Path) -> dict[str, int]:

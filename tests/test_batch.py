@@ -7,11 +7,22 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from batch_support import PRESET, make_inputs, once_each, output_name, stamps, tiny, tiny_flags
+from conftest import make_photo, save_png
 from PIL import ExifTags, Image
 
-from stylekit.batch import FAILED_FILE, Outcome, discover, make_recipe, plan, run_batch, run_local
+from stylekit.batch import (
+    FAILED_FILE,
+    JPEG_ALPHA_WARNING,
+    Outcome,
+    discover,
+    make_recipe,
+    plan,
+    run_batch,
+    run_local,
+)
 from stylekit.cli import main
 from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
@@ -49,13 +60,22 @@ def test_discover_takes_images_only_in_sorted_order(tmp_path):
 
 def test_output_names_are_fixed_and_never_shared(tmp_path):
     sources = [tmp_path / "a.jpg", tmp_path / "a.png", tmp_path / "sub" / "A.png", tmp_path / "b.png"]
-    items = plan(sources, tmp_path / "out", "ink")
+    items = plan(sources, tmp_path / "out", "ink", "png")
     names = [item.output.name for item in items]
     assert names[3] == "b.ink.png" and len(set(names)) == 4
     assert all(name.startswith(("a-", "A-")) and name.endswith(".ink.png") for name in names[:3])
-    assert plan(sources, tmp_path / "out", "ink") == items
+    assert plan(sources, tmp_path / "out", "ink", "png") == items
     with pytest.raises(StylekitError, match="holds input images"):
         plan(sources, tmp_path, "ink")
+
+
+def test_outputs_take_the_format_asked_for_else_the_inputs_where_stylekit_writes_it(tmp_path):
+    sources = [tmp_path / name for name in ("a.jpg", "a.png", "b.tiff", "c.webp", "d.bmp", "e.gif")]
+    same = [item.output.name for item in plan(sources, tmp_path / "out", "ink")]
+    assert same == ["a.ink.jpg", "a.ink.png", "b.ink.tiff", "c.ink.webp", "d.ink.png", "e.ink.png"]
+    webp = [item.output.name for item in plan(sources, tmp_path / "out", "ink", "webp")]
+    assert webp[2:] == ["b.ink.webp", "c.ink.webp", "d.ink.webp", "e.ink.webp"]
+    assert all(name.startswith("a-") and name.endswith(".ink.webp") for name in webp[:2])  # a clash
 
 
 def test_an_image_whose_stem_gains_a_twin_keeps_its_earlier_output(batch, tmp_path):
@@ -63,10 +83,80 @@ def test_an_image_whose_stem_gains_a_twin_keeps_its_earlier_output(batch, tmp_pa
     assert batch(tmp_path / "in")[0] == 0
     first = tmp_path / "out" / f"img0.{PRESET}.png"
     Image.open(tmp_path / "in" / "img0.png").save(tmp_path / "in" / "img0.jpg")  # the same stem
-    code, err = batch(tmp_path / "in")
+    code, err = batch(tmp_path / "in", "--format", "png")
     assert code == 0 and "batch: 1 done, 1 skipped (already there), 0 failed" in err, err
     assert read_metadata(first)["content"] == "img0.png"
     assert len(list((tmp_path / "out").glob("img0*.png"))) == 2
+
+
+def test_an_earlier_output_made_from_another_input_is_not_taken_for_this_ones(batch, tmp_path):
+    """img0.jpg's PNG is where img0.png's own output would go by default: img0.png gets another name."""
+    jpeg = tmp_path / "in" / "img0.jpg"
+    jpeg.parent.mkdir()
+    Image.fromarray((make_photo(32, 32) * 255).astype(np.uint8)).save(jpeg)
+    assert batch(tmp_path / "in", "--format", "png")[0] == 0
+    before = stamps(tmp_path / "out")
+    make_inputs(tmp_path / "in", 1)  # img0.png
+    code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 2 done, 0 skipped (already there), 0 failed" in err, err
+    after = stamps(tmp_path / "out")
+    assert {name: after[name] for name in before} == before  # img0.jpg's PNG kept as it was
+    made = {read_metadata(tmp_path / "out" / name)["content"]: name for name in after if name not in before}
+    assert made["img0.jpg"] == f"img0.{PRESET}.jpg"
+    assert made["img0.png"].startswith("img0-") and made["img0.png"].endswith(f".{PRESET}.png")
+
+
+def test_a_rerun_in_another_format_makes_those_outputs_and_keeps_the_others(batch, tmp_path):
+    sources = make_inputs(tmp_path / "in", 2)
+    assert batch(tmp_path / "in")[0] == 0
+    pngs = stamps(tmp_path / "out")
+    code, err = batch(tmp_path / "in", "--format", "jpg")
+    assert code == 0 and "batch: 2 done, 0 skipped (already there), 0 failed" in err, err
+    outputs = stamps(tmp_path / "out")
+    assert {name: outputs[name] for name in pngs} == pngs
+    for source in sources:
+        with Image.open(tmp_path / "out" / output_name(source, ".jpg")) as output:
+            assert output.format == "JPEG"
+    code, err = batch(tmp_path / "in", "--format", "jpg")
+    assert code == 0 and "batch: 0 done, 2 skipped (already there), 0 failed" in err, err
+
+
+def test_quality_sets_the_jpeg_compression_of_every_output(batch, tmp_path):
+    """A JPEG's quantisation tables are its quality: libjpeg scales the standard ones by it."""
+    sources = make_inputs(tmp_path / "in", 2)
+    assert batch(tmp_path / "in", "--format", "jpg", out=tmp_path / "default")[0] == 0
+    code, err = batch(tmp_path / "in", "--format", "jpg", "--quality", "10", out=tmp_path / "low")
+    assert code == 0, err
+    for source in sources:
+        default, low = (Image.open(tmp_path / folder / output_name(source, ".jpg")).quantization
+                        for folder in ("default", "low"))
+        assert all(sum(low[table]) > 4 * sum(default[table]) for table in default)
+
+
+def test_a_transparent_image_in_a_jpeg_batch_warns_that_it_is_flattened_once(batch, tmp_path):
+    for index in range(2):
+        rgba = np.dstack([make_photo(32, 32, seed=index), np.full((32, 32), 0.5, np.float32)])
+        (tmp_path / "in").mkdir(exist_ok=True)
+        Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(tmp_path / "in" / f"a{index}.png")
+    code, err = batch(tmp_path / "in", "--format", "jpg")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {tmp_path / 'in' / 'a0.png'}: {JPEG_ALPHA_WARNING}"]
+
+
+def test_a_batch_says_once_that_its_outputs_come_out_smaller_than_their_inputs(batch, tmp_path):
+    """520 px is over the default long side (512) while a 520×32 strip stays quick to style."""
+    make_inputs(tmp_path / "in", 1)
+    for name in ("wide0.png", "wide1.png"):
+        save_png(tmp_path / "in" / name, make_photo(520, 32))
+    code, err = batch(tmp_path / "in")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: outputs may be smaller than their inputs: {tmp_path / 'in' / 'wide0.png'} "
+                     "came out 512×32 from 520×32 (without --size, the photo's own, at most 512 px); "
+                     "--size PX sets every output's long side"]
+    code, err = batch(tmp_path / "in", "--size", "300", out=tmp_path / "sized")
+    assert code == 0 and "note: " not in err, err
 
 
 def test_each_image_is_styled_exactly_once_and_a_rerun_does_no_work(batch, tmp_path):
@@ -155,6 +245,10 @@ def test_a_failed_image_is_recorded_with_its_reason_and_retried_next_time(batch,
     (["IN", "--style-layers", "relu9_9"], "unknown layer 'relu9_9'"),
     (["IN", "--ray-address", "10.0.0.10:6379"], "--ray-address is for --engine ray only"),
     (["IN", "--gpus-per-task", "0.5"], "--gpus-per-task is for --engine ray only"),
+    (["IN", "--format", "gif"], "Invalid value for '--format'"),
+    (["IN", "--quality", "80"], "--quality is for JPEG and WebP outputs, not PNG (lossless)"),
+    (["IN", "--format", "tif", "--quality", "80"], "--quality is for JPEG and WebP outputs, not TIFF"),
+    (["IN", "--format", "jpg", "--quality", "0"], "Invalid value for '--quality'"),
 ])
 def test_bad_input_is_one_line(batch, tmp_path, args, message):
     make_inputs(tmp_path / "IN", 1)

@@ -154,6 +154,53 @@ def test_output_format_follows_the_extension(apply, extension):
     assert Image.open(out).format == {"jpg": "JPEG", "webp": "WEBP", "tif": "TIFF"}[extension]
 
 
+@pytest.mark.parametrize("extension", ["jpg", "webp"])
+def test_quality_sets_how_close_a_jpeg_or_webp_output_stays_to_the_result(apply, extension):
+    """The same run thrice (identical pixels on a CPU): lossless, at the default quality, at 10."""
+    _, _, _, lossless = apply(output="lossless.png")
+    _, _, _, default = apply(output=f"default.{extension}")
+    code, _, err, low = apply("--quality", "10", output=f"low.{extension}")
+    assert code == 0, err
+    error = {path: np.abs(pixels(path) - pixels(lossless)).mean() for path in (default, low)}
+    assert error[low] > 1.5 * error[default]
+
+
+@pytest.mark.parametrize("extension", ["png", "tif"])
+def test_quality_for_a_lossless_output_is_refused_before_work(apply, extension):
+    code, _, err, out = apply("--quality", "80", output=f"out.{extension}")
+    assert code == 2 and err.count("\n") == 1 and not out.exists()
+    assert "--quality is for JPEG and WebP outputs, not " in err
+
+
+def wide_photo(tmp_path):
+    """520 px wide, over the default long side of 512, yet quick to style at 32 px high."""
+    return save_png(tmp_path / "wide.png", make_photo(520, 32))
+
+
+def test_a_photo_over_the_default_size_is_said_to_come_out_smaller_before_the_work(apply, tmp_path):
+    code, _, err, out = apply(content=wide_photo(tmp_path))
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0] == ("note: the output will be 512 px on its long side, smaller than the 520×32 photo "
+                        "(without --size, the photo's own, at most 512 px); --size 520 keeps its size")
+    assert lines[-1].startswith("wrote ") and Image.open(out).size == (512, 32)
+
+
+@pytest.mark.parametrize("case", ["small photo", "size given"])
+def test_no_size_note_where_the_output_keeps_the_photos_size_or_size_is_given(apply, tmp_path, case):
+    if case == "small photo":
+        code, _, err, _ = apply()
+    else:
+        code, _, err, _ = apply("--size", "256", content=wide_photo(tmp_path))
+    assert code == 0 and "note: " not in err, err
+
+
+def test_the_size_note_leaves_json_progress_pure_json(apply, tmp_path):
+    code, out, err, _ = apply("--progress", "json", content=wide_photo(tmp_path))
+    assert code == 0 and err.startswith("note: the output will be 512 px"), err
+    assert all(isinstance(json.loads(line), dict) for line in out.splitlines())
+
+
 def bad_content(tmp_path, kind):
     path = tmp_path / f"bad-{kind}.png"
     if kind == "empty":
@@ -184,6 +231,7 @@ def test_bad_content_is_one_line_and_leaves_no_output(apply, tmp_path, kind):
     (["--style-layer-weights", "nan,1,1,1,1"], "bad style_layer_weights nan"),
     (["--style-layer-weights", "-5,1,1,1,1"], "bad style_layer_weights -5"),
     (["--seed", str(2**70)], "bad seed"),
+    (["--quality", "0"], "--quality"), (["--quality", "101"], "--quality"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_bad_option_values_are_one_line_errors(apply, args, needle):
     code, _, err, out = apply(*args)
