@@ -53,19 +53,20 @@ class WatchConfig:
 
 def from_cli(inbox: Path | None, config_file: Path | None, preset: str | None, out: Path | None,
              out_format: str | None, overrides: Mapping[str, object], settle: float | None,
-             log_json: bool, status_file: Path | None, *, engine: str = "local",
+             log_json: bool, status_file: Path | None, *, quality: int | None = None, engine: str = "local",
              ray_address: str = "auto", gpus_per_task: float | None = None) -> WatchConfig:
     """Build the configuration from `stylekit watch` arguments; command-line values win."""
     if config_file is not None:
         if inbox is not None or preset is not None or out is not None or out_format is not None:
             raise StylekitError("give either --config or INBOX with --preset/--out/--format, not both")
         config = load(config_file)
-        folders = tuple(replace(f, overrides={**f.overrides, **overrides}) for f in config.folders)
+        folders = tuple(replace(f, overrides={**f.overrides, **overrides}, quality=quality or f.quality)
+                        for f in config.folders)
     else:
         if inbox is None or out is None:
             raise StylekitError("give INBOX and --out OUTBOX (and usually --preset), or --config FILE")
         folders = (FolderConfig(inbox=inbox, out=out, preset=preset, format=out_format or "same",
-                                overrides=dict(overrides)),)
+                                quality=quality or FolderConfig.quality, overrides=dict(overrides)),)
         config = WatchConfig(folders=())
     config = checked(replace(config, folders=folders, log_json=log_json or config.log_json,
                              settle=config.settle if settle is None else settle,

@@ -23,7 +23,7 @@ from stylekit import __version__, ray_engine
 from stylekit.batch import warm_up_request
 from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError
-from stylekit.image import LoadedImage, load_image, output_format, save_image
+from stylekit.image import LoadedImage, load_image, output_suffix, save_image
 from stylekit.presets import Preset, get_preset, preset_request
 from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest
 
@@ -51,11 +51,7 @@ class Hotfolder:
 
     def output_name(self, drop: Drop) -> str:
         """The output's place in the outbox: the input's name (in its preset sub-folder), free now."""
-        suffix = drop.path.suffix if self.config.format == "same" else f".{self.config.format}"
-        try:
-            output_format(f"x{suffix}")
-        except StylekitError:
-            suffix = ".png"  # an input format stylekit reads but does not write (bmp, gif, …)
+        suffix = output_suffix(drop.path, self.config.format)
         folder = self.layout.outbox / drop.rel.parent
         target = free_name(folder, drop.path.stem + suffix, self.taken())
         return target.relative_to(self.layout.outbox).as_posix()

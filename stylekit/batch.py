@@ -26,7 +26,7 @@ from . import __version__
 from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
-from .image import LoadedImage, load_image, output_format, read_metadata, save_image
+from .image import LoadedImage, load_image, output_format, output_suffix, read_metadata, save_image
 from .presets import Preset, preset_request
 from .request import Result, StyleRequest, validate
 
@@ -113,17 +113,6 @@ def discover(spec: str) -> list[Path]:
     if not found:
         raise StylekitError(f"no images in '{spec}' (looked for {', '.join(IMAGE_SUFFIXES)})")
     return sorted(found)
-
-
-def output_suffix(source: Path, out_format: str) -> str:
-    """An output's extension, as the hot folder picks it: out_format's, or with "same" the input's
-    where stylekit writes that format, else .png (an input stylekit reads but does not write: bmp, gif)."""
-    suffix = source.suffix if out_format == "same" else f".{out_format}"
-    try:
-        output_format(f"x{suffix}")
-    except StylekitError:
-        return ".png"
-    return suffix
 
 
 def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "same") -> list[Item]:

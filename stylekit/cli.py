@@ -110,10 +110,15 @@ quality_option = click.option("--quality", type=click.IntRange(1, 100), default=
                               help="JPEG and WebP quality (refused for PNG and TIFF, which are lossless).")
 
 
+def _given(parameter: str) -> bool:
+    """Whether the user gave this option, rather than it taking its default."""
+    source = click.get_current_context().get_parameter_source(parameter)
+    return source is not click.core.ParameterSource.DEFAULT
+
+
 def _check_quality(formats: set[str]) -> None:
     """Refuse a --quality given where every output is lossless: whoever gave it expected it to matter."""
-    source = click.get_current_context().get_parameter_source("quality")
-    if source is not click.core.ParameterSource.DEFAULT and not formats & {"JPEG", "WEBP"}:
+    if _given("quality") and not formats & {"JPEG", "WEBP"}:
         raise click.UsageError(f"--quality is for JPEG and WebP outputs, not {' and '.join(sorted(formats))} "
                                "(lossless): leave it out, or write .jpg or .webp")
 
@@ -131,9 +136,8 @@ def ray_options(function):
     A Ray flag given without --engine ray is refused: the local engine would silently ignore it."""
     @functools.wraps(function)
     def checked(*args: object, engine_name: str, **kwargs: object) -> object:
-        source = click.get_current_context().get_parameter_source
         for name in ("ray_address", "gpus_per_task"):
-            if engine_name != "ray" and source(name) is not click.core.ParameterSource.DEFAULT:
+            if engine_name != "ray" and _given(name):
                 flag = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{flag} is for --engine ray only (add --engine ray, or leave "
                                        f"{flag} out)")
@@ -497,6 +501,7 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A pipeline.toml watching several folders (see pipeline/pipeline.example.toml).")
 @format_option
+@quality_option
 @ray_options
 @engine_options
 @click.option("--settle", type=click.FloatRange(min=0),
@@ -508,9 +513,9 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
               help="Print the counts for INBOX (or a pipeline.toml) and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_file: Path | None,
-          out_format: str | None, engine_name: str, ray_address: str, gpus_per_task: float | None,
-          settle: float | None, log_json: bool, status_file: Path | None, show_status: bool,
-          debug: bool, **flags: object) -> None:
+          out_format: str | None, quality: int, engine_name: str, ray_address: str,
+          gpus_per_task: float | None, settle: float | None, log_json: bool, status_file: Path | None,
+          show_status: bool, debug: bool, **flags: object) -> None:
     """Hot folder: style every image dropped into INBOX with --preset and write it to --out.
 
     \b
@@ -532,9 +537,12 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
     overrides, init_file = flag_changes(flags)
     if init_file:
         raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
-    watcher.watch(config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle,
-                                  log_json, status_file, engine=engine_name, ray_address=ray_address,
-                                  gpus_per_task=gpus_per_task))
+    settings = config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle, log_json,
+                               status_file, quality=quality if _given("quality") else None,
+                               engine=engine_name, ray_address=ray_address, gpus_per_task=gpus_per_task)
+    if "same" not in {folder.format for folder in settings.folders}:  # else a JPEG may come in
+        _check_quality({output_format(f"x.{folder.format}") for folder in settings.folders})
+    watcher.watch(settings)
 
 
 @cli.command()

@@ -124,6 +124,13 @@ def output_format(path: str | os.PathLike[str]) -> str:
     raise ImageError(f"unsupported output extension '{suffix}' ({_FORMAT_HINT})")
 
 
+def output_suffix(source: str | os.PathLike[str], out_format: str) -> str:
+    """An output's extension for --format out_format ("png", "jpg", …): that format's, or with "same"
+    the input's where stylekit writes that format, else .png (one it reads but does not write: bmp, gif)."""
+    suffix = Path(source).suffix if out_format == "same" else f".{out_format}"
+    return suffix if suffix.lower() in _FORMATS else ".png"
+
+
 def save_image(
     path: str | os.PathLike[str],
     rgb: np.ndarray,

@@ -21,6 +21,7 @@ from stylekit.image import (
     encode_png,
     load_image,
     output_format,
+    output_suffix,
     read_metadata,
     save_image,
 )
@@ -824,3 +825,11 @@ def test_encode_png_matches_save_image(tmp_path: Path) -> None:
     path = tmp_path / "same.png"
     save_image(path, _gradient(), metadata=METADATA)
     assert encode_png(_gradient(), metadata=METADATA) == path.read_bytes()
+
+
+@pytest.mark.parametrize(("source", "out_format", "suffix"), [
+    ("a.JPG", "same", ".JPG"), ("a.webp", "same", ".webp"), ("a.bmp", "same", ".png"),
+    ("a.gif", "same", ".png"), ("a.jpg", "png", ".png"), ("a.png", "tif", ".tif"),
+])
+def test_an_output_takes_the_format_asked_for_or_the_inputs_where_stylekit_can(source, out_format, suffix):
+    assert output_suffix(source, out_format) == suffix

@@ -441,6 +441,8 @@ def test_a_watcher_around_another_watchers_inbox_is_refused(boxes, weights_file,
      "--ray-address is for --engine ray only"),
     (["watch", "{inbox}", "--out", "{missing}", "--engine", "local", "--gpus-per-task", "0"],
      "--gpus-per-task is for --engine ray only"),
+    (["watch", "{inbox}", "--out", "{outbox}", "--format", "png", "--quality", "80"],
+     "--quality is for JPEG and WebP outputs"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsys):
     inbox, outbox = boxes
@@ -449,6 +451,20 @@ def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsy
     assert main([arg.format(**places) for arg in args]) != 0
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_quality_on_the_command_line_wins_over_the_configs_and_its_default(tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[[folder]]\ninbox = "a"\nout = "a-out"\nquality = 80\n'
+                      '[[folder]]\ninbox = "b"\nout = "b-out"\n', encoding="utf-8")
+    for name in ("a", "b", "a-out", "b-out"):
+        (tmp_path / name).mkdir()
+    kept = from_cli(None, config, None, None, None, {}, None, False, None)
+    assert [f.quality for f in kept.folders] == [80, 95]
+    given = from_cli(None, config, None, None, None, {}, None, False, None, quality=60)
+    assert [f.quality for f in given.folders] == [60, 60]
+    alone = from_cli(tmp_path / "a", None, None, tmp_path / "a-out", None, {}, None, False, None, quality=70)
+    assert [f.quality for f in alone.folders] == [70]
 
 
 def test_watch_on_ray_without_a_reachable_cluster_is_a_one_line_error(boxes, capsys):
