@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import stat
+import tempfile
 import threading
 import time
 import typing
@@ -208,6 +209,13 @@ class JobQueue:
         with self._cond:
             return len(self._pending), self._running.id if self._running else None
 
+    def check_room(self) -> None:
+        """Refuse a new job (429) while the queue is full."""
+        with self._cond:
+            if len(self._pending) >= self.settings.max_queue:
+                raise ApiError(429, f"the queue is full ({len(self._pending)} jobs waiting); "
+                                    "try again later")
+
     def submit(self, job: Job) -> tuple[JobView, bool]:
         """Queue a job; an id already known returns that job (created=False) if it is the same job."""
         with self._cond:
@@ -217,9 +225,7 @@ class JobQueue:
                     raise ApiError(409, f"job id '{job.id}' is already used by a different job")
                 known.seen = time.monotonic()
                 return known.view(), False
-            if len(self._pending) >= self.settings.max_queue:
-                raise ApiError(429, f"the queue is full ({len(self._pending)} jobs waiting); "
-                                    "try again later")
+            self.check_room()
             self._jobs[job.id] = job
             self._pending.append(job)
             self._cond.notify_all()
@@ -247,7 +253,7 @@ class JobQueue:
             job = self._find(job_id)
             if job.status == "queued":
                 self._pending.remove(job)
-                job.status, job.message = "cancelled", "cancelled before it started"
+                self._finish(job, "cancelled", "cancelled before it started")
             elif job.status == "running":
                 job.cancel.set()
                 job.message = "cancelling"
@@ -258,7 +264,8 @@ class JobQueue:
     def _find(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise ApiError(404, f"no job '{job_id}' (finished jobs are kept for a while, then dropped)")
+            raise ApiError(404, f"no job '{job_id}' (unknown here: finished jobs are kept for a while, "
+                                "and a restarted server knows none)")
         return job
 
     def _next(self) -> Job | None:
@@ -434,22 +441,38 @@ class _BodyLimit:
 _BEARER = HTTPBearer(auto_error=False)
 
 
-class _TokenRoute(APIRoute):
-    """A /v1 route that checks the bearer token before FastAPI reads the body: dependencies run only
-    after a whole upload is parsed, so a client without the token could make the server buffer one."""
+class _EarlyRoute(APIRoute):
+    """A /v1 route whose refusals that need no body come before FastAPI reads it: dependencies run
+    only after a whole upload is parsed, so a refused client could make the server buffer one."""
 
     def get_route_handler(self) -> typing.Callable[[Request], typing.Awaitable[Response]]:
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            credentials: HTTPAuthorizationCredentials | None = await _BEARER(request)
-            given = credentials.credentials.encode() if credentials else b""
-            if not hmac.compare_digest(given, request.app.state.token.encode()):
-                raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
-                                         "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+            await self.refuse_early(request)
             return await handler(request)
 
         return checked
+
+    async def refuse_early(self, request: Request) -> None:
+        """Raise the 401 for a missing or wrong bearer token, when the server has one."""
+        if request.app.state.token is None:
+            return
+        credentials: HTTPAuthorizationCredentials | None = await _BEARER(request)
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, request.app.state.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
+                                     "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+
+
+class _SubmitRoute(_EarlyRoute):
+    """POST /v1/jobs: a full queue is refused before the upload is read and decoded, so refused
+    uploads cost no memory (submit checks again: the queue may fill meanwhile)."""
+
+    async def refuse_early(self, request: Request) -> None:
+        """The token's 401 first, then the full queue's 429."""
+        await super().refuse_early(request)
+        request.app.state.jobs.check_room()
 
 
 _ERRORS = {status: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
@@ -488,7 +511,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     guarded = settings.token is not None  # the schema declares the token only when it is asked for
     app.state.token = settings.token
-    api = APIRouter(prefix="/v1", route_class=_TokenRoute if guarded else APIRoute,
+    api = APIRouter(prefix="/v1", route_class=_EarlyRoute,
                     dependencies=[Security(_BEARER)] if guarded else [],  # declares it in the schema
                     responses={401: _ERRORS[401]} if guarded else {})
 
@@ -508,9 +531,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
                            options=json.loads(json.dumps(p.options, default=str)))
                 for p in list_presets()]
 
-    @api.post("/jobs", response_model=JobView, status_code=202,
-              responses={200: {"description": "the same job was submitted before", "model": JobView},
-                         **{s: _ERRORS[s] for s in (400, 409, 413, 422, 429)}})
     def submit(response: Response,
                image: Annotated[UploadFile, File(description="The picture to stylise.")],
                params: Annotated[str, Form(description=PARAMS_HELP)] = "{}",
@@ -530,6 +550,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if not created:
             response.status_code = 200
         return view
+
+    api.add_api_route("/jobs", submit, methods=["POST"], route_class_override=_SubmitRoute,
+                      response_model=JobView, status_code=202,
+                      responses={200: {"description": "the same job was submitted before", "model": JobView},
+                                 **{s: _ERRORS[s] for s in (400, 409, 413, 422, 429)}})
 
     @api.get("/jobs/{job_id}", response_model=JobView, responses={404: _ERRORS[404]})
     def job_status(job_id: str) -> JobView:
@@ -558,17 +583,29 @@ def default_token_file() -> Path:
 
 
 def load_or_create_token(path: Path) -> str:
-    """Read the token file, creating it (mode 0600, random secret) when missing; refuse a shared one."""
+    """Read the token file, creating it (mode 0600, random secret) when missing; refuse a shared one.
+
+    A new file appears whole: written under a temporary name, then linked to its own, which fails
+    when another server starting at the same moment got there first (then its token is read).
+    """
+    if path.exists():
+        return _read_token(path)
+    token = secrets.token_urlsafe(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mode 0600
+    except OSError as exc:
+        raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(token + "\n")
+        os.link(temporary, path)
     except FileExistsError:
         return _read_token(path)
     except OSError as exc:
         raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(token + "\n")
+    finally:
+        os.unlink(temporary)
     return token
 
 

@@ -38,25 +38,35 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def start_app(settings: ServerSettings, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    """Serve a fresh create_app(settings) with uvicorn in a thread on a loopback port."""
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread
+
+
+def stop_app(server: uvicorn.Server, thread: threading.Thread) -> None:
+    """Stop a server from start_app (its worker cancels what runs) and wait until it has."""
+    server.should_exit = True
+    thread.join(10)
+
+
 @pytest.fixture
 def app_server():
-    """Serve create_app(settings) with uvicorn in a thread on a free loopback port; yields serve()."""
+    """Serve create_app(settings) on a free loopback port; yields serve(settings) -> its URL."""
     servers = []
 
     def serve(settings: ServerSettings) -> str:
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        while not server.started:
-            time.sleep(0.02)
+        servers.append(start_app(settings, port))
         return f"http://127.0.0.1:{port}"
 
     yield serve
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    for server in servers:
+        stop_app(*server)
 
 
 def test_encode_png_round_trips_through_pillow():
@@ -125,6 +135,12 @@ def test_an_answer_cut_short_is_a_message_not_a_crash():
         client.Client(client.Config(url=url)).health()
 
 
+def test_a_server_closing_without_an_answer_is_down_not_broken():
+    url = serve_raw(b"")  # as a server stopping mid-exchange does: it may come back
+    with pytest.raises(client.ServerDown, match="No stylekit server answers"):
+        client.Client(client.Config(url=url)).health()
+
+
 def test_another_program_on_the_port_is_named_as_not_a_stylekit_server():
     url = serve_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     with pytest.raises(client.ClientError, match="is not a stylekit server"):
@@ -188,6 +204,83 @@ def test_a_job_cancelled_on_the_server_is_reported(live_server):
 
     with pytest.raises(client.ClientError, match="job was cancelled on the server"):
         client.run_job(server, image, params, None, cancel_once_running)
+
+
+def test_a_job_outlasts_a_server_restart(weights_file):
+    settings, port = ServerSettings(weights=str(weights_file), device="cpu"), free_port()
+    servers = [start_app(settings, port)]
+
+    def restart() -> None:  # stopped mid-job, started again a second later, knowing no jobs
+        stop_app(*servers[0])
+        time.sleep(1.0)
+        servers.append(start_app(settings, port))
+
+    restarter = threading.Thread(target=restart)
+    messages = []
+
+    def restart_once_running(fraction, message):
+        messages.append(message)
+        if message.startswith("scale") and restarter.ident is None:  # not started yet
+            restarter.start()
+
+    never = [sys.executable, "-c", "raise SystemExit('this restart is not the plug-in's to do')"]
+    server = client.Client(client.Config(url=f"http://127.0.0.1:{port}", command=never))
+    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 40}
+    try:
+        result, _ = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
+                                   restart_once_running)
+    finally:
+        restarter.join(30)
+        for running in servers[1:]:
+            stop_app(*running)
+    assert Image.open(io.BytesIO(result)).size == (48, 40)
+    assert any("went away" in message for message in messages)
+
+
+def test_a_local_server_that_stays_down_is_started_again(weights_file, monkeypatch):
+    monkeypatch.setattr(client, "RESTART_AFTER", 0.5)
+    port = free_port()
+    first = start_app(ServerSettings(weights=str(weights_file), device="cpu"), port)
+    command = [str(Path(sys.executable).parent / "stylekit"), "serve", "--port", str(port),
+               "--weights", str(weights_file), "--device", "cpu"]
+    started = []
+    real_start = client.start_server
+
+    def start_server(config):  # the real one, noting the process to end after the test
+        started.append(real_start(config))
+        return started[-1]
+
+    monkeypatch.setattr(client, "start_server", start_server)
+
+    def stop_once_running(fraction, message):
+        if message.startswith("scale") and first[1].is_alive():
+            stop_app(*first)
+
+    server = client.Client(client.Config(url=f"http://127.0.0.1:{port}", command=command))
+    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 5}
+    try:
+        result, _ = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
+                                   stop_once_running)
+    finally:
+        for process, _log in started:
+            process.terminate()
+            process.wait(30)
+    assert Image.open(io.BytesIO(result)).size == (48, 40) and len(started) == 1
+
+
+def test_a_job_the_server_keeps_losing_is_given_up(live_server):
+    server = client.Client(client.Config(url=live_server))
+    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 2}
+    runs = []
+
+    def drop_it_once_done(fraction, message):  # as a restart between "done" and the download would
+        if message.startswith("done"):
+            runs.append(server.forget(params["id"]))
+
+    with pytest.raises(client.ClientError, match="lost the job"):
+        client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
+                       drop_it_once_done)
+    assert len(runs) == 1 + client.RESUBMITS
 
 
 def test_refusals_become_advice(app_server, tmp_path, weights_file):

@@ -1,5 +1,7 @@
 """`stylekit serve`: every endpoint, cancelling, limits, the token off loopback, retries, fuzzing."""
 
+import concurrent.futures
+import gc
 import http.client
 import io
 import json
@@ -8,6 +10,8 @@ import socket
 import stat
 import threading
 import time
+import weakref
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -206,6 +210,13 @@ def test_bad_uploads_get_422(server):
     assert server.get("/v1/jobs/nope").status_code == 404
 
 
+def test_an_unknown_job_is_not_said_to_have_finished(server):
+    answer = server.get("/v1/jobs/never-sent")
+    assert answer.status_code == 404
+    assert answer.json()["detail"] == ("no job 'never-sent' (unknown here: finished jobs are kept for a "
+                                       "while, and a restarted server knows none)")
+
+
 def test_upload_and_pixel_limits(weights_file):
     app = create_app(ServerSettings(weights=str(weights_file), max_upload_bytes=3000, max_pixels=1000))
     client = TestClient(app)
@@ -248,28 +259,63 @@ def test_a_job_with_the_right_token_is_queued():
 
 
 @pytest.fixture
-def token_server():
-    """A real uvicorn server on loopback (in a thread) that requires TOKEN; yields (host, port)."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerSettings(token=TOKEN)), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield sock.getsockname()[:2]
-    server.should_exit = True
-    thread.join(10)
+def raw_server():
+    """Serve create_app(settings) with uvicorn on loopback (in a thread, no worker: nothing runs);
+    yields serve(settings) -> (host, port)."""
+    servers = []
+
+    def serve(settings: ServerSettings) -> tuple[str, int]:
+        sock = listen("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        while not server.started:
+            time.sleep(0.02)
+        return sock.getsockname()[:2]
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
 
 
-def test_a_wrong_token_is_refused_before_the_upload_is_read(token_server):
-    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer nope\r\n"
-            b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 20000000\r\n\r\n")
+def answer_to_a_partial_upload(address: tuple[str, int], headers: bytes = b"") -> tuple[int, str]:
+    """POST /v1/jobs announcing 20 MB but sending 1 kB: a server that reads the body first never answers."""
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\n" + headers
+            + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 20000000\r\n\r\n")
     part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-    with socket.create_connection(token_server, timeout=10) as client:
-        client.sendall(head + part + bytes(1000))  # 20 MB announced, 1 kB sent: a server reading it waits
+    with socket.create_connection(address, timeout=10) as client:
+        client.sendall(head + part + bytes(1000))
         answer = http.client.HTTPResponse(client)
         answer.begin()
-        assert answer.status == 401 and "bearer token" in json.loads(answer.read())["detail"]
+        return answer.status, json.loads(answer.read())["detail"]
+
+
+def test_a_wrong_token_is_refused_before_the_upload_is_read(raw_server):
+    address = raw_server(ServerSettings(token=TOKEN))
+    status, detail = answer_to_a_partial_upload(address, b"Authorization: Bearer nope\r\n")
+    assert status == 401 and "bearer token" in detail
+
+
+def test_a_full_queue_is_refused_before_the_upload_is_read(raw_server):
+    host, port = raw_server(ServerSettings(max_queue=1))
+    with httpx.Client(base_url=f"http://{host}:{port}") as client:
+        assert post_job(client, FAST).status_code == 202  # nothing runs: it stays queued
+    status, detail = answer_to_a_partial_upload((host, port))
+    assert status == 429 and "queue is full" in detail
+
+
+def test_cancelling_a_queued_job_frees_its_pixels():
+    app = create_app(ServerSettings())
+    client = TestClient(app)  # no lifespan: nothing runs
+    post_job(client, {**FAST, "id": "waiting"})
+    request, alpha = app.state.jobs._jobs["waiting"].request, app.state.jobs._jobs["waiting"].alpha
+    arrays = [weakref.ref(array) for array in (request.content, *request.styles, alpha)]
+    del request, alpha
+    assert client.delete("/v1/jobs/waiting").json()["status"] == "cancelled"
+    gc.collect()
+    assert [array() is None for array in arrays] == [True, True, True]
 
 
 def test_token_file_is_private_and_reused(tmp_path):
@@ -280,6 +326,22 @@ def test_token_file_is_private_and_reused(tmp_path):
     path.chmod(0o644)
     with pytest.raises(Exception, match="chmod 600"):
         load_or_create_token(path)
+
+
+def start_together(barrier: threading.Barrier, path: Path) -> str:
+    """One server's first start, at the same moment as the others at the barrier."""
+    barrier.wait()
+    return load_or_create_token(path)
+
+
+def test_servers_starting_together_all_read_the_whole_token(tmp_path):
+    for attempt in range(50):  # the race is narrow: many first starts, two servers each
+        path, barrier = tmp_path / f"token-{attempt}", threading.Barrier(2)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            starts = [pool.submit(start_together, barrier, path) for _ in range(2)]
+        tokens = [start.result() for start in starts]
+        assert tokens[0] == tokens[1] == path.read_text().strip()
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(f"token-{n}" for n in range(50))
 
 
 def test_loopback_detection():

@@ -31,6 +31,9 @@ POLL_SECONDS = 0.25
 START_SECONDS = 300  # a first start may download the ImageNet weights
 ABANDON_AFTER = 15.0  # the server cancels a job nobody polls for this long (GIMP's cancel kills us)
 HTTP_TIMEOUT = 60.0
+OUTAGE_SECONDS = 30.0  # how long a job waits for a server that went away (a restart, a network blip)
+RESTART_AFTER = 10.0  # a local server still down this long is started again (unless it restarts itself)
+RESUBMITS = 3  # times a job the server has lost (it restarted) is sent again, with the same id
 MIN_SIDE = 16  # the engine's smallest side (VGG pools four times)
 
 
@@ -79,6 +82,10 @@ class ServerDown(ClientError):
     """No server answers at the configured URL."""
 
 
+class NotFound(ClientError):
+    """The server answers 404: it does not know the job (it restarted since, or dropped it)."""
+
+
 class Client:
     """Calls to one stylekit server; every failure becomes a ClientError with advice."""
 
@@ -100,15 +107,17 @@ class Client:
             with self._open(request, timeout=HTTP_TIMEOUT) as answer:
                 return answer.read()
         except urllib.error.HTTPError as exc:
-            raise ClientError(self._explain(exc)) from None
-        except http.client.HTTPException as exc:  # an answer cut short, or not HTTP at all
-            raise ClientError(f"The connection to the stylekit server at {self.config.url} broke "
-                              f"({type(exc).__name__}). Try again.") from None
+            raise (NotFound if exc.code == 404 else ClientError)(self._explain(exc)) from None
+        # Before HTTPException: a server that stops mid-exchange closes without an answer, and
+        # RemoteDisconnected is both; that server is down (and may come back), not broken.
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServerDown(f"No stylekit server answers at {self.config.url} ({reason}). Start it with "
                              "`stylekit serve`, or check 'url' in " + (self.config.path or CONFIG_NAME)
                              + ".") from None
+        except http.client.HTTPException as exc:  # an answer cut short, or not HTTP at all
+            raise ClientError(f"The connection to the stylekit server at {self.config.url} broke "
+                              f"({type(exc).__name__}). Try again.") from None
 
     def _explain(self, error):
         """The server's one-line reason for an HTTP error, with what to do about it."""
@@ -246,11 +255,34 @@ def job_params(preset, strength, quality, preserve_colors, width, height):
 
 def run_job(client, image_png, params, style, on_progress):
     """Submit, poll until finished (on_progress(fraction, message) each time), return the PNG and
-    the run's warnings (e.g. random weights on a server without ImageNet's, which GIMP cannot see)."""
-    try:
-        job = client.submit(image_png, params, style)
-    except ServerDown:  # the upload may have been lost on the way: the same id makes a retry safe
-        job = client.submit(image_png, params, style)
+    the run's warnings (e.g. random weights on a server without ImageNet's, which GIMP cannot see).
+
+    A server that goes away is waited for, and one that comes back without the job (it restarted) is
+    sent it again: the same id and upload make that safe, and a job still known is not run twice.
+    """
+    shown = 0.0  # the progress bar stays where it was while the server is away
+
+    def show(fraction, message):
+        nonlocal shown
+        shown = fraction
+        on_progress(fraction, message)
+
+    def patiently(call):
+        return _outlast(client, call, lambda: on_progress(shown, "the stylekit server went away; "
+                                                                 "waiting for it to come back"))
+
+    for _ in range(1 + RESUBMITS):
+        job = patiently(lambda: client.submit(image_png, params, style))
+        try:
+            return _follow(client, job, show, patiently)
+        except NotFound:
+            pass
+    raise ClientError(f"The stylekit server lost the job {1 + RESUBMITS} times (is it restarting over "
+                      "and over?); see its log, then try again.")
+
+
+def _follow(client, job, on_progress, patiently):
+    """Poll a submitted job until it is done; return its PNG and warnings (NotFound: the server lost it)."""
     while True:
         on_progress(job["progress"], job["message"])
         if job["status"] == "done":
@@ -260,10 +292,28 @@ def run_job(client, image_png, params, style, on_progress):
         if job["status"] == "cancelled":
             raise ClientError(f"The job was cancelled on the server ({job['message']}).")
         time.sleep(POLL_SECONDS)
-        job = client.status(job["id"])
-    png = client.result(job["id"])
+        job = patiently(lambda: client.status(job["id"]))
+    png = patiently(lambda: client.result(job["id"]))
     client.forget(job["id"])
     return png, (job.get("report") or {}).get("warnings", [])
+
+
+def _outlast(client, call, on_wait):
+    """call(), waiting up to OUTAGE_SECONDS for a server that went away; a local one still down after
+    RESTART_AFTER seconds is started again, as before the job (ensure_server)."""
+    down_since = time.monotonic()
+    while True:
+        try:
+            return call()
+        except ServerDown:
+            down = time.monotonic() - down_since
+            if down >= OUTAGE_SECONDS:
+                raise
+        on_wait()
+        if down >= RESTART_AFTER and is_loopback(urlsplit(client.config.url).hostname):
+            ensure_server(client, on_wait)
+        else:
+            time.sleep(POLL_SECONDS)
 
 
 def multipart(fields, files):
