@@ -2,16 +2,21 @@
 
 Every input has a fixed output, <stem>.<preset>.<ext> in the output folder (ext from --format, as the
 hot folder names its outputs), written atomically, so a file there means that image is done and a
-re-run skips it; another --format gives other outputs. Images that fail are listed with their reasons
-in stylekit-failed.json beside the outputs (and tried again by the next run). An engine only decides
-where stylize() runs: `run_local` here, in this process; `ray_engine.engine` on a Ray cluster.
+re-run skips it; another --format gives other outputs. Before styling an image a run claims it (a
+lock on a hidden file beside its output), so batches sharing an output folder never style one image
+twice. Images that fail are listed with their reasons in stylekit-failed.json beside the outputs (and
+tried again by the next run). An engine only decides where stylize() runs: `run_local` here, in this
+process; `ray_engine.engine` on a Ray cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
+import json
 import os
 import time
 from collections import Counter
@@ -27,6 +32,7 @@ from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
 from .image import LoadedImage, load_image, output_format, output_suffix, read_metadata, save_image
+from .pipeline.folders import lock_holder
 from .presets import Preset, preset_request
 from .request import Result, StyleRequest, validate
 
@@ -35,6 +41,13 @@ FAILED_FILE = "stylekit-failed.json"
 WARM_UP_SIDE = 32
 JPEG_ALPHA_WARNING = ("JPEG has no transparency: transparent parts are flattened onto white "
                       "(--format png, webp or tif keep them)")
+TAKEN = "another stylekit batch is styling it"
+GONE = "it disappeared (moved by something else?)"
+_claims: dict[Path, int] = {}  # output → the locked claim file this process holds for it
+
+
+class Skipped(StylekitError):
+    """An item that is not this run's to style after all: its reason, or "" when its output is there."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +74,12 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one item ended: done (output written), skipped (output already there) or failed."""
+    """How one item ended: done (output written), skipped (output already there, or see `reason`) or
+    failed."""
 
     item: Item
     status: str  # "done" | "skipped" | "failed"
-    reason: str | None = None
+    reason: str | None = None  # why it failed, or why it was skipped when its output is not there
     attempts: int = 0  # engine calls made for it (a Ray worker lost mid-image makes more than one)
     seconds: float = 0.0
     worker: str = ""  # "local", or the Ray worker's host:pid
@@ -110,9 +124,23 @@ def discover(spec: str) -> list[Path]:
         found = [path]
     else:
         raise StylekitError(f"no folder or file '{spec}'")
+    _check_unwatched(spec, {p.parent for p in found} | ({path} if path.is_dir() else set()))
     if not found:
         raise StylekitError(f"no images in '{spec}' (looked for {', '.join(IMAGE_SUFFIXES)})")
     return sorted(found)
+
+
+def _check_unwatched(spec: str, folders: set[Path]) -> None:
+    """Refuse inputs in a running hot folder's inbox (or below it): its watcher moves them away."""
+    seen: set[Path] = set()
+    for folder in folders:
+        for candidate in (folder.resolve(), *folder.resolve().parents):
+            if candidate in seen:
+                break  # and so are its parents
+            seen.add(candidate)
+            if holder := lock_holder(candidate):
+                raise StylekitError(f"'{spec}' is in '{candidate}', which a running stylekit watch (pid "
+                                    f"{holder}) takes images from; stop it, or batch a copy")
 
 
 def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "same") -> list[Item]:
@@ -121,7 +149,7 @@ def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "sam
     want it (a.jpg and a.png as PNG), or an earlier run's output there names another input in its
     metadata (a.jpg's PNG, now that a.png's default output is PNG too). A source whose plain-named
     output is already there and names it keeps it: adding a.png to a folder must not make the next
-    run style a.jpg again under a new name."""
+    run style a.jpg again under a new name (see made_from for outputs of older versions)."""
     out_dir = out.resolve()
     for source in sources:
         if source.resolve().parent == out_dir:
@@ -132,23 +160,35 @@ def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "sam
     names = Counter(source.name.casefold() for source in sources)
     items = []
     for source, output in zip(sources, plain, strict=True):
-        maker = _made_from(output)
-        mine = maker == source.name and names[source.name.casefold()] == 1
-        if (wanted[output.name.casefold()] > 1 or maker is not None) and not mine:
+        made = made_from(output, source, names[source.name.casefold()] == 1)
+        if made is False or (made is None and wanted[output.name.casefold()] > 1):
             stem = source.stem + "-" + hashlib.sha256(os.fsencode(source)).hexdigest()[:8]
             output = out / f"{stem}.{preset}{output.suffix}"
         items.append(Item(source, output))
     return items
 
 
-def _made_from(output: Path) -> str | None:
-    """The input file name an earlier run recorded in an output, if there is a readable one."""
+def source_id(source: Path) -> str:
+    """What an output records to name its input: a hash of its absolute path (the path itself would
+    travel with every shared output)."""
+    return hashlib.sha256(os.fsencode(source.resolve())).hexdigest()
+
+
+def made_from(output: Path, source: Path, unique_name: bool = True) -> bool | None:
+    """Whether an output was made from this source; None when there is no output with readable
+    metadata. Outputs written before content_id existed record only the input's file name: a match
+    counts when no other input of this run has that name."""
     if not output.is_file():
         return None
     try:
-        return read_metadata(output).get("content")
+        metadata = read_metadata(output)
     except StylekitError:
         return None
+    if "content_id" in metadata:
+        return metadata["content_id"] == source_id(source)
+    if "content" in metadata:
+        return metadata["content"] == source.name and unique_name
+    return None
 
 
 def make_recipe(preset: Preset, overrides: dict[str, object] | None = None) -> Recipe:
@@ -171,19 +211,92 @@ def failure_reason(error: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
+def _lock(path: Path, wait: bool) -> int | None:
+    """Open and flock a lock file: its descriptor, or None when another process holds it (wait=False).
+    The kernel drops a lock when its process dies, so a killed run leaves at most a stale file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        os.close(fd)  # its holder removed it as we locked it: lock the file that is there now
+
+
+def _unlock(path: Path, fd: int) -> None:
+    """Remove a lock file, then let go of it (a waiter then finds its file gone and locks a new one)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
+
+
+def _claim_path(item: Item) -> Path:
+    """The hidden file whose lock says which process is styling an item."""
+    return item.output.with_name(f".{item.output.name}.lock")
+
+
+def claim(item: Item) -> None:
+    """Make an item this process's to style, until `release`: Skipped when another batch is styling it
+    or its output has appeared (made from this input) meanwhile; StylekitError when another input's has."""
+    fd = _lock(_claim_path(item), wait=False)
+    if fd is None:
+        raise Skipped(TAKEN)
+    _claims[item.output] = fd
+    mine = made_from(item.output, item.source)
+    if mine or (mine is None and item.output.exists()):
+        raise Skipped("")
+    if mine is False:
+        raise StylekitError(f"another batch wrote '{item.output.name}' from another input meanwhile; "
+                            "the next run styles this one under another name")
+
+
+def release(item: Item) -> None:
+    """Give up this process's claim on an item, if it holds one."""
+    fd = _claims.pop(item.output, None)
+    if fd is not None:
+        _unlock(_claim_path(item), fd)
+
+
 def load(item: Item, recipe: Recipe) -> tuple[LoadedImage, StyleRequest]:
-    """Decode one input and build its request (StylekitError when the file is not a usable image)."""
-    picture = load_image(item.source)
+    """Claim one input and decode it, building its request (StylekitError when the file is not a usable
+    image, Skipped when it is not this run's to style or has disappeared); `conclude` releases it."""
+    claim(item)
+    try:
+        picture = load_image(item.source)
+    except StylekitError:
+        if not os.path.lexists(item.source):
+            raise Skipped(GONE) from None
+        raise
     return picture, recipe.request(picture.rgb)
 
 
 def conclude(item: Item, recipe: Recipe, picture: LoadedImage | None, value: Result | BaseException,
              attempts: int, worker: str) -> Outcome:
-    """Write a result to the item's output (atomically), or turn a failure into its Outcome."""
+    """Write a result to the item's output (atomically), or turn a failure into its Outcome; either way
+    the item's claim is released."""
+    try:
+        return _concluded(item, recipe, picture, value, attempts, worker)
+    finally:
+        release(item)
+
+
+def _concluded(item: Item, recipe: Recipe, picture: LoadedImage | None, value: Result | BaseException,
+               attempts: int, worker: str) -> Outcome:
+    """conclude, less the release."""
+    if isinstance(value, Skipped):
+        return Outcome(item, "skipped", str(value) or None, worker=worker)
     if isinstance(value, Result):
         assert picture is not None
         metadata = {"software": f"stylekit {__version__}", "content": item.source.name,
-                    "preset": recipe.preset, "styles": list(recipe.style_names), **value.report()}
+                    "content_id": source_id(item.source), "preset": recipe.preset,
+                    "styles": list(recipe.style_names), **value.report()}
         flattened = picture.alpha is not None and output_format(item.output) == "JPEG"
         try:
             save_image(item.output, value.image, picture.alpha, metadata=metadata,
@@ -211,16 +324,34 @@ def run_local(recipe: Recipe, items: Sequence[Item]) -> Iterator[Outcome]:
         yield conclude(item, recipe, picture, value, attempts=1, worker="local")
 
 
-def write_failures(out: Path, failures: Sequence[Outcome]) -> None:
-    """Replace the failure record (atomically); without failures there is none."""
+def write_failures(out: Path, ended: Sequence[Item], failures: Sequence[Outcome]) -> None:
+    """Replace the failure record's entries for the inputs that ended (atomically, under a lock: other
+    batches may share OUT and keep theirs); once it has no entries there is none."""
     path = out / FAILED_FILE
-    if not failures:
-        path.unlink(missing_ok=True)
-        return
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    rows = [{"input": str(o.item.source), "output": str(o.item.output), "reason": o.reason,
-             "attempts": o.attempts, "worker": o.worker, "time": stamp} for o in failures]
-    write_json(path, {"failed": rows})
+    lock = out / f".{FAILED_FILE}.lock"
+    fd = _lock(lock, wait=True)
+    assert fd is not None
+    try:
+        ours = {os.path.abspath(item.source) for item in ended}
+        rows = [row for row in _failure_rows(path) if os.path.abspath(str(row.get("input"))) not in ours]
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows += [{"input": os.path.abspath(o.item.source), "output": str(o.item.output), "reason": o.reason,
+                  "attempts": o.attempts, "worker": o.worker, "time": stamp} for o in failures]
+        if rows:
+            write_json(path, {"failed": rows})
+        else:
+            path.unlink(missing_ok=True)
+    finally:
+        _unlock(lock, fd)
+
+
+def _failure_rows(path: Path) -> list[dict]:
+    """The failure record's entries; none when there is no readable record."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")).get("failed")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
@@ -228,21 +359,27 @@ def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
     """Skip items already done, style the rest with the engine, record failures (also when stopped)."""
     started = time.perf_counter()
     summary = Summary()
-    todo = []
-    for item in items:
-        if item.output.exists():
-            summary.skipped += 1
-            on_outcome(Outcome(item, "skipped"))
-        else:
-            todo.append(item)
+    todo, ended = [], []
     try:
+        for item in items:
+            if item.output.exists():
+                summary.skipped += 1
+                ended.append(item)
+                on_outcome(Outcome(item, "skipped"))
+            else:
+                todo.append(item)
         for outcome in engine(recipe, todo) if todo else ():
             if outcome.status == "done":
                 summary.done += 1
+            elif outcome.status == "skipped":
+                summary.skipped += 1
             else:
                 summary.failures.append(outcome)
+            ended.append(outcome.item)
             on_outcome(outcome)
     finally:
+        for item in todo:  # claims an engine took but did not conclude (stopped mid-image)
+            release(item)
         summary.seconds = time.perf_counter() - started
-        write_failures(out, summary.failures)
+        write_failures(out, ended, summary.failures)
     return summary

@@ -560,7 +560,8 @@ def batch(inputs: str, preset: str, out: Path, out_format: str | None, quality: 
     """Style every image of a folder or glob with --preset into --out, each exactly once.
 
     A re-run skips images whose output exists (outputs of another --format are other outputs, made
-    anew); failures are listed in OUT/stylekit-failed.json.
+    anew), and batches sharing OUT never style an image twice; failures are listed in
+    OUT/stylekit-failed.json. Inputs in a running `stylekit watch` inbox are refused.
 
     \b
     Examples: stylekit batch photos/ --preset ink-wash --out styled/
@@ -591,8 +592,8 @@ def batch(inputs: str, preset: str, out: Path, out_format: str | None, quality: 
         _print_library_log(lambda level, message: bar.write(f"{level}: {message}", file=sys.stderr))
 
         def show(outcome: batching.Outcome) -> None:
-            if outcome.status == "failed":
-                bar.write(f"failed: {outcome.item.source}: {outcome.reason}", file=sys.stderr)
+            if outcome.reason:  # failed, or skipped for another reason than its output being there
+                bar.write(f"{outcome.status}: {outcome.item.source}: {outcome.reason}", file=sys.stderr)
             for message in outcome.warnings:
                 if message not in warned:
                     warned.add(message)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from conftest import make_photo, save_png
 from PIL import Image
 
-from stylekit.batch import Outcome
+from stylekit.batch import Item, Outcome
 
 PRESET = "woodcut"  # a built-in preset, so no test writes into the shared config folder
 
@@ -50,3 +54,26 @@ def pixels(path: Path) -> np.ndarray:
 def once_each(outcomes: Sequence[Outcome]) -> Counter:
     """How often each input appears among the outcomes."""
     return Counter(outcome.item.source for outcome in outcomes)
+
+
+def batch_process(inputs: Path, out: Path, weights_file: Path) -> subprocess.Popen:
+    """`stylekit batch` in a process of its own, as a second user would start it (stderr piped)."""
+    return subprocess.Popen([sys.executable, "-m", "stylekit.cli", "batch", str(inputs), "--preset", PRESET,
+                             "--out", str(out), *tiny_flags(weights_file)],
+                            stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def claimed_elsewhere(item: Item) -> Iterator[subprocess.Popen]:
+    """Another process holding a batch's claim on an item (as a run styling it does), killed at the end."""
+    script = ("import sys, time; from pathlib import Path; from stylekit.batch import Item, claim; "
+              "claim(Item(Path(sys.argv[1]), Path(sys.argv[2]))); print('claimed', flush=True); "
+              "time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(item.source), str(item.output)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "claimed\n"
+        yield process
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()

@@ -9,24 +9,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from batch_support import PRESET, make_inputs, once_each, output_name, stamps, tiny, tiny_flags
+from batch_support import (
+    PRESET,
+    batch_process,
+    claimed_elsewhere,
+    make_inputs,
+    once_each,
+    output_name,
+    stamps,
+    tiny,
+    tiny_flags,
+)
 from conftest import make_photo, save_png
 from PIL import ExifTags, Image
 
 from stylekit.batch import (
     FAILED_FILE,
+    GONE,
     JPEG_ALPHA_WARNING,
+    TAKEN,
+    Item,
     Outcome,
     discover,
     make_recipe,
     plan,
     run_batch,
     run_local,
+    source_id,
 )
 from stylekit.cli import main
 from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
-from stylekit.image import read_metadata
+from stylekit.image import read_metadata, save_image
+from stylekit.pipeline.folders import Layout, locked
 from stylekit.presets import get_preset
 
 
@@ -234,6 +249,105 @@ def test_a_failed_image_is_recorded_with_its_reason_and_retried_next_time(batch,
     code, err = batch(tmp_path / "in")
     assert code == 0 and "batch: 1 done, 2 skipped" in err
     assert sorted(stamps(tmp_path / "out")) == sorted(output_name(source) for source in sources)
+
+
+def test_two_batches_at_once_on_the_same_folders_style_each_image_once(tmp_path, weights_file):
+    sources = make_inputs(tmp_path / "in", 8)
+    runs = [batch_process(tmp_path / "in", tmp_path / "out", weights_file) for _ in range(2)]
+    errs = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errs
+    done = [int(err.split("batch: ")[1].split(" done")[0]) for err in errs]
+    assert sum(done) == len(sources), errs
+    assert sorted(stamps(tmp_path / "out")) == sorted(output_name(source) for source in sources)
+
+
+def test_an_image_another_batch_is_styling_is_left_to_it(batch, tmp_path):
+    sources = make_inputs(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    with claimed_elsewhere(Item(sources[0], tmp_path / "out" / output_name(sources[0]))):
+        code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 1 done, 1 skipped (already there), 0 failed" in err, err
+    assert f"skipped: {sources[0]}: {TAKEN}" in err.splitlines()
+    assert [(tmp_path / "out" / output_name(source)).exists() for source in sources] == [False, True]
+
+
+def test_a_killed_batch_leaves_no_image_claimed(batch, tmp_path):
+    sources = make_inputs(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    with claimed_elsewhere(Item(sources[0], tmp_path / "out" / output_name(sources[0]))) as other:
+        other.kill()
+        other.wait()
+        code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 2 done, 0 skipped (already there), 0 failed" in err, err
+    assert sorted(stamps(tmp_path / "out")) == sorted(output_name(source) for source in sources)
+
+
+def test_inputs_of_the_same_name_from_two_folders_into_one_output_folder_each_get_styled(batch, tmp_path):
+    first, second = make_inputs(tmp_path / "in1", 1)[0], make_inputs(tmp_path / "in2", 1)[0]
+    assert batch(tmp_path / "in1")[0] == 0
+    code, err = batch(tmp_path / "in2")
+    assert code == 0 and "batch: 1 done, 0 skipped (already there), 0 failed" in err, err
+    made = {read_metadata(tmp_path / "out" / name)["content_id"]: name for name in stamps(tmp_path / "out")}
+    assert made[source_id(first)] == output_name(first)
+    assert made[source_id(second)].startswith("img0-")  # the hashed name: the plain one is taken
+    for folder in ("in1", "in2"):
+        code, err = batch(tmp_path / folder)
+        assert code == 0 and "batch: 0 done, 1 skipped (already there), 0 failed" in err, err
+
+
+def test_an_output_recording_only_its_inputs_name_still_counts_as_that_inputs(batch, tmp_path):
+    """Outputs of versions before content_id: the name is all there is; a re-run must not redo them."""
+    source = make_inputs(tmp_path / "in", 1)[0]
+    (tmp_path / "out").mkdir()
+    old = tmp_path / "out" / output_name(source)
+    save_image(old, np.full((32, 32, 3), 0.5, np.float32), metadata={"content": source.name})
+    code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 0 done, 1 skipped (already there), 0 failed" in err, err
+    assert sorted(stamps(tmp_path / "out")) == [old.name]
+
+
+def test_a_run_keeps_the_failure_records_of_other_inputs(batch, tmp_path):
+    make_inputs(tmp_path / "in1", 2)
+    broken = tmp_path / "in1" / "img1.png"
+    broken.write_bytes(b"not a png")
+    assert batch(tmp_path / "in1")[0] == 1
+    make_inputs(tmp_path / "in2", 2)
+    code, err = batch(tmp_path / "in2")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / FAILED_FILE).read_text())["failed"]
+    assert [row["input"] for row in record] == [str(broken)]
+    make_inputs(tmp_path / "in1", 2)  # repaired
+    assert batch(tmp_path / "in1")[0] == 0
+    assert not (tmp_path / "out" / FAILED_FILE).exists()
+
+
+@pytest.mark.parametrize("spec", ["inbox", "inbox/woodcut", "**/*.png"])
+def test_inputs_a_running_watcher_takes_images_from_are_refused(batch, tmp_path, spec):
+    make_inputs(tmp_path / "inbox", 1)
+    make_inputs(tmp_path / "inbox" / "woodcut", 1)
+    with locked(Layout(tmp_path / "inbox", tmp_path / "outbox")):  # what a running watcher holds
+        code, err = batch(f"{tmp_path}/{spec}")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"is in '{tmp_path / 'inbox'}', which a running stylekit watch (pid " in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_that_disappears_during_the_run_is_skipped_not_failed(tmp_path, weights_file):
+    sources = make_inputs(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    seen: list[Outcome] = []
+
+    def move_the_last_away(outcome: Outcome) -> None:
+        seen.append(outcome)
+        if len(seen) == 1:
+            sources[2].replace(tmp_path / "elsewhere.png")
+
+    summary = run_batch(out, plan(sources, out, PRESET), recipe, run_local, move_the_last_away)
+    assert (summary.done, summary.skipped, summary.failures) == (2, 1, [])
+    assert (seen[2].item.source, seen[2].status, seen[2].reason) == (sources[2], "skipped", GONE)
+    assert not (out / FAILED_FILE).exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
