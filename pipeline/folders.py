@@ -11,7 +11,7 @@ import fcntl
 import itertools
 import os
 import stat
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +98,16 @@ def inspect(layout: Layout, path: Path) -> Drop | None:
     return Drop(path, rel, rel.parts[0] if len(rel.parts) == 2 else None, problem)
 
 
-def scan(layout: Layout, folder: Path) -> Iterator[Path]:
-    """Every candidate below a folder of the inbox, without following symlinks (they are yielded)."""
-    for root, dirs, files in os.walk(folder):
+def scan(layout: Layout, folder: Path,
+         unreadable: Callable[[OSError], None] | None = None) -> Iterator[Path]:
+    """Every candidate below a folder of the inbox, without following symlinks (they are yielded);
+    a folder that cannot be listed is left out, and handed to unreadable."""
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         here = Path(root)
         kept = []
         for name in dirs:
             path = here / name
-            if path.is_symlink():
+            if os.path.islink(path):
                 yield path
             elif is_candidate(layout, path):
                 kept.append(name)
@@ -156,20 +158,52 @@ def link_no_clobber(source: Path, target: Path) -> bool:
 
 @contextlib.contextmanager
 def locked(layout: Layout) -> Iterator[None]:
-    """Hold the inbox's lock for the watcher's lifetime so two watchers never take the same files."""
-    fd = os.open(layout.inbox / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """Hold the inbox's lock for the watcher's lifetime so two watchers never take the same files:
+    on the inbox folder itself, which cannot be deleted away meanwhile as the lock file can, and on
+    the lock file, which names the watcher's pid (and is all some network file systems can lock)."""
+    refusal = f"another stylekit watch (pid {{pid}}) is already watching '{layout.inbox}'"
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(_flocked(layout.inbox, os.O_RDONLY | os.O_DIRECTORY))
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            raise StylekitError(f"another stylekit watch (pid {holder}) is already watching "
-                                f"'{layout.inbox}'") from None
+            raise StylekitError(refusal.format(pid=_pid_in(layout.inbox / LOCK_NAME))) from None
+        except OSError:  # a file system that cannot lock folders: the lock file alone holds
+            pass
+        stack.enter_context(pid_locked(layout.inbox / LOCK_NAME, refusal))
+        yield
+
+
+@contextlib.contextmanager
+def pid_locked(path: Path, refusal: str) -> Iterator[None]:
+    """Hold a lock file (made if missing) naming this process's pid, so a second process is refused
+    with refusal (its {pid} filled in) instead of doing the same work."""
+    with contextlib.ExitStack() as stack:
+        try:
+            fd = stack.enter_context(_flocked(path, os.O_RDWR | os.O_CREAT))
+        except BlockingIOError:
+            raise StylekitError(refusal.format(pid=_pid_in(path))) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, flags: int) -> Iterator[int]:
+    """path opened and locked exclusively until the block ends; BlockingIOError if another holds it."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield fd
     finally:
         os.close(fd)  # closing releases the lock; the kernel does the same after kill -9
+
+
+def _pid_in(lock: Path) -> str:
+    """The pid a lock file names; '?' when it names none or is gone."""
+    try:
+        return lock.read_text(encoding="utf-8", errors="replace").strip()[:32] or "?"
+    except OSError:
+        return "?"
 
 
 def check_not_nested(inbox: Path) -> None:
@@ -186,15 +220,19 @@ def check_not_nested(inbox: Path) -> None:
 
 
 def lock_holder(inbox: Path) -> str | None:
-    """The pid of the watcher holding an inbox's lock, or None when no watcher is running there."""
-    try:
-        fd = os.open(inbox / LOCK_NAME, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "?"
-    finally:
-        os.close(fd)
+    """The pid of the watcher holding an inbox's lock ('?' if its lock file was deleted), or None
+    when no watcher is running there."""
+    for path, flags in ((inbox / LOCK_NAME, os.O_RDONLY), (inbox, os.O_RDONLY | os.O_DIRECTORY)):
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _pid_in(inbox / LOCK_NAME)
+        except OSError:  # a file system that cannot lock it
+            pass
+        finally:
+            os.close(fd)
     return None

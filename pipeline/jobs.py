@@ -87,6 +87,7 @@ def claim(layout: Layout, drop: Drop, preset: str | None, output: str | None,
     job_id = secrets.token_hex(6)
     job = Job(id=job_id, source=drop.rel.as_posix(), claimed=job_id + drop.path.suffix[:16],
               preset=preset, output=output, error=problem)
+    layout.processing.mkdir(exist_ok=True)  # made again if someone removed it, empty, meanwhile
     save(layout, job)
     try:
         os.rename(drop.path, claimed_path(layout, job))

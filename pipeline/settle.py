@@ -8,7 +8,7 @@ from pathlib import Path
 Stamp = tuple[int, int, int]
 
 
-def _stamp(path: Path) -> Stamp | None:
+def stamp(path: Path) -> Stamp | None:
     """What changes while a file is written or replaced; None once it is gone."""
     try:
         info = os.lstat(path)
@@ -29,17 +29,17 @@ class Settler:
 
     def add(self, path: Path, now: float) -> None:
         """Start watching a path (a no-op if it is already watched; ready() notices changes)."""
-        if path not in self._seen and (stamp := _stamp(path)) is not None:
-            self._seen[path] = (stamp, now)
+        if path not in self._seen and (first := stamp(path)) is not None:
+            self._seen[path] = (first, now)
 
     def ready(self, now: float) -> list[Path]:
         """Paths unchanged for the settle time, in the order first seen; they are no longer watched."""
         settled = []
-        for path, (stamp, since) in list(self._seen.items()):
-            current = _stamp(path)
+        for path, (before, since) in list(self._seen.items()):
+            current = stamp(path)
             if current is None:
                 del self._seen[path]
-            elif current != stamp:
+            elif current != before:
                 self._seen[path] = (current, now)
             elif now - since >= self.settle:
                 del self._seen[path]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,7 +13,7 @@ from stylekit.atomic import write_json
 from stylekit.errors import StylekitError
 
 from .config import FolderConfig, load
-from .folders import ERROR_SUFFIX, Layout, is_temporary, lock_holder, scan
+from .folders import ERROR_SUFFIX, Layout, is_temporary, lock_holder, pid_locked, scan
 from .jobs import JOURNAL_SUFFIX
 
 
@@ -40,6 +42,15 @@ def write_status(path: Path, folders: list[FolderConfig], state: str, current: s
         "state": state, "current": current,
         "folders": [{"inbox": str(f.inbox), "out": str(f.out), "preset": f.preset,
                      **asdict(count(f.inbox))} for f in folders]})
+
+
+@contextlib.contextmanager
+def status_locked(path: Path) -> Iterator[None]:
+    """Hold .<name>.lock beside the status file (which is replaced at every write, so not itself
+    lockable) so that two watchers never report over each other."""
+    with pid_locked(path.with_name(f".{path.name}.lock"),
+                    f"another stylekit watch (pid {{pid}}) writes the status file '{path}'"):
+        yield
 
 
 def report(target: Path | None) -> tuple[str, str | None]:

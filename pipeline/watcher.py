@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import stat
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import (
@@ -34,10 +36,10 @@ from .config import WatchConfig
 from .folders import Drop, Layout, check_not_nested, inspect, is_candidate, locked, scan
 from .jobs import Job, recover
 from .log import EventLog
-from .settle import Settler
-from .status import write_status
+from .settle import Settler, Stamp, stamp
+from .status import status_locked, write_status
 from .stopping import Stopping
-from .worker import Engine, Hotfolder, Worker, open_engine, warm_up
+from .worker import Engine, Hotfolder, Worker, disk_error, open_engine, warm_up
 
 TICK_S = 0.05  # how often the settle check runs while idle
 STATUS_EVERY_S = 1.0  # the status file is rewritten at most this often (and at least every 30 s)
@@ -71,6 +73,7 @@ class Watcher:
         self.settler = Settler(config.settle)
         self.ready: dict[Path, tuple[Hotfolder, Drop]] = {}
         self.again: list[tuple[Hotfolder, list[Job]]] = []
+        self.skipped: dict[Path, tuple[Stamp | None, str]] = {}  # what was logged, so as not to repeat
         self.worker = Worker(log, stopping, config.retries, heartbeat=self.write_status, engine=engine)
         self._status_written = 0.0
         self._changed = True
@@ -86,6 +89,7 @@ class Watcher:
             self._drain()
             now = time.monotonic()
             if now >= next_scan:
+                self.skipped = {path: seen for path, seen in self.skipped.items() if os.path.lexists(path)}
                 for hot in self.hots:
                     self._scan(hot)
                 next_scan = now + self.config.rescan
@@ -135,7 +139,7 @@ class Watcher:
     def _scan(self, hot: Hotfolder) -> None:
         """Notice every file already in the inbox (nothing dropped while stopped is missed)."""
         now = time.monotonic()
-        for path in scan(hot.layout, hot.layout.inbox):
+        for path in scan(hot.layout, hot.layout.inbox, self._unreadable(hot)):
             if path not in self.ready:
                 self.settler.add(path, now)
 
@@ -151,11 +155,35 @@ class Watcher:
             hot = self._owner(path)
             if hot is None or not is_candidate(hot.layout, path):
                 continue
-            if path.is_dir() and not path.is_symlink():
-                for found in scan(hot.layout, path):
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone already
+            except OSError as error:  # e.g. in a folder of another user's that this one may not read
+                self._skip(hot, path, f"cannot take '{path.relative_to(hot.layout.inbox)}': "
+                                      f"{error.strerror or error}")
+                continue
+            if stat.S_ISDIR(mode):
+                for found in scan(hot.layout, path, self._unreadable(hot)):
                     self.settler.add(found, now)
             else:
                 self.settler.add(path, now)
+
+    def _unreadable(self, hot: Hotfolder) -> Callable[[OSError], None]:
+        """What scan does with a folder it cannot list: skip it, saying so."""
+        def skip(error: OSError) -> None:
+            path = Path(os.fsdecode(error.filename))
+            self._skip(hot, path, f"cannot read the folder '{path.relative_to(hot.layout.inbox)}': "
+                                  f"{error.strerror or error}")
+        return skip
+
+    def _skip(self, hot: Hotfolder, path: Path, reason: str) -> None:
+        """Log a path it cannot take, but only once until the path or the reason changes (the next
+        rescan tries it again, and would log it again every time)."""
+        seen = (stamp(path), reason)
+        if self.skipped.get(path) != seen:
+            self.skipped[path] = seen
+            self.log("skipped", reason, file=path.relative_to(hot.layout.inbox).as_posix())
 
     def _settled(self, path: Path) -> None:
         """A settled path becomes a drop waiting to be claimed, unless it is not ours."""
@@ -188,7 +216,10 @@ class Watcher:
             try:
                 job = hot.claim(drop)
             except StylekitError as error:
-                self.log("skipped", str(error), file=drop.rel.as_posix())
+                self._skip(hot, drop.path, str(error))
+                continue
+            except OSError as error:  # its job record could not be written: it stays in the inbox
+                self._skip(hot, drop.path, f"cannot take '{drop.rel}': {disk_error(error)}")
                 continue
             if job is not None and job.error is not None:
                 self.worker.fail(hot, job, job.error)
@@ -219,6 +250,7 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
             hots.append(Hotfolder(folder, layout))
         if config.status_file is not None:
             check_writable_folder(config.status_file.parent, "status file folder")
+            stack.enter_context(status_locked(config.status_file))
         try:
             with stopping.abortable():  # nothing is claimed yet: a second Ctrl-C may stop at once
                 engine = stack.enter_context(open_engine(config))

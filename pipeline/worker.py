@@ -67,6 +67,12 @@ class Hotfolder:
         return job
 
 
+def disk_error(error: OSError) -> str:
+    """An OSError for the log: what went wrong, and where."""
+    where = f" ('{error.filename}')" if error.filename else ""
+    return f"{error.strerror or error}{where}"
+
+
 def is_transient(error: BaseException) -> bool:
     """Out of memory, on the GPU or the host: worth another try at a smaller size."""
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
@@ -218,6 +224,10 @@ class Worker:
             self._run(hot, jobs)
         except (Cancelled, KeyboardInterrupt):  # a stop, or a second Ctrl-C while the engine worked
             self.hand_back(hot, jobs)
+        except OSError as error:  # the disk refused a step before any image was loaded (a folder
+            for job in jobs:      # removed, a permission): they fail, the watcher goes on
+                if job.id in hot.live:
+                    self.fail(hot, job, f"cannot handle it: {disk_error(error)}")
         finally:
             self.current = None
 
@@ -225,15 +235,29 @@ class Worker:
         """Put every job not finished yet back into the inbox (on shutdown)."""
         for job in jobs:
             if job.id in hot.live:
-                where = hand_back(hot.layout, hot.live.pop(job.id))
+                try:
+                    where = hand_back(hot.layout, hot.live.pop(job.id))
+                except OSError as error:
+                    self._stuck(job, f"cannot hand it back: {disk_error(error)}")
+                    continue
                 self.log("back", f"{job.source} handed back as {where.relative_to(hot.layout.inbox)}",
                          file=job.source, moved_to=str(where))
 
     def fail(self, hot: Hotfolder, job: Job, reason: str) -> None:
         """Move a job's input to failed/ with its reason."""
-        where = finish(hot.layout, hot.live.pop(job.id), reason)
+        hot.live.pop(job.id, None)
+        try:
+            where = finish(hot.layout, job, reason)
+        except OSError as error:
+            self._stuck(job, f"{reason}; cannot move it: {disk_error(error)}")
+            return
         self.log("failed", f"{job.source}: {reason} (moved to {where.relative_to(hot.layout.inbox)})",
                  file=job.source, preset=job.preset, error=reason, moved_to=str(where), attempts=job.attempts)
+
+    def _stuck(self, job: Job, reason: str) -> None:
+        """Log an input that must stay in processing/ with its job record: the next start settles it."""
+        self.log("failed", f"{job.source}: {reason} (left in processing/ for the next start)",
+                 file=job.source, preset=job.preset, error=reason, attempts=job.attempts)
 
     def _run(self, hot: Hotfolder, jobs: list[Job]) -> None:
         """Count the attempt, load every image, then style them as one group.
@@ -259,12 +283,17 @@ class Worker:
                 work.append((job, picture, self._request(preset, hot, job, picture)))
             except StylekitError as error:
                 self.fail(hot, job, str(error))
+            except OSError as error:
+                self.fail(hot, job, f"cannot read it: {disk_error(error)}")
         outcomes = self._stylize([request for _, _, request in work])
         for job, picture, request in work:
             self.current = job.source
             self.log("start", f"{job.source} with preset {preset.name}", file=job.source,
                      preset=preset.name)
-            self._conclude(hot, preset, job, picture, request, next(outcomes))
+            try:
+                self._conclude(hot, preset, job, picture, request, next(outcomes))
+            except OSError as error:  # e.g. done/ cannot be made: this image fails, the others go on
+                self.fail(hot, job, f"cannot finish it: {disk_error(error)}")
 
     def _load(self, hot: Hotfolder, job: Job) -> LoadedImage:
         """Decode the claimed input, refusing anything but a regular file (it may have been swapped)."""

@@ -1,10 +1,11 @@
 """`stylekit watch` as a real process: kill -9 mid-batch then a restart (and whom a crash counts
-against), clean SIGTERM/SIGINT exits, and a second Ctrl-C."""
+against), clean SIGTERM/SIGINT exits, a second Ctrl-C, and folders and files it may not read or move."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,12 +20,21 @@ from stylekit.cli import main
 pytestmark = pytest.mark.usefixtures("pipeline_preset")
 
 
+# root reads and moves anything; without these capabilities it meets permissions like any other user
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"] \
+    if os.geteuid() == 0 else []
+needs_permissions = pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"),
+                                       reason="root without setpriv (util-linux) ignores permissions")
+
+
 def start(inbox: Path, outbox: Path, weights: Path, log: Path, steps: int, *flags: str,
-          config: Path | None = None) -> subprocess.Popen:
+          config: Path | None = None, unprivileged: bool = False) -> subprocess.Popen:
     """Start `stylekit watch` on tiny images (one torch thread), logging JSON lines to log; with a
-    config file, its folders instead of INBOX and OUTBOX."""
+    config file, its folders instead of INBOX and OUTBOX; unprivileged: bound by file permissions
+    even when run by root."""
     folder = ["--config", str(config)] if config else [str(inbox), "--preset", PRESET, "--out", str(outbox)]
-    command = [str(Path(sys.executable).parent / "stylekit"), "watch", *folder, "--weights", str(weights),
+    command = [*(UNPRIVILEGED if unprivileged else []), str(Path(sys.executable).parent / "stylekit"),
+               "watch", *folder, "--weights", str(weights),
                "--device", "cpu", "--steps", str(steps), "--settle", "0.2", "--log-json", *flags]
     with open(log, "a", encoding="utf-8") as stream:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream,
@@ -165,3 +175,82 @@ def test_a_ctrl_c_while_the_stopped_watcher_exits_changes_nothing(boxes, weights
     assert process.wait(60) == 0, log.read_text()
     assert all(line.startswith("{") for line in log.read_text(encoding="utf-8").splitlines())
     assert [p.name for p in inbox.glob("*.png")] == ["photo.png"] and files(inbox / "processing") == []
+
+
+def rescanning(tmp_path: Path, inbox: Path, outbox: Path) -> Path:
+    """A config that rescans the inbox five times a second (where the log would repeat itself)."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f"rescan = 0.2\n[[folder]]\ninbox = '{inbox}'\nout = '{outbox}'\npreset = '{PRESET}'\n",
+                      encoding="utf-8")
+    return config
+
+
+def stop(process: subprocess.Popen, log: Path) -> None:
+    """SIGTERM, and the clean exit it must bring."""
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, log.read_text()
+
+
+@needs_permissions
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write where the watcher may not look")
+def test_a_file_in_a_folder_it_may_not_read_is_skipped_and_the_watcher_goes_on(boxes, weights_file,
+                                                                                tmp_path):
+    inbox, outbox = boxes
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, 1, unprivileged=True)
+    try:
+        wait_for(lambda: events(log, "watching") or process.poll() is not None, 180, "the watcher")
+        private = inbox / "cubist"
+        private.mkdir()
+        time.sleep(1.0)  # the observer watches the new folder before it turns private
+        private.chmod(0o000)
+        drop(private / "x.png")  # by root, as another user would drop into a folder of their own
+        wait_for(lambda: events(log, "skipped") or process.poll() is not None, 60, "the skip")
+        drop(inbox / "photo.png")
+        wait_for(lambda: files(inbox / "done") or process.poll() is not None, 120, "the next image")
+        assert process.poll() is None, log.read_text()
+    finally:
+        stop(process, log)
+    skipped = [event["file"] for event in events(log, "skipped")]
+    assert "cubist/x.png" in skipped and files(inbox / "done") == ["photo.png"]
+
+
+@needs_permissions
+def test_a_folder_it_may_not_read_is_logged_once_not_at_every_rescan(boxes, weights_file, tmp_path):
+    inbox, outbox = boxes
+    (inbox / "cubist").mkdir(mode=0o000)
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, 1, config=rescanning(tmp_path, inbox, outbox),
+                    unprivileged=True)
+    try:
+        wait_for(lambda: events(log, "skipped") or process.poll() is not None, 180, "the skip")
+        time.sleep(2.0)  # ten rescans
+    finally:
+        stop(process, log)
+    skipped = events(log, "skipped")
+    assert [event["file"] for event in skipped] == ["cubist"]
+    assert "cannot read the folder 'cubist': Permission denied" in skipped[0]["message"]
+
+
+@needs_permissions
+def test_a_file_it_cannot_take_is_logged_once_and_again_only_when_it_changes(boxes, weights_file,
+                                                                             tmp_path):
+    inbox, outbox = boxes
+    drop(inbox / PRESET / "a.png")
+    (inbox / PRESET).chmod(0o555)  # it may read the file, but not move it out of the folder
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, 1, config=rescanning(tmp_path, inbox, outbox),
+                    unprivileged=True)
+    try:
+        wait_for(lambda: events(log, "skipped") or process.poll() is not None, 180, "the skip")
+        time.sleep(2.0)  # ten rescans
+        assert len(events(log, "skipped")) == 1
+        with open(inbox / PRESET / "a.png", "ab") as stream:
+            stream.write(b"more")
+        wait_for(lambda: len(events(log, "skipped")) > 1 or process.poll() is not None, 60, "a new skip")
+        time.sleep(2.0)
+    finally:
+        stop(process, log)
+    skipped = events(log, "skipped")
+    assert [event["file"] for event in skipped] == [f"{PRESET}/a.png"] * 2
+    assert "cannot take" in skipped[0]["message"] and (inbox / PRESET / "a.png").exists()

@@ -403,6 +403,63 @@ def test_a_second_watcher_on_the_same_inbox_is_refused(boxes, weights_file):
         pass
 
 
+def test_a_second_watcher_is_refused_even_after_the_lock_file_was_deleted(boxes, weights_file):
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file)):
+        (inbox / ".stylekit-watch.lock").unlink()
+        with pytest.raises(StylekitError, match="already watching"), \
+                watching(config_for(inbox, outbox, weights_file)):
+            pass
+
+
+def test_a_second_watcher_writing_the_same_status_file_is_refused(boxes, weights_file, tmp_path_factory):
+    inbox, outbox = boxes
+    other = tmp_path_factory.mktemp("other")
+    (other / "inbox").mkdir()
+    second = dataclasses.replace(config_for(other / "inbox", other, weights_file),
+                                 status_file=inbox.parent / "status.json")
+    refused = pytest.raises(StylekitError, match=r"another stylekit watch \(pid \d+\) writes the status file")
+    with watching(config_for(inbox, outbox, weights_file)), refused, watching(second):
+        pass
+
+
+def test_a_removed_processing_folder_is_made_again(boxes, weights_file):
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file)):
+        (inbox / "processing").rmdir()
+        drop(inbox / "photo.png")
+        wait_for(lambda: settled(inbox, 1), what="the image to be done")
+    assert files(outbox) == ["photo.png"] and files(inbox / "done") == ["photo.png"]
+
+
+def test_an_image_it_cannot_move_is_left_in_processing_and_the_watcher_goes_on(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file)):
+        (inbox / "failed").rmdir()
+        (inbox / "failed").write_bytes(b"")  # a file where the folder should be: nothing moves in
+        (inbox / "notes.jpg").write_bytes(b"this is not an image")
+        wait_for(lambda: "cannot move it" in capsys.readouterr().err, what="the failure to be logged")
+        drop(inbox / "photo.png")
+        wait_for(lambda: files(inbox / "done") == ["photo.png"], what="the next image")
+    assert len(files(inbox / "processing")) == 2  # notes.jpg and its job record, for the next start
+    assert files(outbox) == ["photo.png"]
+
+
+def test_a_styled_image_it_cannot_move_to_done_is_left_in_processing_and_the_watcher_goes_on(
+        boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file)):
+        (inbox / "done").rmdir()
+        (inbox / "done").write_bytes(b"")  # a file where the folder should be
+        drop(inbox / "first.png")
+        wait_for(lambda: "cannot finish it" in capsys.readouterr().err, what="the failure to be logged")
+        (inbox / "done").unlink()
+        drop(inbox / "second.png", seed=1)
+        wait_for(lambda: files(inbox / "done") == ["second.png"], what="the next image")
+    assert files(outbox) == ["first.png", "second.png"]
+    assert len(files(inbox / "processing")) == 2  # first.png and its job record, for the next start
+
+
 def test_a_watcher_inside_another_watchers_inbox_is_refused(boxes, weights_file, tmp_path_factory):
     inbox, outbox = boxes
     (inbox / "swirl").mkdir()
