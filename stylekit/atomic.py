@@ -14,8 +14,12 @@ from .errors import StylekitError
 
 
 @contextlib.contextmanager
-def replacing(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and renamed over target, else removed."""
+def replacing(target: str | os.PathLike, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed over target, else removed.
+
+    exclusive: linked in only if target does not exist yet (FileExistsError otherwise), so of two
+    processes creating the same file exactly one wins, and readers still never see it half written.
+    """
     target = Path(target)
     temp = target.with_name(f".{target.name[:64]}.{secrets.token_hex(4)}.tmp")
     try:
@@ -25,15 +29,19 @@ def replacing(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(temp, target)
+        if exclusive:
+            os.link(temp, target)
+        else:
+            os.replace(temp, target)
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
 
 
-def write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    """Replace target's content with data atomically (readers see the old file or the new one)."""
-    with replacing(target) as temp:
+def write_bytes(target: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
+    """Replace target's content with data atomically (readers see the old file or the new one);
+    exclusive: create it only if it does not exist yet (see replacing)."""
+    with replacing(target, exclusive) as temp:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)

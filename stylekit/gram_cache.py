@@ -64,11 +64,12 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
-    """A cached entry, or None when absent, unreadable, damaged or not holding the expected tensors."""
-    if not path.is_file():
-        return None
+    """A cached entry, or None when absent (perhaps pruned by another process just now), unreadable,
+    damaged or not holding the expected tensors."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
     except Exception as exc:  # torch.load raises many unrelated types for a damaged file
         log.warning("ignoring unreadable Gram cache file %s (%s)", path, type(exc).__name__)
         return None
@@ -82,14 +83,19 @@ def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
 
 
 def _write(path: Path, targets: dict[str, torch.Tensor]) -> None:
-    """Save atomically (temp file, then rename); a cache that cannot be written only costs speed."""
+    """Save atomically (temp file, then rename); a cache that cannot be written only costs speed.
+
+    The file is opened here, not by torch.save, whose errors carry C++ source locations.
+    """
     tensors = {name: value.detach().cpu() for name, value in targets.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as temp:
-            torch.save({"tensors": tensors, "sha256": _checksum(tensors)}, temp)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        log.warning("cannot write Gram cache file %s (%s)", path, one_line(exc))
+        with replacing(path) as temp, open(temp, "wb") as stream:
+            torch.save({"tensors": tensors, "sha256": _checksum(tensors)}, stream)
+    except OSError as exc:
+        log.warning("cannot write Gram cache file %s (%s)", path, exc.strerror or one_line(exc))
+    except RuntimeError:  # how torch.save reports a write cut short
+        log.warning("cannot write Gram cache file %s (the write was cut short: is the disk full?)", path)
 
 
 def cached_targets(compute: TargetFn, context: str, label: str) -> TargetFn:

@@ -15,12 +15,14 @@ and override built-ins by name. A preset file looks like this (image paths are r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
 import shutil
 import sys
+import time
 import types
 import typing
 from collections.abc import Sequence
@@ -46,6 +48,8 @@ NAME_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
 TOP_KEYS = ("name", "title", "style", "options")
 STYLE_KEYS = ("image", "weight")
 BLEND_OPTION = "style_blend"  # set by each [[style]] weight, never under [options]
+VERSION_PATTERN = re.compile(r"[0-9a-f]{16}")  # a version folder's name: secrets.token_hex(8)
+SUPERSEDED_KEEP_S = 3600.0  # a replaced version's images stay this long for readers that loaded it
 
 log = logging.getLogger(__name__)
 
@@ -257,15 +261,16 @@ def _toml_value(value: object) -> object:
 
 def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options: dict[str, object],
                title: str | None = None, replace: bool = False) -> Preset:
-    """Save a user preset: copies the style images beside NAME.toml, so moving the originals is safe.
+    """Save a user preset: copies the style images into NAME/<version>/, so moving the originals is safe.
 
     options["style_blend"], if given, becomes the [[style]] weights.
     """
     check_name(name)
     folder = user_presets_dir()
     file = folder / f"{name}.toml"
+    taken = f"user preset '{name}' already exists ({file}); use --force to replace it"
     if file.exists() and not replace:
-        raise StylekitError(f"user preset '{name}' already exists ({file}); use --force to replace it")
+        raise StylekitError(taken)
     sources = [Path(source) for source in style_files]
     if not sources:
         raise StylekitError("a preset needs at least one --style image")
@@ -281,39 +286,65 @@ def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options
             "options": {key: _toml_value(value) for key, value in options.items()}}
     _parse(data, file, builtin=False)
     copies = {f"style-{index}{source.suffix.lower()}": source.read_bytes()  # read first: a source
-              for index, source in enumerate(sources, start=1)}  # may sit in the folder replaced below
-    for style, copy in zip(data["style"], copies, strict=True):
-        style["image"] = f"{name}/{copy}"
+              for index, source in enumerate(sources, start=1)}  # may sit in a folder pruned below
     images = folder / name
-    if images.exists() and not file.exists():
+    if not file.exists() and _foreign(images):
         raise StylekitError(f"'{images}' already exists and is not a preset's; move it away first")
-    _swap_in(file, images, copies, tomli_w.dumps(data).encode("utf-8"))
-    return load_preset_file(file)
+    version = images / secrets.token_hex(8)
+    for style, copy in zip(data["style"], copies, strict=True):
+        style["image"] = f"{name}/{version.name}/{copy}"
+    try:
+        _publish(file, version, copies, tomli_w.dumps(data).encode("utf-8"), replace)
+    except FileExistsError:  # another `presets add` of this name won the race
+        raise StylekitError(taken) from None
+    return _parse(data, file, builtin=False)
 
 
-def _swap_in(file: Path, images: Path, copies: dict[str, bytes], toml: bytes) -> None:
-    """Write the style copies beside, then swap them and the TOML in: a failure (a full disk) leaves
-    the preset being replaced whole."""
-    token = secrets.token_hex(4)
-    staging, old = (images.with_name(f".{images.name}.{token}.{end}") for end in ("new", "old"))
-    staging.mkdir(parents=True)
+def _is_version(entry: Path) -> bool:
+    """Whether a NAME/ entry is one version's folder of style copies, as add_preset makes them."""
+    return bool(VERSION_PATTERN.fullmatch(entry.name)) and entry.is_dir()
+
+
+def _foreign(images: Path) -> bool:
+    """A NAME/ folder (with no NAME.toml) holding anything but version folders is the user's own."""
+    if not images.is_dir():
+        return images.exists()
+    return not all(_is_version(entry) for entry in images.iterdir())
+
+
+def _publish(file: Path, version: Path, copies: dict[str, bytes], toml: bytes, replace: bool) -> None:
+    """Write the style copies into the version's own folder, then swap the TOML that names them in
+    (or create it, failing with FileExistsError if it exists): a reader sees the old preset or the
+    new one whole, and a failure (a full disk) leaves the old one as it was."""
+    version.mkdir(parents=True)
     try:
         for copy, payload in copies.items():
-            write_bytes(staging / copy, payload)
-        if images.exists():
-            images.rename(old)
-        try:
-            staging.rename(images)
-            write_bytes(file, toml)
-        except BaseException:
-            if not staging.exists():  # the new images were swapped in: out with them
-                shutil.rmtree(images, ignore_errors=True)
-            if old.exists():
-                old.rename(images)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+            write_bytes(version / copy, payload)
+        for entry in _in_use(file) if replace else ():  # superseded from now on: kept SUPERSEDED_KEEP_S
+            with contextlib.suppress(OSError):
+                os.utime(entry)
+        write_bytes(file, toml, exclusive=not replace)
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)
+        raise
+    stale = time.time() - SUPERSEDED_KEEP_S
+    for entry in _versions(version.parent):
+        with contextlib.suppress(OSError):
+            if entry != version and entry.stat().st_mtime < stale:
+                shutil.rmtree(entry)
+
+
+def _in_use(file: Path) -> set[Path]:
+    """The version folders whose images the preset file names now (none if it is missing or broken)."""
+    try:
+        return {path.parent for path in load_preset_file(file).style_paths if _is_version(path.parent)}
+    except StylekitError:
+        return set()
+
+
+def _versions(images: Path) -> list[Path]:
+    """The version folders in a preset's NAME/ folder."""
+    return [entry for entry in images.iterdir() if _is_version(entry)]
 
 
 def remove_preset(name: str) -> Path:

@@ -6,6 +6,7 @@ files themselves are found and checksummed in weights_cache.py, without torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -14,6 +15,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -27,8 +29,10 @@ from .weights_cache import (
     expected_digest,
     imagenet_cache_path,
     imagenet_file_name,
+    imported_files,
     imported_path,
     sha256_of,
+    sha256_of_stream,
 )
 
 RANDOM_FLOOR = 0.1  # dead random channels are floored at this share of the layer's median
@@ -63,11 +67,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise StylekitError(f"weights file '{path}' not found")
     with open(path, "rb") as stream:
-        head = stream.read(4)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+        return _load_state_dict(stream, path)
+
+
+def _load_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
+    """Load an open .pth file from its start safely (tensors only, no pickled code)."""
+    stream.seek(0)
+    if not stream.read(4).startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
         raise StylekitError(f"'{path}' is not a torchvision weights file (not a PyTorch checkpoint)")
+    stream.seek(0)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise StylekitError(f"'{path}' is not a torchvision weights file ({one_line(exc, 120)})") from exc
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -138,26 +148,32 @@ def _cached_imagenet(backbone: str) -> Weights | None:
     path = cached_file(backbone)
     if path is None:
         return None
-    digest, expected = sha256_of(path), expected_digest(path)
-    if expected and not digest.startswith(expected):
-        raise StylekitError(f"cached weights '{path}' are corrupt (checksum {digest[:12]} "
-                            f"does not match {expected[:12]}); delete it and try again")
-    state = check_state_dict(_read_state_dict(path), backbone, str(path))
+    try:
+        with open(path, "rb") as stream:  # hashed and loaded through one handle: one file both times
+            digest, expected = sha256_of_stream(stream), expected_digest(path)
+            if expected and not digest.startswith(expected):
+                raise StylekitError(f"cached weights '{path}' are corrupt (checksum {digest[:12]} "
+                                    f"does not match {expected[:12]}); delete it and try again")
+            state = check_state_dict(_load_state_dict(stream, path), backbone, str(path))
+    except FileNotFoundError:  # replaced by a `weights import` just now: take the new one
+        return _cached_imagenet(backbone)
     return Weights(backbone, state, "imagenet", f"imagenet ({path})", digest)
 
 
 def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
-    """Check a torchvision-format file and copy it into the cache so `imagenet` finds it offline."""
+    """Check a torchvision-format file and copy it into the cache so `imagenet` finds it offline; the
+    files of earlier imports are deleted (of two imports at once, the one that finished last wins)."""
     source = Path(file)
     backbone = detect_backbone(_read_state_dict(source), str(source))
     digest = sha256_of(source)
-    official = imagenet_file_name(backbone).rsplit("-", 1)[1].split(".")[0]
-    target = imagenet_cache_path(backbone) if digest.startswith(official) else imported_path(backbone)
+    official = digest.startswith(expected_digest(imagenet_cache_path(backbone)) or "")
+    target = imagenet_cache_path(backbone) if official else imported_path(backbone, digest)
     target.parent.mkdir(parents=True, exist_ok=True)
     with replacing(target) as temp:
         shutil.copyfile(source, temp)
-    if target == imported_path(backbone):
-        target.with_suffix(".sha256").write_text(digest + "\n")
+    for older in [] if official else imported_files(backbone)[1:]:
+        with contextlib.suppress(OSError):  # gone already, or open on Windows: deleted next time
+            older.unlink()
     return backbone, target
 
 

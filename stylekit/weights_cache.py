@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import platformdirs
 
@@ -43,32 +44,63 @@ def imagenet_cache_path(backbone: str) -> Path:
     return torch_hub_dir() / "checkpoints" / imagenet_file_name(backbone)
 
 
-def imported_path(backbone: str) -> Path:
-    """Where `stylekit weights import` keeps a user-supplied file that is not torchvision's own."""
-    return cache_dir() / "weights" / f"imported-{backbone}.pth"
+def imported_path(backbone: str, digest: str) -> Path:
+    """Where `stylekit weights import` keeps a user-supplied file that is not torchvision's own: named,
+    like torchvision's, with the start of its SHA-256, so a file and its checksum are replaced as one."""
+    return cache_dir() / "weights" / f"imported-{backbone}-{digest[:16]}.pth"
+
+
+def imported_files(backbone: str) -> list[Path]:
+    """The backbone's imported files, the last one imported (the one a run uses) first."""
+    found = []
+    for path in (cache_dir() / "weights").glob(f"imported-{backbone}-*.pth"):
+        try:
+            found.append((path.stat().st_mtime_ns, path.name, path))
+        except OSError:  # replaced by another import just now
+            continue
+    return [path for *_, path in sorted(found, reverse=True)]
 
 
 def sha256_of(path: Path) -> str:
     """Stream a file through SHA-256 (weights files are hundreds of MB)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        return sha256_of_stream(handle)
+
+
+def sha256_of_stream(handle: BinaryIO) -> str:
+    """SHA-256 of an open file from its start: hashed and then read through one handle, a file that
+    an import replaces meanwhile is still the same file."""
+    handle.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
 def cached_file(backbone: str) -> Path | None:
-    """The ImageNet file a run would use: torch's cache first, then an earlier `weights import`."""
-    return next((p for p in (imagenet_cache_path(backbone), imported_path(backbone)) if p.is_file()), None)
+    """The ImageNet file a run would use: torch's cache first, then the last `weights import`."""
+    if imagenet_cache_path(backbone).is_file():
+        return imagenet_cache_path(backbone)
+    return next(iter(imported_files(backbone)), None)
 
 
 def expected_digest(path: Path) -> str | None:
-    """The checksum a cached file must have: torchvision's name prefix, or the one saved on import."""
-    sidecar = path.with_suffix(".sha256")
-    if sidecar.is_file():
-        return sidecar.read_text().strip()
+    """The checksum a cached file must have: the SHA-256 prefix at the end of its name."""
     stem = path.stem.rsplit("-", 1)
-    return stem[1] if len(stem) == 2 and stem[0] != "imported" else None
+    return stem[1] if len(stem) == 2 else None
+
+
+def _state(backbone: str) -> tuple[str, Path | None]:
+    """Whether the file a run would use is cached, corrupt or missing, and which file that is."""
+    path = cached_file(backbone)
+    if path is None:
+        return "missing", None
+    try:
+        digest = sha256_of(path)
+    except FileNotFoundError:  # replaced by a `weights import` just now: look again
+        return _state(backbone)
+    expected = expected_digest(path)
+    return ("corrupt" if expected and not digest.startswith(expected) else "cached"), path
 
 
 def weights_status() -> list[dict[str, str]]:
@@ -76,11 +108,7 @@ def weights_status() -> list[dict[str, str]]:
     file a run would use: "cached" for a damaged one would only defer the bad news), or missing."""
     rows = []
     for backbone in IMAGENET_URLS:
-        path = cached_file(backbone)
-        state = "missing"
-        if path is not None:
-            expected = expected_digest(path)
-            state = "corrupt" if expected and not sha256_of(path).startswith(expected) else "cached"
+        state, path = _state(backbone)
         rows.append({"backbone": backbone, "state": state,
                      "path": str(path or imagenet_cache_path(backbone))})
     return rows

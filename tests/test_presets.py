@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from conftest import make_painting, make_photo, save_png
 from PIL import Image
 
-from stylekit import disk_cache, gram_cache, stylize
+from stylekit import disk_cache, gram_cache, presets, stylize
 from stylekit.cli import main
 from stylekit.engine import Runtime, torch_targets
 from stylekit.errors import StylekitError
@@ -171,7 +172,8 @@ def test_add_copies_the_style_image_and_keeps_only_the_given_options(painting_pa
     preset = add_preset("my-ink", [painting_path], {"style_weight": 3e6, "style_layers": ("relu1_1",)},
                         title="Mine")
     assert preset.path == user_presets_dir() / "my-ink.toml" and preset.title == "Mine"
-    assert preset.style_paths == (user_presets_dir() / "my-ink" / "style-1.png",)
+    assert [(path.parent.parent, path.name) for path in preset.style_paths] == [
+        (user_presets_dir() / "my-ink", "style-1.png")]  # in my-ink/<version>/
     assert preset.options == {"style_weight": 3e6, "style_layers": ("relu1_1",)}
     painting_path.unlink()
     assert load_preset_file(preset.path) == preset
@@ -196,14 +198,12 @@ def test_add_never_deletes_a_folder_it_did_not_write(painting_path):
 def test_a_replacement_that_fails_to_write_leaves_the_old_preset_whole(painting_path, photo_path,
                                                                        monkeypatch):
     old = add_preset("mine", [painting_path], {"steps": 5})
-    from stylekit import presets
-
     write_bytes = presets.write_bytes
 
-    def disk_full_at_the_toml(target, data):  # the last write: the new images are swapped in by then
+    def disk_full_at_the_toml(target, data, exclusive=False):  # the last write: the images are in
         if Path(target).suffix == ".toml":
             raise OSError(28, "No space left on device")
-        write_bytes(target, data)
+        write_bytes(target, data, exclusive)
 
     monkeypatch.setattr(presets, "write_bytes", disk_full_at_the_toml)
     with pytest.raises(OSError, match="No space left"):
@@ -211,6 +211,66 @@ def test_a_replacement_that_fails_to_write_leaves_the_old_preset_whole(painting_
     assert load_preset_file(old.path) == old
     assert load_image(old.style_paths[0]).rgb.shape == load_image(painting_path).rgb.shape
     assert sorted(p.name for p in user_presets_dir().iterdir()) == ["mine", "mine.toml"]  # no leftovers
+    assert [path.parent for path in old.style_paths] == list((user_presets_dir() / "mine").iterdir())
+
+
+def _during_writes(monkeypatch, action) -> None:
+    """Run action before each file add_preset writes: what another process could do meanwhile."""
+    write_bytes = presets.write_bytes
+
+    def write_after_action(target, data, exclusive=False):
+        action()
+        write_bytes(target, data, exclusive)
+
+    monkeypatch.setattr(presets, "write_bytes", write_after_action)
+
+
+def test_a_reader_during_a_replacement_sees_the_old_preset_or_the_new_one_whole(painting_path,
+                                                                              photo_path, monkeypatch):
+    add_preset("mine", [painting_path], {"steps": 5})
+    shapes = {5: load_image(painting_path).rgb.shape, 9: load_image(photo_path).rgb.shape}
+    seen = []
+
+    def read():
+        request = preset_request(get_preset("mine"), make_photo())
+        seen.append((request.options.steps, request.styles[0].shape))
+
+    _during_writes(monkeypatch, read)
+    add_preset("mine", [photo_path], {"steps": 9}, replace=True)
+    read()
+    assert seen[0] == (5, shapes[5]) and seen[-1] == (9, shapes[9])
+    assert all(shape == shapes[steps] for steps, shape in seen)
+
+
+def test_a_preset_loaded_before_a_replacement_still_finds_its_style_images(painting_path, photo_path):
+    loaded = add_preset("mine", [painting_path], {"steps": 5})
+    add_preset("mine", [photo_path], {"steps": 9}, replace=True)
+    request = preset_request(loaded, make_photo())
+    assert request.styles[0].shape == load_image(painting_path).rgb.shape
+
+
+def test_replaced_style_images_are_deleted_once_readers_had_their_time(painting_path, photo_path):
+    first = add_preset("mine", [painting_path], {}).style_paths[0].parent
+    second = add_preset("mine", [photo_path], {}, replace=True).style_paths[0].parent
+    long_ago = time.time() - presets.SUPERSEDED_KEEP_S - 1
+    os.utime(first, (long_ago, long_ago))
+    third = add_preset("mine", [painting_path], {}, replace=True).style_paths[0].parent
+    assert sorted((user_presets_dir() / "mine").iterdir()) == sorted([second, third])
+
+
+def test_of_two_adds_of_one_name_at_once_exactly_one_wins(painting_path, photo_path, monkeypatch):
+    other = []
+
+    def add_the_other_once():
+        if not other:
+            other.append(None)
+            other[0] = add_preset("mine", [photo_path], {"steps": 9})
+
+    _during_writes(monkeypatch, add_the_other_once)
+    with pytest.raises(StylekitError, match=r"user preset 'mine' already exists .*use --force"):
+        add_preset("mine", [painting_path], {"steps": 5})
+    assert get_preset("mine") == other[0]
+    assert [path.parent for path in other[0].style_paths] == list((user_presets_dir() / "mine").iterdir())
 
 
 def test_add_refuses_bad_options_before_writing_anything(painting_path):
@@ -410,6 +470,32 @@ def test_a_gram_cache_that_cannot_be_written_only_costs_speed(relu1_targets, mon
     compute = cached_targets(relu1_targets, "context", "full-disk")
     assert "gram_relu1_1" in compute(torch.rand(1, 3, 20, 20), (), ("relu1_1",))
     assert "cannot write Gram cache file" in caplog.text
+
+
+def test_a_gram_cache_write_cut_short_is_reported_without_torchs_internals(relu1_targets, monkeypatch,
+                                                                          caplog):
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    cached_targets(relu1_targets, "context", "cut-short")(torch.rand(1, 3, 20, 20), (), ("relu1_1",))
+    [message] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert message.endswith("(the write was cut short: is the disk full?)") and "enforce" not in message
+
+
+def test_a_gram_cache_entry_pruned_by_another_process_is_a_quiet_miss(relu1_targets, monkeypatch, caplog):
+    compute = cached_targets(relu1_targets, "context", "pruned")
+    style = torch.rand(1, 3, 20, 20)
+    expected = compute(style, (), ("relu1_1",))
+    load = torch.load
+
+    def pruned_just_before(path, *args, **kwargs):  # another process's prune, between look and read
+        Path(path).unlink()
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", pruned_just_before)
+    assert torch.equal(compute(style, (), ("relu1_1",))["gram_relu1_1"], expected["gram_relu1_1"])
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_gram_cache_drops_the_least_recently_used_entry_beyond_its_limit(relu1_targets, tmp_path,

@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -165,6 +166,49 @@ def test_status_calls_a_damaged_cached_file_corrupt(offline, weights_file):
     with open(target, "r+b") as handle:
         handle.truncate(4000)
     assert {row["backbone"]: row["state"] for row in weights_cache.weights_status()}["vgg19"] == "corrupt"
+
+
+@pytest.fixture
+def other_weights_file(weights_file, tmp_path) -> Path:
+    """The test weights with one value changed: a second file for the same backbone."""
+    state = torch.load(weights_file, weights_only=True)
+    state["features.0.bias"] = state["features.0.bias"] + 1
+    torch.save(state, tmp_path / "other.pth")
+    return tmp_path / "other.pth"
+
+
+def _after_each_rename(monkeypatch, action) -> None:
+    """Run action right after each file an import renames into place: what another process could do."""
+    replace = os.replace
+
+    def replace_then_act(*args, **kwargs):
+        replace(*args, **kwargs)
+        action()
+
+    monkeypatch.setattr(os, "replace", replace_then_act)
+
+
+def test_a_run_during_an_import_uses_the_old_weights_or_the_new_ones_whole(offline, weights_file,
+                                                                           other_weights_file, monkeypatch):
+    w.import_weights(weights_file)
+    seen = []
+    _after_each_rename(monkeypatch, lambda: seen.append(w.resolve_weights("imagenet", "vgg19").sha256))
+    w.import_weights(other_weights_file)
+    assert seen == [w.sha256_of(other_weights_file)]
+
+
+def test_of_two_imports_at_once_one_wins_whole(offline, weights_file, other_weights_file, monkeypatch):
+    started = []
+
+    def import_the_other_once():
+        if not started:
+            started.append(True)
+            w.import_weights(other_weights_file)
+
+    _after_each_rename(monkeypatch, import_the_other_once)
+    w.import_weights(weights_file)
+    assert w.resolve_weights("imagenet", "vgg19").sha256 == w.sha256_of(other_weights_file)
+    assert {row["backbone"]: row["state"] for row in weights_cache.weights_status()}["vgg19"] == "cached"
 
 
 def test_import_refuses_a_file_that_is_not_weights(offline, tmp_path):
