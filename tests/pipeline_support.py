@@ -59,6 +59,14 @@ def drop(path: Path, seed: int = 0, size: int = 32) -> bytes:
     return data
 
 
+def drop_photos(inbox: Path, count: int, size: int) -> list[str]:
+    """Drop photo 0.png … photo N.png (each its own seed) into inbox; their names."""
+    names = [f"photo {i}.png" for i in range(count)]
+    for i, name in enumerate(names):
+        drop(inbox / name, seed=i, size=size)
+    return names
+
+
 def wait_for(check: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
     """Poll until check() is truthy (returning it) or fail after timeout seconds."""
     deadline = time.monotonic() + timeout

@@ -218,9 +218,9 @@ def test_a_job_outlasts_a_server_restart(weights_file):
     restarter = threading.Thread(target=restart)
     messages = []
 
-    def restart_once_running(fraction, message):
+    def restart_once_submitted(fraction, message):
         messages.append(message)
-        if message.startswith("scale") and restarter.ident is None:  # not started yet
+        if restarter.ident is None:  # at the first news of the job, however far it got
             restarter.start()
 
     never = [sys.executable, "-c", "raise SystemExit('this restart is not the plug-in's to do')"]
@@ -228,7 +228,7 @@ def test_a_job_outlasts_a_server_restart(weights_file):
     params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 40}
     try:
         result, _ = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
-                                   restart_once_running)
+                                   restart_once_submitted)
     finally:
         restarter.join(30)
         for running in servers[1:]:
@@ -252,15 +252,15 @@ def test_a_local_server_that_stays_down_is_started_again(weights_file, monkeypat
 
     monkeypatch.setattr(client, "start_server", start_server)
 
-    def stop_once_running(fraction, message):
-        if message.startswith("scale") and first[1].is_alive():
+    def stop_once_submitted(fraction, message):  # at the first news of the job: a short one may be done
+        if first[1].is_alive():                  # by the next poll
             stop_app(*first)
 
     server = client.Client(client.Config(url=f"http://127.0.0.1:{port}", command=command))
     params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 5}
     try:
         result, _ = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
-                                   stop_once_running)
+                                   stop_once_submitted)
     finally:
         for process, _log in started:
             process.terminate()

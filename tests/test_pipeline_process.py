@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_support import PRESET, drop, files, settled, wait_for
+from pipeline_support import PRESET, drop, drop_photos, files, settled, wait_for
 
 from stylekit.cli import main
 
@@ -82,9 +82,7 @@ def test_kill_9_mid_batch_then_restart_accounts_for_every_input_exactly_once(box
 def test_a_stop_signal_hands_back_the_current_image_and_exits_0(signum, boxes, weights_file, tmp_path,
                                                                  capsys):
     inbox, outbox = boxes
-    names = [f"photo {i}.png" for i in range(3)]
-    for i, name in enumerate(names):
-        drop(inbox / name, seed=i, size=64)
+    names = drop_photos(inbox, 3, size=64)
     log = tmp_path / "watch.log"
     process = start(inbox, outbox, weights_file, log, steps=200)
     try:
@@ -105,9 +103,7 @@ def test_a_stop_signal_hands_back_the_current_image_and_exits_0(signum, boxes, w
 def test_a_kill_mid_group_counts_against_none_of_its_images_but_a_kill_while_alone_does(
         boxes, weights_file, tmp_path):
     inbox, outbox = boxes
-    names = [f"photo {i}.png" for i in range(3)]
-    for i, name in enumerate(names):
-        drop(inbox / name, seed=i, size=48)
+    names = drop_photos(inbox, 3, size=48)
     config = tmp_path / "pipeline.toml"
     config.write_text(f"retries = 0\n[[folder]]\ninbox = '{inbox}'\nout = '{outbox}'\npreset = '{PRESET}'\n",
                       encoding="utf-8")  # no second attempt: a crash counted against an image fails it
@@ -142,9 +138,7 @@ def test_a_kill_mid_group_counts_against_none_of_its_images_but_a_kill_while_alo
 def test_a_second_ctrl_c_stops_at_once_logging_only_json_and_handing_every_image_back(
         boxes, weights_file, tmp_path):
     inbox, outbox = boxes
-    names = [f"photo {i}.png" for i in range(3)]
-    for i, name in enumerate(names):
-        drop(inbox / name, seed=i, size=64)
+    names = drop_photos(inbox, 3, size=64)
     log = tmp_path / "watch.log"
     process = start(inbox, outbox, weights_file, log, 200, "--size", "256", "--scales", "1")  # ~1 s a step
     try:
