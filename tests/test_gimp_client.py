@@ -268,6 +268,13 @@ def test_a_local_server_that_stays_down_is_started_again(weights_file, monkeypat
     assert Image.open(io.BytesIO(result)).size == (48, 40) and len(started) == 1
 
 
+def test_tidying_up_after_the_download_never_fails_the_job():
+    gone = client.Client(client.Config(url=f"http://127.0.0.1:{free_port()}"))  # nothing listens there
+    with pytest.raises(client.ServerDown):
+        gone.forget("photo-1")
+    client.tidy(gone, "photo-1")  # the same call, as run_job makes it once the result is in hand
+
+
 def test_a_job_the_server_keeps_losing_is_given_up(live_server):
     server = client.Client(client.Config(url=live_server))
     params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 2}

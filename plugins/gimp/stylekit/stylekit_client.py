@@ -294,8 +294,17 @@ def _follow(client, job, on_progress, patiently):
         time.sleep(POLL_SECONDS)
         job = patiently(lambda: client.status(job["id"]))
     png = patiently(lambda: client.result(job["id"]))
-    client.forget(job["id"])
+    tidy(client, job["id"])
     return png, (job.get("report") or {}).get("warnings", [])
+
+
+def tidy(client, job_id):
+    """Drop a finished job from the server, if it still answers: the result is in hand already, and
+    the server forgets finished jobs in time anyway, so a failure here must not cost the user it."""
+    try:
+        client.forget(job_id)
+    except ClientError:
+        pass
 
 
 def _outlast(client, call, on_wait):
