@@ -238,14 +238,19 @@ def _unlock(path: Path, fd: int) -> None:
 
 
 def _claim_path(item: Item) -> Path:
-    """The hidden file whose lock says which process is styling an item."""
-    return item.output.with_name(f".{item.output.name}.lock")
+    """The hidden file whose lock says which process is styling an item (its name cut short, with a
+    hash of the whole, so that it fits wherever the output's own name does)."""
+    digest = hashlib.sha256(item.output.name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return item.output.with_name(f".{item.output.name[:64]}.{digest}.lock")
 
 
 def claim(item: Item) -> None:
     """Make an item this process's to style, until `release`: Skipped when another batch is styling it
     or its output has appeared (made from this input) meanwhile; StylekitError when another input's has."""
-    fd = _lock(_claim_path(item), wait=False)
+    try:
+        fd = _lock(_claim_path(item), wait=False)
+    except OSError as error:  # one item's trouble (a full or read-only --out), on either engine
+        raise StylekitError(f"cannot claim it in '{item.output.parent}': {error.strerror or error}") from None
     if fd is None:
         raise Skipped(TAKEN)
     _claims[item.output] = fd
@@ -375,7 +380,8 @@ def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
                 summary.skipped += 1
             else:
                 summary.failures.append(outcome)
-            ended.append(outcome.item)
+            if outcome.reason != TAKEN:  # another batch's: its failure record is that batch's to keep
+                ended.append(outcome.item)
             on_outcome(outcome)
     finally:
         for item in todo:  # claims an engine took but did not conclude (stopped mid-image)

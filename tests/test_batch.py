@@ -271,6 +271,26 @@ def test_an_image_another_batch_is_styling_is_left_to_it(batch, tmp_path):
     assert [(tmp_path / "out" / output_name(source)).exists() for source in sources] == [False, True]
 
 
+def test_an_image_another_batch_is_styling_keeps_its_failure_record(batch, tmp_path):
+    sources = make_inputs(tmp_path / "in", 2)
+    sources[0].write_bytes(b"not a png")
+    assert batch(tmp_path / "in")[0] == 1  # its failure recorded, as the batch styling it now would
+    with claimed_elsewhere(Item(sources[0], tmp_path / "out" / output_name(sources[0]))):
+        code, err = batch(tmp_path / "in")
+    assert code == 0 and f"skipped: {sources[0]}: {TAKEN}" in err.splitlines(), err
+    record = json.loads((tmp_path / "out" / FAILED_FILE).read_text())["failed"]
+    assert [row["input"] for row in record] == [str(sources[0])]
+
+
+def test_an_image_whose_output_name_only_just_fits_is_styled(batch, tmp_path):
+    source = make_inputs(tmp_path / "in", 1)[0]
+    long_name = source.with_name("x" * (255 - len(output_name(source)) + len("img0")) + ".png")
+    source.rename(long_name)  # its output's name is 255 bytes, the most a name may have here
+    code, err = batch(tmp_path / "in")
+    assert code == 0 and "batch: 1 done" in err, err
+    assert (tmp_path / "out" / output_name(long_name)).exists()
+
+
 def test_a_killed_batch_leaves_no_image_claimed(batch, tmp_path):
     sources = make_inputs(tmp_path / "in", 2)
     (tmp_path / "out").mkdir()
