@@ -167,15 +167,23 @@ def encode_png(
 def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, Any]:
     """Return the settings stored by save_image/encode_png ({} if none) so runs can be traced."""
     with _open_image(path_or_bytes, _quote(_source_text(path_or_bytes))) as im:
-        text = im.info.get(_PNG_META_KEY)
+        text, earlier = im.info.get(_PNG_META_KEY), {}
         if text is None:
-            comment = im.getexif().get_ifd(ExifTags.IFD.Exif).get(_Tag.UserComment)
+            exif = im.getexif()
+            comment = exif.get_ifd(ExifTags.IFD.Exif).get(_Tag.UserComment)
             if isinstance(comment, bytes) and comment.startswith(_ASCII_COMMENT):
                 text = comment[len(_ASCII_COMMENT):].decode("ascii", "replace")
-    if not isinstance(text, str):
-        return {}
+            # outputs of earlier versions kept it in the caption, where a camera's own text may be too
+            earlier = _json_object(exif.get(_Tag.ImageDescription))
+    if str(earlier.get("software", "")).startswith(_SOFTWARE):
+        return _json_object(text) or earlier
+    return _json_object(text)
+
+
+def _json_object(text: object) -> dict[str, Any]:
+    """A JSON object's value, or {} for anything else (no text, other text, another JSON value)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text) if isinstance(text, str) else None
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

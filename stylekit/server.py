@@ -21,7 +21,7 @@ import threading
 import time
 import typing
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
@@ -599,13 +599,16 @@ def load_or_create_token(path: Path) -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(token + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # whole on disk before it has its name, a crash included
         os.link(temporary, path)
     except FileExistsError:
         return _read_token(path)
     except OSError as exc:
         raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
     finally:
-        os.unlink(temporary)
+        with suppress(OSError):  # a leftover hidden file must not hide what happened
+            os.unlink(temporary)
     return token
 
 

@@ -268,6 +268,10 @@ def test_a_local_server_that_stays_down_is_started_again(weights_file, monkeypat
     assert Image.open(io.BytesIO(result)).size == (48, 40) and len(started) == 1
 
 
+def test_a_job_waits_for_a_lost_server_less_long_than_the_server_keeps_an_unpolled_job():
+    assert client.RESTART_AFTER < client.OUTAGE_SECONDS < client.ABANDON_AFTER
+
+
 def test_tidying_up_after_the_download_never_fails_the_job():
     gone = client.Client(client.Config(url=f"http://127.0.0.1:{free_port()}"))  # nothing listens there
     with pytest.raises(client.ServerDown):

@@ -833,3 +833,15 @@ def test_encode_png_matches_save_image(tmp_path: Path) -> None:
 ])
 def test_an_output_takes_the_format_asked_for_or_the_inputs_where_stylekit_can(source, out_format, suffix):
     assert output_suffix(source, out_format) == suffix
+
+
+@pytest.mark.parametrize(("caption", "found"), [
+    ('{"software": "stylekit 0.1.0", "content": "a.png"}',
+     {"software": "stylekit 0.1.0", "content": "a.png"}),
+    ("Holiday at the sea", {}), ('{"title": "a camera app\'s JSON"}', {}),
+])
+def test_metadata_an_earlier_version_kept_in_the_caption_is_still_read(tmp_path, caption, found):
+    exif = Image.Exif()
+    exif[ExifTags.Base.ImageDescription] = caption
+    Image.new("RGB", (32, 32)).save(tmp_path / "out.jpg", exif=exif.tobytes())
+    assert read_metadata(tmp_path / "out.jpg") == found

@@ -31,7 +31,8 @@ POLL_SECONDS = 0.25
 START_SECONDS = 300  # a first start may download the ImageNet weights
 ABANDON_AFTER = 15.0  # the server cancels a job nobody polls for this long (GIMP's cancel kills us)
 HTTP_TIMEOUT = 60.0
-OUTAGE_SECONDS = 30.0  # how long a job waits for a server that went away (a restart, a network blip)
+OUTAGE_SECONDS = 12.0  # how long a job waits for a server that went away (a restart, a network blip);
+# under ABANDON_AFTER: a server that stayed up behind a longer blip has given the job up by then
 RESTART_AFTER = 10.0  # a local server still down this long is started again (unless it restarts itself)
 RESUBMITS = 3  # times a job the server has lost (it restarted) is sent again, with the same id
 MIN_SIDE = 16  # the engine's smallest side (VGG pools four times)
