@@ -139,6 +139,8 @@ def _check_unwatched(spec: str, folders: set[Path]) -> None:
                 break  # and so are its parents
             seen.add(candidate)
             if holder := lock_holder(candidate):
+                if folder.resolve().relative_to(candidate).parts[:1] in (("done",), ("failed",)):
+                    break  # the watcher only ever puts files there
                 raise StylekitError(f"'{spec}' is in '{candidate}', which a running stylekit watch (pid "
                                     f"{holder}) takes images from; stop it, or batch a copy")
 

@@ -341,6 +341,13 @@ def test_a_run_keeps_the_failure_records_of_other_inputs(batch, tmp_path):
     assert not (tmp_path / "out" / FAILED_FILE).exists()
 
 
+def test_a_running_watchers_done_folder_can_be_batched(batch, tmp_path):
+    make_inputs(tmp_path / "inbox" / "done", 1)
+    with locked(Layout(tmp_path / "inbox", tmp_path / "outbox")):  # what a running watcher holds
+        code, err = batch(tmp_path / "inbox" / "done")
+    assert code == 0 and "batch: 1 done" in err, err
+
+
 @pytest.mark.parametrize("spec", ["inbox", "inbox/woodcut", "**/*.png"])
 def test_inputs_a_running_watcher_takes_images_from_are_refused(batch, tmp_path, spec):
     make_inputs(tmp_path / "inbox", 1)
