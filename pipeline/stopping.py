@@ -4,8 +4,10 @@ The clean stop waits for the engine's next loss evaluation, then hands the image
 the inbox. A second Ctrl-C (a long evaluation of a large image, or an impatient user) raises
 KeyboardInterrupt at once, but only inside stretches marked abortable: the engine's work on claimed
 images (which are then handed back just the same) and loading the engine before anything is claimed.
-Anywhere else (moving files, writing a log line) it is ignored: the clean stop is moments away there;
-and once a signal has stopped the watcher, so is a Ctrl-C while the process exits.
+Anywhere else (moving files, the watcher's own log lines and status file) it is ignored: the clean
+stop is moments away there; and once a signal has stopped the watcher, so is a Ctrl-C while the
+process exits. (A library warning the engine logs during its work can be cut short, its image
+handed back all the same.)
 """
 
 from __future__ import annotations
