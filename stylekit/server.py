@@ -16,12 +16,11 @@ import os
 import secrets
 import socket
 import stat
-import tempfile
 import threading
 import time
 import typing
 import uuid
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
+from .atomic import replacing
 from .engine import output_long_side, stylize
 from .errors import Cancelled, StylekitError
 from .image import encode_png, load_image
@@ -593,22 +593,14 @@ def load_or_create_token(path: Path) -> str:
     token = secrets.token_urlsafe(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mode 0600
-    except OSError as exc:
-        raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(token + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())  # whole on disk before it has its name, a crash included
-        os.link(temporary, path)
+        with replacing(path, exclusive=True) as temporary:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(token + "\n")
     except FileExistsError:
         return _read_token(path)
     except OSError as exc:
         raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
-    finally:
-        with suppress(OSError):  # a leftover hidden file must not hide what happened
-            os.unlink(temporary)
     return token
 
 
