@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
     import tomli as tomllib
 
-FORMATS = ("same", "png", "jpg", "webp", "tif")
+FORMATS = ("same", "png", "jpg", "webp", "avif", "tif")
 _TOP_KEYS = {"settle", "retries", "batch", "rescan", "log_json", "status_file", "options", "folder"}
 _FOLDER_KEYS = {"inbox", "out", "preset", "format", "quality", "options"}
 _KIND_WORDS = {int: "a whole number", float: "a number", str: "a string"}
@@ -31,7 +31,7 @@ class FolderConfig:
     out: Path
     preset: str | None = None  # None: only inbox/<preset>/ sub-folders are taken
     format: str = "same"  # output format; "same" keeps the input's where stylekit can write it, else png
-    quality: int = 95  # JPEG/WebP quality
+    quality: int = 95  # JPEG/WebP/AVIF quality
     overrides: Mapping[str, object] = field(default_factory=dict)  # StyleOptions over the preset's
 
 

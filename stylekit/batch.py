@@ -31,16 +31,23 @@ from . import __version__
 from .atomic import write_json
 from .engine import stylize
 from .errors import StylekitError
-from .image import LoadedImage, load_image, output_format, output_suffix, read_metadata, save_image
+from .image import (
+    INPUT_SUFFIXES,
+    LoadedImage,
+    load_image,
+    output_format,
+    output_suffix,
+    read_metadata,
+    save_image,
+)
 from .pipeline.folders import lock_holder
 from .presets import Preset, preset_request
 from .request import Result, StyleRequest, validate
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 FAILED_FILE = "stylekit-failed.json"
 WARM_UP_SIDE = 32
 JPEG_ALPHA_WARNING = ("JPEG has no transparency: transparent parts are flattened onto white "
-                      "(--format png, webp or tif keep them)")
+                      "(--format png, webp, avif or tif keep them)")
 TAKEN = "another stylekit batch is styling it"
 GONE = "it disappeared (moved by something else?)"
 _claims: dict[Path, int] = {}  # output → the locked claim file this process holds for it
@@ -65,7 +72,7 @@ class Recipe:
     preset: str
     template: StyleRequest  # its content is a placeholder; `request` puts each image in
     style_names: tuple[str, ...]
-    quality: int = 95  # JPEG and WebP quality, the hot folder's default
+    quality: int = 95  # JPEG, WebP and AVIF quality, the hot folder's default
 
     def request(self, content: np.ndarray) -> StyleRequest:
         """The request for one image."""
@@ -109,7 +116,7 @@ Engine = Callable[[Recipe, Sequence[Item]], Iterator[Outcome]]
 
 def is_image_name(path: Path) -> bool:
     """Visible files with an image extension; everything else in a folder is left alone."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    return not path.name.startswith(".") and path.suffix.lower() in INPUT_SUFFIXES
 
 
 def discover(spec: str) -> list[Path]:
@@ -126,7 +133,7 @@ def discover(spec: str) -> list[Path]:
         raise StylekitError(f"no folder or file '{spec}'")
     _check_unwatched(spec, {p.parent for p in found} | ({path} if path.is_dir() else set()))
     if not found:
-        raise StylekitError(f"no images in '{spec}' (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise StylekitError(f"no images in '{spec}' (looked for {', '.join(INPUT_SUFFIXES)})")
     return sorted(found)
 
 

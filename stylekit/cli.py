@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import check_writable_folder, write_json
 from .errors import StylekitError
 from .gimp_install import gimp
-from .image import load_image, output_format, save_image
+from .image import LOSSY_FORMATS, load_image, output_format, save_image
 from .loopback import is_loopback
 from .pipeline.config import FORMATS as OUTPUT_FORMATS
 from .pipeline.config import FolderConfig
@@ -107,7 +107,8 @@ format_option = click.option("--format", "out_format", type=click.Choice(OUTPUT_
                              help="Output format (default: the input's where possible, else png).")
 quality_option = click.option("--quality", type=click.IntRange(1, 100), default=FolderConfig.quality,
                               show_default=True,
-                              help="JPEG and WebP quality (refused for PNG and TIFF, which are lossless).")
+                              help="JPEG, WebP and AVIF quality (refused for PNG and TIFF, which are "
+                                   "lossless).")
 
 
 def _given(parameter: str) -> bool:
@@ -118,9 +119,10 @@ def _given(parameter: str) -> bool:
 
 def _check_quality(formats: set[str]) -> None:
     """Refuse a --quality given where every output is lossless: whoever gave it expected it to matter."""
-    if _given("quality") and not formats & {"JPEG", "WEBP"}:
-        raise click.UsageError(f"--quality is for JPEG and WebP outputs, not {' and '.join(sorted(formats))} "
-                               "(lossless): leave it out, or write .jpg or .webp")
+    if _given("quality") and not formats & LOSSY_FORMATS:
+        raise click.UsageError("--quality is for JPEG, WebP and AVIF outputs, not "
+                               f"{' and '.join(sorted(formats))} (lossless): leave it out, or write .jpg, "
+                               ".webp or .avif")
 
 
 def _size_rule(size: int | None, preset: str | None) -> str:
@@ -247,7 +249,7 @@ def cli() -> None:
 @click.option("--preset", help="A named preset instead of --style (see `stylekit presets list`); "
                                "flags override its options.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file: .png, .jpg, .webp or .tif.")
+              help="Output file: .png, .jpg, .webp, .avif or .tif.")
 @quality_option
 @engine_options_with_init_file
 @click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "json", "none"]),
@@ -278,7 +280,7 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     picture = load_image(content)
     if picture.alpha is not None and out_format == "JPEG":
         _warn(f"JPEG has no transparency: the content's transparent parts are flattened onto white in "
-              f"'{output}' (.png, .webp or .tif keep them)")
+              f"'{output}' (.png, .webp, .avif or .tif keep them)")
     init_image = load_image(init_file).rgb if init_file else None
     if chosen:
         request = replace(preset_request(chosen, picture.rgb, changes), init_image=init_image)

@@ -14,7 +14,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,10 +35,14 @@ _FORMATS = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
     ".webp": "WEBP",
+    ".avif": "AVIF",
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
-_FORMAT_HINT = "use .png, .jpg, .webp or .tif"
+_FORMAT_HINT = "use .png, .jpg, .webp, .avif or .tif"
+LOSSY_FORMATS = frozenset({"JPEG", "WEBP", "AVIF"})  # the formats --quality applies to
+# What a folder of images holds, by name: what stylekit writes, plus what it only reads (phones' HEIC).
+INPUT_SUFFIXES = (*_FORMATS, ".heic", ".heif", ".hif", ".bmp", ".gif")
 _SOFTWARE = "stylekit"
 _PNG_META_KEY = "stylekit"
 _ASCII_COMMENT = b"ASCII\0\0\0"  # EXIF UserComment's character-code prefix (the JSON is ASCII)
@@ -102,7 +106,7 @@ def load_image(
         if width * height > max_pixels:
             raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
         im.load()
-        icc = im.info.get("icc_profile")
+        icc = im.info.get("icc_profile") or _nclx_icc(im.info.get("nclx_profile"), label)
         ImageOps.exif_transpose(im, in_place=True)
         kept = _source_metadata(im)
         colour, alpha = _split_alpha(im)
@@ -244,6 +248,7 @@ def _open_image(
     images over its own process-wide limit is ignored; its hard guard (twice that limit) refuses an
     image before the size is known, and gets the same message.
     """
+    _open_heif()
     with _open_stream(source, label) as stream:
         try:
             with warnings.catch_warnings():
@@ -257,6 +262,14 @@ def _open_image(
             raise _too_many_pixels(label, _bomb_pixels(e), limit) from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"image {label} is truncated or corrupt ({e})") from e
+
+
+@functools.cache
+def _open_heif() -> None:
+    """Teach Pillow HEIC/HEIF, the format phones save photos in (decoding only; 40 ms, so on first use)."""
+    import pi_heif
+
+    pi_heif.register_heif_opener()
 
 
 def _warn_if_animated(im: Image.Image, label: str) -> None:
@@ -420,26 +433,82 @@ def _grey_icc_to_srgb(grey: np.ndarray, icc: bytes) -> np.ndarray:
 
 @functools.cache
 def _srgb_grey_profile() -> ImageCms.ImageCmsProfile:
-    """A grey ICC profile with sRGB's tone curve (D50 white, ICC v2), which Pillow cannot create:
-    grey converted into it at 16 bits is the grey of sRGB."""
+    """A grey ICC profile with sRGB's tone curve, which Pillow cannot create: grey converted into it
+    at 16 bits is the grey of sRGB."""
+    return ImageCms.ImageCmsProfile(io.BytesIO(_icc_profile(b"GRAY", [(b"kTRC", _SRGB_CURVE)])))
 
-    def s15(value: float) -> bytes:
-        return struct.pack(">i", round(value * 65536))
 
-    d50 = (0.9642, 1.0, 0.8249)
-    srgb_curve = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)  # ICC parametric curve type 3
-    tags = [(b"wtpt", b"XYZ " + bytes(4) + b"".join(map(s15, d50))),
-            (b"kTRC", b"para" + bytes(4) + struct.pack(">HH", 3, 0) + b"".join(map(s15, srgb_curve)))]
+def _s15(value: float) -> bytes:
+    """ICC's s15Fixed16Number."""
+    return struct.pack(">i", round(value * 65536))
+
+
+_D50 = (0.9642, 1.0, 0.8249)  # ICC's connection-space white
+_SRGB_CURVE = b"para" + bytes(4) + struct.pack(">HH", 3, 0) + b"".join(  # ICC parametric curve type 3
+    map(_s15, (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)))
+_SRGB_PRIMARIES = (0.64, 0.33, 0.30, 0.60, 0.15, 0.06, 0.3127, 0.3290)  # red, green, blue, white (x, y)
+_BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
+
+
+def _gamma_curve(gamma: float) -> bytes:
+    """An ICC tone curve that is a pure power (ICC parametric curve type 0)."""
+    return b"para" + bytes(4) + struct.pack(">HH", 0, 0) + _s15(gamma)
+
+
+# HEIF's transfer characteristics (ITU-T H.273) that are not sRGB's curve or read as it (BT.709's).
+_NCLX_CURVES = {4: _gamma_curve(2.2), 5: _gamma_curve(2.8), 8: _gamma_curve(1.0)}
+_HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+
+
+def _icc_profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """A minimal ICC v2 display profile (D50 white) in `space` from its tags; Pillow can create only
+    sRGB, Lab and XYZ ones."""
+    tags = [(b"wtpt", _xyz_tag(_D50)), *tags]
     offset = 128 + 4 + 12 * len(tags)
     table = data = b""
     for signature, body in tags:
         body += bytes(-len(body) % 4)
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
-    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x02100000, b"mntr", b"GRAY", b"XYZ ")
-    header += bytes(12) + b"acsp" + bytes(24) + b"".join(map(s15, d50))
-    icc = header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
-    return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x02100000, b"mntr", space, b"XYZ ")
+    header += bytes(12) + b"acsp" + bytes(24) + b"".join(map(_s15, _D50))
+    return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
+
+
+def _xyz_tag(xyz: Iterable[float]) -> bytes:
+    """An ICC XYZ tag (a colorant or the white point)."""
+    return b"XYZ " + bytes(4) + b"".join(_s15(float(v)) for v in xyz)
+
+
+def _nclx_icc(nclx: object, label: str) -> bytes | None:
+    """An ICC profile for the colour description (nclx) a HEIF photo may carry instead of a profile,
+    such as a phone's Display P3; None where it already is sRGB (or says nothing usable)."""
+    if not isinstance(nclx, dict):
+        return None
+    transfer = nclx.get("transfer_characteristics")
+    if transfer in _HDR_TRANSFERS:
+        log.warning("image %s is HDR (%s): it is read as decoded to 8 bits, without tone mapping, so its "
+                    "colours may look flat", label, _HDR_TRANSFERS[transfer])
+    curve = _NCLX_CURVES.get(transfer, _SRGB_CURVE)
+    try:
+        xy = [float(nclx[f"color_primary_{c}_{axis}"]) for c in ("red", "green", "blue", "white")
+              for axis in "xy"]
+        if nclx.get("color_primaries") in (1, 2) or np.allclose(xy, _SRGB_PRIMARIES, atol=1e-3):
+            xy = list(_SRGB_PRIMARIES)  # sRGB's (BT.709), or unspecified: read as sRGB
+            if curve is _SRGB_CURVE:
+                return None
+        pairs = zip(xy[0::2], xy[1::2], strict=True)
+        columns = np.array([[x / y, 1.0, (1.0 - x - y) / y] for x, y in pairs]).T
+        primaries, white = columns[:, :3], columns[:, 3]
+        to_xyz = primaries * np.linalg.solve(primaries, white)  # each primary scaled so r+g+b is white
+        cone, cone_d50 = _BRADFORD @ white, _BRADFORD @ np.array(_D50)
+        to_d50 = np.linalg.solve(_BRADFORD, np.diag(cone_d50 / cone) @ _BRADFORD) @ to_xyz
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, np.linalg.LinAlgError):
+        return None
+    if not np.all(np.isfinite(to_d50)):
+        return None
+    tags = [(tag, _xyz_tag(to_d50[:, i])) for i, tag in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))]
+    return _icc_profile(b"RGB ", [*tags, (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)])
 
 
 @functools.cache
@@ -522,8 +591,8 @@ def _save_options(
     if fmt == "JPEG" and len(data) > _JPEG_EXIF_LIMIT:  # too much to carry: only stylekit's own
         data = _output_exif(SourceMetadata(dpi=source.dpi), size, text).tobytes()
     options.update(exif=data, quality=quality)
-    if fmt == "JPEG":
-        options["subsampling"] = 0  # 4:4:4: fine coloured brush strokes keep their colour
+    if fmt in ("JPEG", "AVIF"):  # 4:4:4: fine coloured brush strokes keep their colour
+        options["subsampling"] = 0 if fmt == "JPEG" else "4:4:4"
     return options
 
 

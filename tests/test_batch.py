@@ -55,6 +55,12 @@ def batch(tmp_path, weights_file, capsys):
     return go
 
 
+def test_discover_takes_phone_and_avif_photos(tmp_path):
+    for name in ("a.HEIC", "b.heif", "c.avif"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [path.name for path in discover(str(tmp_path))] == ["a.HEIC", "b.heif", "c.avif"]
+
+
 def test_discover_takes_images_only_in_sorted_order(tmp_path):
     folder = tmp_path / "in"
     make_inputs(folder, 3)
@@ -387,8 +393,8 @@ def test_an_input_that_disappears_during_the_run_is_skipped_not_failed(tmp_path,
     (["IN", "--ray-address", "10.0.0.10:6379"], "--ray-address is for --engine ray only"),
     (["IN", "--gpus-per-task", "0.5"], "--gpus-per-task is for --engine ray only"),
     (["IN", "--format", "gif"], "Invalid value for '--format'"),
-    (["IN", "--quality", "80"], "--quality is for JPEG and WebP outputs, not PNG (lossless)"),
-    (["IN", "--format", "tif", "--quality", "80"], "--quality is for JPEG and WebP outputs, not TIFF"),
+    (["IN", "--quality", "80"], "--quality is for JPEG, WebP and AVIF outputs, not PNG (lossless)"),
+    (["IN", "--format", "tif", "--quality", "80"], "--quality is for JPEG, WebP and AVIF outputs, not TIFF"),
     (["IN", "--format", "jpg", "--quality", "0"], "Invalid value for '--quality'"),
 ])
 def test_bad_input_is_one_line(batch, tmp_path, args, message):

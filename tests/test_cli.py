@@ -169,7 +169,7 @@ def test_quality_sets_how_close_a_jpeg_or_webp_output_stays_to_the_result(apply,
 def test_quality_for_a_lossless_output_is_refused_before_work(apply, extension):
     code, _, err, out = apply("--quality", "80", output=f"out.{extension}")
     assert code == 2 and err.count("\n") == 1 and not out.exists()
-    assert "--quality is for JPEG and WebP outputs, not " in err
+    assert "--quality is for JPEG, WebP and AVIF outputs, not " in err
 
 
 def wide_photo(tmp_path):
@@ -300,6 +300,15 @@ def test_apply_keeps_the_photos_camera_metadata_and_resolution(apply, tmp_path):
         assert output.info["dpi"] == pytest.approx((300, 300), abs=0.01)
         exif = output.getexif()
     assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model]) == ("Canon", "EOS R5")
+
+
+def test_apply_styles_a_phones_heic_photo_into_an_avif(apply):
+    code, _, err, out = apply("--quality", "80", content=Path(__file__).parent / "data" / "phone-p3.heic",
+                              output="out.avif")
+    assert code == 0, err
+    with Image.open(out) as output:
+        assert (output.format, output.size) == ("AVIF", (40, 48))
+        assert output.getexif()[ExifTags.Base.Make] == "TestCam"
 
 
 def test_a_jpeg_output_of_a_transparent_image_warns_that_the_alpha_is_dropped(apply, tmp_path):

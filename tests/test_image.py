@@ -277,6 +277,44 @@ def test_exif_orientation_6_rotates(tmp_path: Path) -> None:
     np.testing.assert_allclose(rgb[0, 0], [0.0, 0.0, 0.0])
 
 
+DATA = Path(__file__).parent / "data"
+P3_TO_SRGB = np.array([[1.2249, -0.2247, 0.0], [-0.0420, 1.0419, 0.0], [-0.0197, -0.0786, 1.0979]])
+
+
+def _phone_pixels() -> np.ndarray:
+    """What tests/data/phone-p3.heic stores (lossless, Display P3, EXIF orientation 6, Make TestCam)."""
+    y, x = np.mgrid[0:40, 0:48]
+    return np.stack([x * 5, 60 + y * 3, 255 - x * 5], axis=-1).astype(np.uint8)
+
+
+def test_a_phones_heic_photo_loads_upright_with_its_camera_tags() -> None:
+    loaded = load_image(DATA / "phone-p3.heic")
+    assert loaded.rgb.shape == (48, 40, 3)  # stored 48 wide, shown turned a quarter clockwise
+    exif = Image.Exif()
+    exif.load(loaded.source_metadata.exif)
+    assert exif[ExifTags.Base.Make] == "TestCam"
+
+
+def test_a_heic_photo_in_display_p3_is_converted_to_srgb() -> None:
+    stored = np.rot90(_phone_pixels(), -1) / 255.0
+    linear = np.where(stored <= 0.04045, stored / 12.92, ((stored + 0.055) / 1.055) ** 2.4)
+    expected = _srgb_encode(np.clip(linear @ P3_TO_SRGB.T, 0.0, 1.0))
+    got = load_image(DATA / "phone-p3.heic").rgb
+    np.testing.assert_allclose(got, expected, atol=2 / 255)
+    assert np.abs(got - stored).max() > 10 / 255  # really converted, not passed through
+
+
+def test_a_heic_colour_description_that_is_srgb_adds_no_profile() -> None:
+    srgb = {"color_primaries": 1, "transfer_characteristics": 13}
+    assert image._nclx_icc(srgb, "'x.heic'") is None
+
+
+def test_an_hdr_heic_says_its_colours_are_not_tone_mapped(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        image._nclx_icc({"color_primaries": 9, "transfer_characteristics": 16}, "'hdr.heic'")
+    assert "'hdr.heic' is HDR (PQ)" in caplog.text
+
+
 def test_embedded_srgb_profile_leaves_values_unchanged(tmp_path: Path) -> None:
     pixels = _random_rgb8()
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -525,6 +563,7 @@ def test_bytes_obey_pixel_limit() -> None:
         ("a.jpg", "JPEG"),
         ("a.JPEG", "JPEG"),
         ("a.webp", "WEBP"),
+        ("a.avif", "AVIF"),
         ("a.tif", "TIFF"),
         ("a.tiff", "TIFF"),
     ],
@@ -549,7 +588,7 @@ def test_missing_output_extension_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("suffix", "tolerance"),
-    [(".png", 0.5 / 255), (".tif", 0.5 / 255), (".jpg", 0.03), (".webp", 0.03)],
+    [(".png", 0.5 / 255), (".tif", 0.5 / 255), (".jpg", 0.03), (".webp", 0.03), (".avif", 0.03)],
 )
 def test_save_load_round_trip(tmp_path: Path, suffix: str, tolerance: float) -> None:
     rgb = _gradient()
@@ -570,7 +609,7 @@ def test_save_rounds_and_clips(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(path))[0, 0], [255, 0, 101])
 
 
-@pytest.mark.parametrize("suffix", [".png", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".webp", ".avif", ".tif"])
 def test_alpha_survives_round_trip(tmp_path: Path, suffix: str) -> None:
     alpha = np.tile(np.linspace(0, 1, 48, dtype=np.float32), (32, 1))
     path = tmp_path / f"cutout{suffix}"
@@ -610,7 +649,7 @@ def test_alpha_of_different_size_is_resized(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.alpha, 128 / 255, atol=1e-6)
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".avif", ".tif"])
 def test_metadata_round_trips(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"meta{suffix}"
     save_image(path, _gradient(), metadata=METADATA)
@@ -618,7 +657,7 @@ def test_metadata_round_trips(tmp_path: Path, suffix: str) -> None:
     assert read_metadata(path.read_bytes()) == METADATA
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".avif", ".tif"])
 def test_software_tag_is_stylekit(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"soft{suffix}"
     save_image(path, _gradient())
@@ -627,7 +666,7 @@ def test_software_tag_is_stylekit(tmp_path: Path, suffix: str) -> None:
     assert software == "stylekit"
 
 
-@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".avif", ".tif"])
 def test_run_metadata_is_not_shown_as_a_caption(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"meta{suffix}"
     save_image(path, _gradient(), metadata=METADATA)
@@ -635,7 +674,7 @@ def test_run_metadata_is_not_shown_as_a_caption(tmp_path: Path, suffix: str) -> 
         assert ExifTags.Base.ImageDescription not in im.getexif()
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".avif", ".tif"])
 def test_every_output_embeds_an_srgb_profile(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"tagged{suffix}"
     save_image(path, _gradient())
@@ -650,8 +689,8 @@ def test_encoded_png_embeds_an_srgb_profile() -> None:
     assert "sRGB" in ImageCms.getProfileDescription(profile)
 
 
-@pytest.mark.parametrize("source_suffix", [".jpg", ".png", ".webp", ".tif"])
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+@pytest.mark.parametrize("source_suffix", [".jpg", ".png", ".webp", ".avif", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".avif", ".tif"])
 def test_camera_metadata_is_carried_to_the_output(tmp_path: Path, source_suffix: str, suffix: str) -> None:
     source = tmp_path / f"camera{source_suffix}"
     Image.fromarray(_random_rgb8()).save(source, exif=_camera_exif().tobytes())
@@ -697,15 +736,15 @@ def test_orientation_thumbnail_and_maker_note_stay_behind(tmp_path: Path) -> Non
     assert ExifTags.Base.MakerNote not in kept.get_ifd(ExifTags.IFD.Exif)
 
 
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".avif", ".tif"])
 def test_print_resolution_is_carried_to_the_output(tmp_path: Path, suffix: str) -> None:
     source = tmp_path / "scan.png"
     Image.fromarray(_random_rgb8()).save(source, dpi=(300, 300))
     path = tmp_path / f"styled{suffix}"
     save_image(path, _gradient(), source_metadata=load_image(source).source_metadata)
-    with Image.open(path) as im:  # WebP has no resolution of its own, only EXIF's
+    with Image.open(path) as im:  # WebP and AVIF have no resolution of their own, only EXIF's
         exif = im.getexif()
-        dpi = (exif[ExifTags.Base.XResolution],) * 2 if suffix == ".webp" else im.info["dpi"]
+        dpi = (exif[ExifTags.Base.XResolution],) * 2 if suffix in (".webp", ".avif") else im.info["dpi"]
     assert dpi == pytest.approx((300, 300), abs=0.01)
 
 
@@ -830,6 +869,7 @@ def test_encode_png_matches_save_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("source", "out_format", "suffix"), [
     ("a.JPG", "same", ".JPG"), ("a.webp", "same", ".webp"), ("a.bmp", "same", ".png"),
     ("a.gif", "same", ".png"), ("a.jpg", "png", ".png"), ("a.png", "tif", ".tif"),
+    ("a.heic", "same", ".png"), ("a.avif", "same", ".avif"), ("a.png", "avif", ".avif"),
 ])
 def test_an_output_takes_the_format_asked_for_or_the_inputs_where_stylekit_can(source, out_format, suffix):
     assert output_suffix(source, out_format) == suffix

@@ -499,7 +499,7 @@ def test_a_watcher_around_another_watchers_inbox_is_refused(boxes, weights_file,
     (["watch", "{inbox}", "--out", "{missing}", "--engine", "local", "--gpus-per-task", "0"],
      "--gpus-per-task is for --engine ray only"),
     (["watch", "{inbox}", "--out", "{outbox}", "--format", "png", "--quality", "80"],
-     "--quality is for JPEG and WebP outputs"),
+     "--quality is for JPEG, WebP and AVIF outputs"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsys):
     inbox, outbox = boxes
