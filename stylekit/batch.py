@@ -171,7 +171,7 @@ def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "sam
     for source, output in zip(sources, plain, strict=True):
         made = made_from(output, source, names[source.name.casefold()] == 1)
         if made is False or (made is None and wanted[output.name.casefold()] > 1):
-            stem = source.stem + "-" + hashlib.sha256(os.fsencode(source)).hexdigest()[:8]
+            stem = source.stem + "-" + source_id(source)[:8]  # the same however the path was given
             output = out / f"{stem}.{preset}{output.suffix}"
         items.append(Item(source, output))
     return items

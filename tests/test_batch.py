@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,15 @@ def test_output_names_are_fixed_and_never_shared(tmp_path):
     assert plan(sources, tmp_path / "out", "ink", "png") == items
     with pytest.raises(StylekitError, match="holds input images"):
         plan(sources, tmp_path, "ink")
+
+
+def test_a_hashed_output_name_is_the_same_for_a_relative_and_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = [Path("a.jpg"), Path("a.png")]
+    absolute = [tmp_path / path for path in relative]
+    assert plan(relative, tmp_path / "out", "ink", "png") == [
+        replace(item, source=path) for item, path in
+        zip(plan(absolute, tmp_path / "out", "ink", "png"), relative, strict=True)]
 
 
 def test_outputs_take_the_format_asked_for_else_the_inputs_where_stylekit_writes_it(tmp_path):
