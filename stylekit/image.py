@@ -6,6 +6,7 @@ This module knows files and pixels only; tensors and networks live elsewhere.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -14,15 +15,17 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from stylekit import icc
 from stylekit.atomic import write_bytes
 from stylekit.errors import StylekitError
 
@@ -48,8 +51,6 @@ _PNG_META_KEY = "stylekit"
 _ASCII_COMMENT = b"ASCII\0\0\0"  # EXIF UserComment's character-code prefix (the JSON is ASCII)
 _JPEG_EXIF_LIMIT = 65533  # the most EXIF a JPEG APP1 segment holds
 _GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ICC_SPACES = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
-_NO_OPTIMISATION = 0x0100  # LittleCMS's cmsFLAGS_NOOPTIMIZE: optimised, its 16-bit grey curves err up to 4%
 _Tag = ExifTags.Base
 # What an output keeps of its input's first EXIF directory: who made the picture, with what and when.
 # Orientation (the pixels are already upright), the thumbnail (it would show the unstyled photo) and
@@ -71,10 +72,11 @@ class ImageError(StylekitError):
 
 @dataclass(frozen=True)
 class SourceMetadata:
-    """The input's own metadata that save_image carries to its output: camera EXIF and resolution."""
+    """The input's own metadata that save_image carries to its output: camera EXIF, resolution, depth."""
 
     exif: bytes = b""  # an EXIF block of the kept tags (_KEPT_TAGS, Exif and GPS directories), or b""
     dpi: tuple[float, float] | None = None  # print resolution, when the input gave one
+    bits: int = 8  # 16 for an input with more bits per channel: a PNG or TIFF output keeps 16
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,18 @@ def load_image(
         width, height = im.size
         if width * height > max_pixels:
             raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
+        deep = _is_deep(im)  # asked before decoding: Pillow's tiles say how many bits a channel has
+        orientation = im.getexif().get(_Tag.Orientation, 1)  # a TIFF's is gone once decoded
         im.load()
-        icc = im.info.get("icc_profile") or _nclx_icc(im.info.get("nclx_profile"), label)
+        profile = im.info.get("icc_profile") or icc.from_nclx(im.info.get("nclx_profile"), label)
         ImageOps.exif_transpose(im, in_place=True)
-        kept = _source_metadata(im)
-        colour, alpha = _split_alpha(im)
-        rgb = _rgb_array(colour, icc, label)
+        bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
+        kept = dataclasses.replace(_source_metadata(im), bits=bits)
+        if deep:
+            rgb, alpha = _deep_rgb(_deep_channels(source, im.format, orientation), profile)
+        else:
+            colour, alpha = _split_alpha(im)
+            rgb = _rgb_array(colour, profile, label)
         _warn_if_animated(im, label)  # last: counting frames moves through the file
     if alpha is not None:
         rgb = _fill_hidden(rgb, alpha)
@@ -382,171 +390,157 @@ def _grey_white(im: Image.Image) -> float:
     return 2.0**31 - 1 if im.mode == "I" and max(np.atleast_1d(bits)) == 32 else 65535.0
 
 
-def _rgb_array(im: Image.Image, icc: bytes | None, label: str) -> np.ndarray:
+def _is_deep(im: Image.Image) -> bool:
+    """Whether this is a PNG or TIFF with 16-bit colour (or grey with alpha), which Pillow cuts to
+    8 bits (or, planar, misreads)."""
+    if im.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    if im.format == "TIFF":  # 16-bit unsigned integers (BitsPerSample, SampleFormat)
+        tags = im.tag_v2
+        return set(np.atleast_1d(tags.get(258, 8))) == {16} and set(np.atleast_1d(tags.get(339, 1))) == {1}
+    return im.format == "PNG" and any(";16" in str(tile.args) for tile in im.tile)  # rawmode RGB;16B, …
+
+
+def _deep_channels(source: str | os.PathLike[str] | bytes, fmt: str, orientation: int) -> np.ndarray:
+    """A 16-bit PNG's or TIFF's channels as upright H×W×C floats in [0, 1], decoded by libpng (through
+    torchvision, loaded for the styling anyway) or tifffile, as Pillow keeps only 8 bits of them."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if fmt == "PNG":
+        import torch
+
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (pyproject pins it)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_png
+
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            pixels = decode_png(encoded, mode=ImageReadMode.UNCHANGED).permute(1, 2, 0).numpy()
+    else:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages[0]
+            pixels = page.asarray()
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+                pixels = np.moveaxis(pixels, 0, -1)
+    pixels = pixels.reshape(*pixels.shape[:2], -1).astype(np.float32) / 65535.0
+    method = _TRANSPOSES.get(orientation)
+    if method is None:
+        return pixels
+    planes = [Image.fromarray(np.ascontiguousarray(pixels[..., channel]), "F").transpose(method)
+              for channel in range(pixels.shape[2])]
+    return np.stack([np.asarray(plane) for plane in planes], axis=-1)
+
+
+_TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,  # by EXIF orientation
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _deep_rgb(channels: np.ndarray, profile: bytes | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """sRGB and alpha from 16-bit grey-with-alpha, RGB or RGBA channels, the profile applied."""
+    alpha = channels[..., -1] if channels.shape[2] in (2, 4) else None
+    if channels.shape[2] == 2:
+        grey = icc.grey_to_srgb(channels[..., 0], profile) if profile else channels[..., 0]
+        return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2), alpha
+    rgb = channels[..., :3]
+    if profile:
+        rgb = icc.deep_to_srgb(rgb, profile)
+    return rgb.astype(np.float32), alpha
+
+
+def _rgb_array(im: Image.Image, profile: bytes | None, label: str) -> np.ndarray:
     """Turn an alpha-free image of any mode into float sRGB, keeping 16-bit grey precision."""
     if im.mode in _GREY16_MODES or im.mode == "F":
         grey = np.clip(np.asarray(im).astype(np.float64) / _grey_white(im), 0.0, 1.0)
-        if icc:
-            grey = _grey_icc_to_srgb(grey, icc)
+        if profile:
+            grey = icc.grey_to_srgb(grey, profile)
         return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
-    if im.mode not in _ICC_SPACES:
+    if im.mode not in icc.SPACES:
         try:
             im = im.convert("RGB")
         except ValueError:
             raise ImageError(f"image {label} has unsupported colour mode {im.mode}") from None
-    if icc:
-        im = _icc_to_srgb(im, icc)
+    if profile:
+        im = icc.to_srgb(im, profile)
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im).astype(np.float32) / 255.0
 
 
-def _icc_to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
-    """Apply an embedded RGB/grey/CMYK profile; a broken or mismatched one changes nothing."""
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if profile.profile.xcolor_space != _ICC_SPACES[im.mode]:
-            return im
-        return ImageCms.profileToProfile(
-            im, profile, ImageCms.createProfile("sRGB"), outputMode="RGB"
-        )
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return im
-
-
-def _grey_icc_to_srgb(grey: np.ndarray, icc: bytes) -> np.ndarray:
-    """Apply an embedded grey profile to deep grey values in [0, 1] at full precision: its tone curve,
-    sampled through LittleCMS at 16 bits (Pillow's RGB transforms have 8) and interpolated; a
-    broken or non-grey profile changes nothing."""
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if profile.profile.xcolor_space != "GRAY":
-            return grey
-        transform = ImageCms.buildTransform(profile, _srgb_grey_profile(), "I;16", "I;16",
-                                            flags=_NO_OPTIMISATION)
-        ramp = Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256))
-        curve = np.asarray(ImageCms.applyTransform(ramp, transform), dtype=np.float64).ravel()
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return grey
-    return np.interp(grey, np.linspace(0.0, 1.0, 65536), curve / 65535.0)
-
-
-@functools.cache
-def _srgb_grey_profile() -> ImageCms.ImageCmsProfile:
-    """A grey ICC profile with sRGB's tone curve, which Pillow cannot create: grey converted into it
-    at 16 bits is the grey of sRGB."""
-    return ImageCms.ImageCmsProfile(io.BytesIO(_icc_profile(b"GRAY", [(b"kTRC", _SRGB_CURVE)])))
-
-
-def _s15(value: float) -> bytes:
-    """ICC's s15Fixed16Number."""
-    return struct.pack(">i", round(value * 65536))
-
-
-_D50 = (0.9642, 1.0, 0.8249)  # ICC's connection-space white
-_SRGB_CURVE = b"para" + bytes(4) + struct.pack(">HH", 3, 0) + b"".join(  # ICC parametric curve type 3
-    map(_s15, (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)))
-_SRGB_PRIMARIES = (0.64, 0.33, 0.30, 0.60, 0.15, 0.06, 0.3127, 0.3290)  # red, green, blue, white (x, y)
-_BRADFORD = np.array([[0.8951, 0.2664, -0.1614], [-0.7502, 1.7135, 0.0367], [0.0389, -0.0685, 1.0296]])
-
-
-def _gamma_curve(gamma: float) -> bytes:
-    """An ICC tone curve that is a pure power (ICC parametric curve type 0)."""
-    return b"para" + bytes(4) + struct.pack(">HH", 0, 0) + _s15(gamma)
-
-
-# HEIF's transfer characteristics (ITU-T H.273) that are not sRGB's curve or read as it (BT.709's).
-_NCLX_CURVES = {4: _gamma_curve(2.2), 5: _gamma_curve(2.8), 8: _gamma_curve(1.0)}
-_HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
-
-
-def _icc_profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
-    """A minimal ICC v2 display profile (D50 white) in `space` from its tags; Pillow can create only
-    sRGB, Lab and XYZ ones."""
-    tags = [(b"wtpt", _xyz_tag(_D50)), *tags]
-    offset = 128 + 4 + 12 * len(tags)
-    table = data = b""
-    for signature, body in tags:
-        body += bytes(-len(body) % 4)
-        table += signature + struct.pack(">II", offset + len(data), len(body))
-        data += body
-    header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x02100000, b"mntr", space, b"XYZ ")
-    header += bytes(12) + b"acsp" + bytes(24) + b"".join(map(_s15, _D50))
-    return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
-
-
-def _xyz_tag(xyz: Iterable[float]) -> bytes:
-    """An ICC XYZ tag (a colorant or the white point)."""
-    return b"XYZ " + bytes(4) + b"".join(_s15(float(v)) for v in xyz)
-
-
-def _nclx_icc(nclx: object, label: str) -> bytes | None:
-    """An ICC profile for the colour description (nclx) a HEIF photo may carry instead of a profile,
-    such as a phone's Display P3; None where it already is sRGB (or says nothing usable)."""
-    if not isinstance(nclx, dict):
-        return None
-    transfer = nclx.get("transfer_characteristics")
-    if transfer in _HDR_TRANSFERS:
-        log.warning("image %s is HDR (%s): it is read as decoded to 8 bits, without tone mapping, so its "
-                    "colours may look flat", label, _HDR_TRANSFERS[transfer])
-    curve = _NCLX_CURVES.get(transfer, _SRGB_CURVE)
-    try:
-        xy = [float(nclx[f"color_primary_{c}_{axis}"]) for c in ("red", "green", "blue", "white")
-              for axis in "xy"]
-        if nclx.get("color_primaries") in (1, 2) or np.allclose(xy, _SRGB_PRIMARIES, atol=1e-3):
-            xy = list(_SRGB_PRIMARIES)  # sRGB's (BT.709), or unspecified: read as sRGB
-            if curve is _SRGB_CURVE:
-                return None
-        pairs = zip(xy[0::2], xy[1::2], strict=True)
-        columns = np.array([[x / y, 1.0, (1.0 - x - y) / y] for x, y in pairs]).T
-        primaries, white = columns[:, :3], columns[:, 3]
-        to_xyz = primaries * np.linalg.solve(primaries, white)  # each primary scaled so r+g+b is white
-        cone, cone_d50 = _BRADFORD @ white, _BRADFORD @ np.array(_D50)
-        to_d50 = np.linalg.solve(_BRADFORD, np.diag(cone_d50 / cone) @ _BRADFORD) @ to_xyz
-    except (KeyError, TypeError, ValueError, ZeroDivisionError, np.linalg.LinAlgError):
-        return None
-    if not np.all(np.isfinite(to_d50)):
-        return None
-    tags = [(tag, _xyz_tag(to_d50[:, i])) for i, tag in enumerate((b"rXYZ", b"gXYZ", b"bXYZ"))]
-    return _icc_profile(b"RGB ", [*tags, (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)])
-
-
-@functools.cache
-def _srgb_icc() -> bytes:
-    """The sRGB profile every output embeds, so apps working in a wider space show it right."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-
-
-def _to_uint8(values: np.ndarray, label: str) -> np.ndarray:
-    """Round and clip [0, 1] floats to bytes, refusing NaN/inf that would silently become black."""
+def _quantise(values: np.ndarray, bits: int, label: str) -> np.ndarray:
+    """Round and clip [0, 1] floats to 8- or 16-bit integers, refusing NaN/inf that would silently
+    become black."""
     if not np.all(np.isfinite(values)):
         raise ImageError(f"cannot save {label}: the image contains NaN or infinite values")
-    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    top = (1 << bits) - 1
+    return np.rint(np.clip(values, 0.0, 1.0) * top).astype(np.uint8 if bits == 8 else np.uint16)
 
 
-def _to_pil(rgb: np.ndarray, alpha: np.ndarray | None, label: str, *, flatten: bool) -> Image.Image:
-    """Build an 8-bit RGB(A) Pillow image, resizing alpha to the colour size if needed; flatten
-    composites onto white instead (for a format without alpha), as the picture looks on paper."""
+def _planes(rgb: np.ndarray, alpha: np.ndarray | None, *, flatten: bool) -> np.ndarray:
+    """The H×W×3 (or ×4 with alpha) floats to encode, alpha resized to the colour size if needed;
+    flatten composites onto white instead (for a format without alpha), as the picture looks on paper."""
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype.kind != "f":
         raise ValueError(f"rgb must be a float H×W×3 array, got {rgb.dtype} {rgb.shape}")
-    if alpha is not None:
-        alpha = np.asarray(alpha)
-        if alpha.ndim != 2 or alpha.dtype.kind != "f":
-            raise ValueError(f"alpha must be a float H×W array, got {alpha.dtype} {alpha.shape}")
-        height, width = rgb.shape[:2]
-        if alpha.shape != (height, width):
-            resized = Image.fromarray(alpha.astype(np.float32)).resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-            alpha = np.asarray(resized)
-        if flatten:
-            cover = np.clip(alpha, 0.0, 1.0)[..., None]
-            rgb, alpha = rgb * cover + (1.0 - cover), None
-    planes = [_to_uint8(rgb, label)]
-    if alpha is not None:
-        planes.append(_to_uint8(alpha, label)[..., None])
-    return Image.fromarray(np.concatenate(planes, axis=2))
+    if alpha is None:
+        return rgb
+    alpha = np.asarray(alpha)
+    if alpha.ndim != 2 or alpha.dtype.kind != "f":
+        raise ValueError(f"alpha must be a float H×W array, got {alpha.dtype} {alpha.shape}")
+    height, width = rgb.shape[:2]
+    if alpha.shape != (height, width):
+        resized = Image.fromarray(alpha.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+        alpha = np.asarray(resized)
+    if flatten:
+        cover = np.clip(alpha, 0.0, 1.0)[..., None]
+        return rgb * cover + (1.0 - cover)
+    return np.concatenate([rgb, alpha[..., None].astype(rgb.dtype)], axis=2)
+
+
+def _deep_png(png: bytes, pixels: np.ndarray) -> bytes:
+    """Pillow's 8-bit PNG, with its metadata chunks, carrying 16-bit pixels (H×W×C) instead: IHDR says
+    16 bits and one IDAT holds them, each row 'Up'-filtered (the difference to the row above)."""
+    rows = pixels.astype(">u2").reshape(pixels.shape[0], -1).view(np.uint8)
+    filtered = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG filters are
+    pixel_data: bytes | None = zlib.compress(filtered.tobytes(), 6)
+    chunks, position = [png[:8]], 8
+    while position < len(png):
+        length, kind = struct.unpack_from(">I4s", png, position)
+        body = png[position + 8:position + 8 + length]
+        position += 12 + length
+        if kind == b"IHDR":
+            body = body[:8] + b"\x10" + body[9:]
+        elif kind == b"IDAT":
+            if pixel_data is None:
+                continue
+            body, pixel_data = pixel_data, None
+        chunks.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+    return b"".join(chunks)
+
+
+def _deep_tiff(tiff: bytes, pixels: np.ndarray) -> bytes:
+    """Pillow's uncompressed 8-bit TIFF, with its tags (EXIF, profile, resolution), carrying 16-bit
+    pixels (H×W×C) instead: its one strip, at the end of the file, replaced, and BitsPerSample and
+    StripByteCounts patched."""
+    if tiff[:4] != b"II*\0":
+        raise ValueError("not a little-endian TIFF")
+    directory, = struct.unpack_from("<I", tiff, 4)
+    entries = {}
+    for index in range(struct.unpack_from("<H", tiff, directory)[0]):
+        at = directory + 2 + 12 * index
+        tag, kind, count, value = struct.unpack_from("<HHII", tiff, at)
+        entries[tag] = (at + 8, kind, count, value)
+    (_, _, strips, start), (counts_at, counts_kind, _, size) = entries[273], entries[279]
+    bits_at, bits_kind, channels, bits_offset = entries[258]
+    if strips != 1 or counts_kind != 4 or bits_kind != 3 or start + size != len(tiff):
+        raise ValueError("not laid out as one strip at the end")
+    data = bytearray(tiff[:start])
+    struct.pack_into("<I", data, counts_at, size * 2)
+    struct.pack_into(f"<{channels}H", data, bits_at if channels <= 2 else bits_offset, *[16] * channels)
+    return bytes(data) + pixels.astype("<u2").tobytes()
 
 
 def _output_exif(source: SourceMetadata, size: tuple[int, int], text: str | None) -> Image.Exif:
@@ -573,7 +567,7 @@ def _save_options(
     """Pillow save arguments for a format: the metadata where read_metadata looks (a PNG text chunk,
     else EXIF), the input's metadata (PNG gets EXIF only when the input had some) and sRGB's profile."""
     text = None if metadata is None else json.dumps(metadata)  # ASCII: json.dumps escapes the rest
-    options: dict[str, Any] = {"icc_profile": _srgb_icc()}
+    options: dict[str, Any] = {"icc_profile": icc.srgb_profile()}
     if source.dpi is not None:
         options["dpi"] = source.dpi
     if fmt == "PNG":
@@ -605,15 +599,25 @@ def _encode(
     quality: int,
     label: str,
 ) -> bytes:
-    """Encode into memory so nothing touches the disk until the bytes are known to be good."""
-    im = _to_pil(rgb, alpha, label, flatten=fmt == "JPEG")
+    """Encode into memory so nothing touches the disk until the bytes are known to be good.
+
+    A PNG or TIFF of a deep input gets 16 bits per channel: Pillow, which writes only 8, encodes the
+    metadata, and the pixels are put in its place."""
+    planes = _planes(rgb, alpha, flatten=fmt == "JPEG")
+    deep = source.bits > 8 and fmt in ("PNG", "TIFF")
+    im = Image.fromarray(_quantise(planes, 8, label))
+    pixels = _quantise(planes, 16, label) if deep else None
     options = _save_options(fmt, im.size, metadata, source, quality)
+    if deep and fmt == "PNG":
+        options["compress_level"] = 0  # its pixels are thrown away
     buffer = io.BytesIO()
     try:
         im.save(buffer, format=fmt, **options)
-    except (OSError, ValueError) as e:
+        if pixels is None:
+            return buffer.getvalue()
+        return (_deep_png if fmt == "PNG" else _deep_tiff)(buffer.getvalue(), pixels)
+    except (OSError, ValueError, KeyError, struct.error) as e:
         raise ImageError(f"cannot encode {label} as {fmt}: {e}") from e
-    return buffer.getvalue()
 
 
 def _write_atomically(target: Path, data: bytes, label: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from conftest import make_photo, save_png
 from PIL import ExifTags, Image
 
@@ -309,6 +310,15 @@ def test_apply_styles_a_phones_heic_photo_into_an_avif(apply):
     with Image.open(out) as output:
         assert (output.format, output.size) == ("AVIF", (40, 48))
         assert output.getexif()[ExifTags.Base.Make] == "TestCam"
+
+
+def test_apply_keeps_a_16_bit_photo_16_bit(apply, tmp_path):
+    content = tmp_path / "deep.tif"
+    tifffile.imwrite(content, (make_photo() * 65535).astype(np.uint16), photometric="rgb")
+    code, _, err, out = apply(content=content, output="out.tif")
+    assert code == 0, err
+    styled = tifffile.imread(out)
+    assert styled.dtype == np.uint16 and np.any(styled % 257)  # not 8-bit values scaled up
 
 
 def test_a_jpeg_output_of_a_transparent_image_warns_that_the_alpha_is_dropped(apply, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import ExifTags, Image, ImageCms
 
 from stylekit import image
@@ -304,15 +305,126 @@ def test_a_heic_photo_in_display_p3_is_converted_to_srgb() -> None:
     assert np.abs(got - stored).max() > 10 / 255  # really converted, not passed through
 
 
-def test_a_heic_colour_description_that_is_srgb_adds_no_profile() -> None:
-    srgb = {"color_primaries": 1, "transfer_characteristics": 13}
-    assert image._nclx_icc(srgb, "'x.heic'") is None
+def _deep_rgb(height: int = 32, width: int = 48, channels: int = 3) -> np.ndarray:
+    """Random 16-bit pixels, most of them between two 8-bit steps."""
+    return np.random.default_rng(1).integers(0, 65536, (height, width, channels), dtype=np.uint16)
 
 
-def test_an_hdr_heic_says_its_colours_are_not_tone_mapped(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
-        image._nclx_icc({"color_primaries": 9, "transfer_characteristics": 16}, "'hdr.heic'")
-    assert "'hdr.heic' is HDR (PQ)" in caplog.text
+def _png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), written by hand: Pillow cannot."""
+    height, width, channels = pixels.shape
+    rows = pixels.astype(">u2").reshape(height, -1).tobytes()
+    stride = width * channels * 2
+    raw = b"".join(b"\0" + rows[i * stride:(i + 1) * stride] for i in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _off_the_8_bit_grid(values: np.ndarray) -> bool:
+    return bool(np.abs(values * 255 - np.rint(values * 255)).max() > 0.1)
+
+
+def test_a_16_bit_png_keeps_its_precision(tmp_path: Path) -> None:
+    pixels = _deep_rgb()
+    (tmp_path / "deep.png").write_bytes(_png16(pixels))
+    loaded = load_image(tmp_path / "deep.png")
+    np.testing.assert_allclose(loaded.rgb, pixels / 65535.0, atol=1e-6)
+    assert loaded.source_metadata.bits == 16
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_a_16_bit_tiff_keeps_its_precision(tmp_path: Path, planar: str) -> None:
+    pixels = _deep_rgb()
+    stored = pixels if planar == "contig" else np.moveaxis(pixels, -1, 0)
+    tifffile.imwrite(tmp_path / "deep.tif", stored, photometric="rgb", planarconfig=planar)
+    np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, pixels / 65535.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_16_bit_alpha_keeps_its_precision(tmp_path: Path, suffix: str) -> None:
+    pixels = _deep_rgb(channels=4)
+    pixels[..., 3] = np.maximum(pixels[..., 3], 1)  # nothing fully transparent: the colour stays as it is
+    path = tmp_path / f"deep{suffix}"
+    if suffix == ".png":
+        path.write_bytes(_png16(pixels))
+    else:
+        tifffile.imwrite(path, pixels, photometric="rgb", extrasamples=["unassalpha"])
+    loaded = load_image(path)
+    np.testing.assert_allclose(loaded.alpha, pixels[..., 3] / 65535.0, atol=1e-6)
+    np.testing.assert_allclose(loaded.rgb, pixels[..., :3] / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_grey_png_with_alpha_loads_as_grey_rgb_and_alpha(tmp_path: Path) -> None:
+    pixels = _deep_rgb(channels=2)
+    pixels[..., 1] = 65535
+    (tmp_path / "deep.png").write_bytes(_png16(pixels))
+    loaded = load_image(tmp_path / "deep.png")
+    np.testing.assert_allclose(loaded.rgb, np.repeat(pixels[..., :1] / 65535.0, 3, axis=2), atol=1e-6)
+    np.testing.assert_allclose(loaded.alpha, 1.0)
+
+
+def test_a_16_bit_photo_is_turned_upright(tmp_path: Path) -> None:
+    pixels = _deep_rgb()
+    tifffile.imwrite(tmp_path / "deep.tif", pixels, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    upright = np.rot90(pixels, -1) / 65535.0  # orientation 6: turned a quarter clockwise
+    np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, upright, atol=1e-6)
+
+
+def test_a_16_bit_adobe_rgb_photo_is_converted_to_srgb_at_full_precision(tmp_path: Path) -> None:
+    pixels = _deep_rgb()
+    icc = _matrix_trc_profile(ADOBE_COLORANTS, ADOBE_GAMMA)
+    tifffile.imwrite(tmp_path / "adobe.tif", pixels, photometric="rgb", iccprofile=icc)
+    linear = (pixels / 65535.0) ** ADOBE_GAMMA @ np.linalg.solve(
+        np.array(SRGB_COLORANTS).T, np.array(ADOBE_COLORANTS).T).T
+    got = load_image(tmp_path / "adobe.tif").rgb
+    # Within half an 8-bit step (this test's sRGB colorants and the profile's differ by up to 2e-4, which
+    # sRGB's steep start magnifies in dark, saturated colours), and between the steps:
+    np.testing.assert_allclose(got, _srgb_encode(np.clip(linear, 0.0, 1.0)), atol=0.5 / 255)
+    assert _off_the_8_bit_grid(got)
+
+
+def test_a_broken_profile_on_a_16_bit_photo_keeps_its_precision(tmp_path: Path) -> None:
+    pixels = _deep_rgb()
+    tifffile.imwrite(tmp_path / "deep.tif", pixels, photometric="rgb", iccprofile=b"not a profile" * 20)
+    np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, pixels / 65535.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_16_bit_input_gives_a_16_bit_png_or_tiff(tmp_path: Path, suffix: str) -> None:
+    source = tmp_path / "deep.tif"
+    tifffile.imwrite(source, _deep_rgb(channels=4), photometric="rgb", extrasamples=["unassalpha"])
+    loaded = load_image(source)
+    path = tmp_path / f"styled{suffix}"
+    save_image(path, loaded.rgb, loaded.alpha, metadata=METADATA, source_metadata=loaded.source_metadata)
+    back = load_image(path)
+    assert _off_the_8_bit_grid(back.rgb) and _off_the_8_bit_grid(back.alpha)
+    np.testing.assert_allclose(back.rgb, loaded.rgb, atol=1e-5)
+    np.testing.assert_allclose(back.alpha, loaded.alpha, atol=1e-5)
+    assert read_metadata(path) == METADATA
+    with Image.open(path) as im:
+        assert "icc_profile" in im.info
+
+
+def test_a_16_bit_input_gives_an_8_bit_jpeg(tmp_path: Path) -> None:
+    source = tmp_path / "deep.tif"
+    tifffile.imwrite(source, _deep_rgb(), photometric="rgb")
+    loaded = load_image(source)
+    save_image(tmp_path / "styled.jpg", loaded.rgb, source_metadata=loaded.source_metadata)
+    with Image.open(tmp_path / "styled.jpg") as im:
+        assert (im.format, im.mode) == ("JPEG", "RGB")
+
+
+def test_an_8_bit_input_gives_an_8_bit_png(tmp_path: Path) -> None:
+    Image.fromarray(_random_rgb8()).save(tmp_path / "photo.png")
+    loaded = load_image(tmp_path / "photo.png")
+    save_image(tmp_path / "styled.png", loaded.rgb, source_metadata=loaded.source_metadata)
+    assert (tmp_path / "styled.png").read_bytes()[24] == 8  # IHDR's bit depth
 
 
 def test_embedded_srgb_profile_leaves_values_unchanged(tmp_path: Path) -> None:
