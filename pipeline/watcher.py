@@ -8,6 +8,7 @@ the stop event; the engine's progress callback then hands back the current image
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import stat
@@ -46,6 +47,11 @@ STATUS_EVERY_S = 1.0  # the status file is rewritten at most this often (and at 
 STATUS_IDLE_S = 30.0
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, DirCreatedEvent,
           DirMovedEvent]
+
+
+def _after_stop(record: logging.LogRecord) -> bool:
+    """False for watchdog's log line about an event read after the observer stopped (see watch)."""
+    return "called when the thread is inactive" not in record.getMessage()
 
 
 class _Events(FileSystemEventHandler):
@@ -269,6 +275,9 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
         # watch works, so stay quiet (set here, not at import: a caller's catch_warnings may undo that).
         warnings.filterwarnings("ignore", message="Callback with id .* already exists",
                                 category=RuntimeWarning)
+        # Its inotify reader also logs an error when it reads an event after the observer has stopped:
+        # a harmless race at shutdown, which would end a clean stop with an error line.
+        logging.getLogger("watchdog.observers.inotify").addFilter(_after_stop)
         observer = Observer()
         for hot in hots:
             observer.schedule(_Events(watcher.paths), str(hot.layout.inbox), recursive=True,

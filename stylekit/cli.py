@@ -227,9 +227,10 @@ class _LibraryLog(logging.Handler):
 _LIBRARY_LOG = _LibraryLog()
 
 
-def _print_library_log(say: Callable[[str, str], object]) -> None:
-    """Send stylekit's library log records to `say` until the command ends (one handler, never two)."""
-    logger = logging.getLogger("stylekit")
+def _print_library_log(say: Callable[[str, str], object], library: str = "stylekit") -> None:
+    """Send a library's log records (stylekit's own by default) to `say` until the command ends (one
+    handler, never two)."""
+    logger = logging.getLogger(library)
     _LIBRARY_LOG.say = say
     logger.addHandler(_LIBRARY_LOG)
     click.get_current_context().call_on_close(lambda: logger.removeHandler(_LIBRARY_LOG))
@@ -535,7 +536,8 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
         if problem:  # an inbox is missing: exit 1, so that a monitoring check notices
             raise StylekitError(problem)
         return
-    _print_library_log(EventLog(log_json))  # a library warning is an event like the watcher's own
+    for library in ("stylekit", "watchdog"):  # a library warning is an event like the watcher's own
+        _print_library_log(EventLog(log_json), library)
     overrides, init_file = flag_changes(flags)
     if init_file:
         raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")

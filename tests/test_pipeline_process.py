@@ -167,7 +167,8 @@ def test_a_ctrl_c_while_the_stopped_watcher_exits_changes_nothing(boxes, weights
     wait_for(lambda: events(log, "stopped") or process.poll() is not None, 60, "the clean stop")
     process.send_signal(signal.SIGINT)  # while the process winds down (it takes a moment with torch)
     assert process.wait(60) == 0, log.read_text()
-    assert all(line.startswith("{") for line in log.read_text(encoding="utf-8").splitlines())
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert all(line.startswith("{") for line in lines), lines
     assert [p.name for p in inbox.glob("*.png")] == ["photo.png"] and files(inbox / "processing") == []
 
 

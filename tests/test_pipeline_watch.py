@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import struct
@@ -311,6 +312,17 @@ def test_a_warning_of_the_set_up_is_logged_before_watching_starts(boxes, weights
         pass
     events = [line.split()[2:4] for line in capsys.readouterr().err.splitlines()]
     assert events.index(["warning", "ImageNet"]) < next(i for i, e in enumerate(events) if e[0] == "watching")
+
+
+def test_watchdogs_error_about_an_event_read_after_the_stop_is_dropped(boxes, weights_file, caplog):
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file)):
+        pass
+    inotify = logging.getLogger("watchdog.observers.inotify")  # what it logs in that shutdown race
+    with caplog.at_level(logging.WARNING, logger="watchdog"):
+        inotify.error("InotifyEmitter.queue_events() called when the thread is inactive")
+        inotify.error("some other trouble")
+    assert [record.getMessage() for record in caplog.records] == ["some other trouble"]
 
 
 def test_several_folders_from_a_config_file(tmp_path, weights_file):
