@@ -171,9 +171,11 @@ def encode_png(
     alpha: np.ndarray | None = None,
     *,
     metadata: dict[str, Any] | None = None,
+    bits: int = 8,
 ) -> bytes:
-    """Encode a PNG in memory exactly as save_image would, for answering HTTP requests."""
-    return _encode(rgb, alpha, "PNG", metadata, SourceMetadata(), 95, _quote("<png>"))
+    """Encode a PNG in memory exactly as save_image would, for answering HTTP requests (16 bits per
+    channel for an upload that had them)."""
+    return _encode(rgb, alpha, "PNG", metadata, SourceMetadata(bits=bits), 95, _quote("<png>"))
 
 
 def read_metadata(path_or_bytes: str | os.PathLike[str] | bytes) -> dict[str, Any]:

@@ -972,6 +972,13 @@ def test_encode_png_bytes_load_back() -> None:
     assert read_metadata(data) == METADATA
 
 
+def test_encode_png_writes_16_bits_when_asked() -> None:
+    rgb = _deep_rgb() / 65535.0
+    loaded = load_image(encode_png(rgb.astype(np.float32), bits=16))
+    np.testing.assert_allclose(loaded.rgb, rgb, atol=1e-5)
+    assert loaded.source_metadata.bits == 16
+
+
 def test_encode_png_matches_save_image(tmp_path: Path) -> None:
     path = tmp_path / "same.png"
     save_image(path, _gradient(), metadata=METADATA)
