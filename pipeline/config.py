@@ -77,6 +77,15 @@ def from_cli(inbox: Path | None, config_file: Path | None, preset: str | None, o
     return config
 
 
+def asks_for_json(path: Path | None) -> bool:
+    """Whether a config file says log_json = true, read before anything else in it is checked, so that
+    its own errors are reported in the format it asks for."""
+    try:
+        return path is not None and tomllib.loads(path.read_text(encoding="utf-8")).get("log_json") is True
+    except (OSError, ValueError):  # unreadable or not TOML: load() says so
+        return False
+
+
 def load(path: Path) -> WatchConfig:
     """Read a pipeline.toml (see pipeline.example.toml); relative paths are relative to the file."""
     try:

@@ -10,7 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -536,6 +536,8 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
         if problem:  # an inbox is missing: exit 1, so that a monitoring check notices
             raise StylekitError(problem)
         return
+    log_json = log_json or config.asks_for_json(config_file)
+    _LAST_LINE.as_json = log_json  # and so is the error that may end the command
     for library in ("stylekit", "watchdog"):  # a library warning is an event like the watcher's own
         _print_library_log(EventLog(log_json), library)
     overrides, init_file = flag_changes(flags)
@@ -626,16 +628,36 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+@dataclass
+class _LastLine:
+    """How main prints a failure: as text, or as a JSON event where the command logs JSON (watch with
+    --log-json, or log_json in its config), so that the stream stays machine-readable to its end."""
+
+    as_json: bool = False
+
+    def __call__(self, event: str, text: str) -> None:
+        if self.as_json:
+            from .pipeline.log import EventLog  # light: json and datetime
+
+            EventLog(as_json=True)(event, text)
+        else:
+            click.echo(_one_line(text), err=True)
+
+
+_LAST_LINE = _LastLine()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI so every failure is one line on stderr and a non-zero exit (--debug: traceback)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or bool(os.environ.get("STYLEKIT_DEBUG"))
+    _LAST_LINE.as_json = "--log-json" in args
     try:
         cli.main(args=args, prog_name="stylekit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.Abort:
-        click.echo("stylekit: interrupted", err=True)
+    except (click.Abort, KeyboardInterrupt):
+        _LAST_LINE("interrupted", "stylekit: interrupted")
         return 130
     except click.ClickException as exc:
         if debug:
@@ -643,27 +665,23 @@ def main(argv: list[str] | None = None) -> int:
         context = f" {exc.ctx.command_path.split(' ', 1)[-1]}" if getattr(exc, "ctx", None) else ""
         where = context if context.strip() != "stylekit" else ""
         message = exc.format_message().replace("\n", " ")
-        click.echo(_one_line(f"stylekit{where}: error: {message}"), err=True)
+        _LAST_LINE("error", f"stylekit{where}: error: {message}")
         return exc.exit_code
     except StylekitError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(_one_line(f"stylekit: error: {exc}"), err=True)
+        _LAST_LINE("error", f"stylekit: error: {exc}")
         return 1
-    except KeyboardInterrupt:
-        click.echo("stylekit: interrupted", err=True)
-        return 130
     except OSError as exc:  # the system said no (disk full, read-only, permissions): no bug of ours
         if debug:
             traceback.print_exc()
         where = f": '{exc.filename}'" if exc.filename else ""
-        click.echo(_one_line(f"stylekit: error: {exc.strerror or exc}{where}"), err=True)
+        _LAST_LINE("error", f"stylekit: error: {exc.strerror or exc}{where}")
         return 1
     except Exception as exc:  # the last line of defence: never a traceback without --debug
         if debug:
             traceback.print_exc()
-        click.echo(_one_line(f"stylekit: error: {type(exc).__name__}: {exc} (run with --debug for "
-                             "details)"), err=True)
+        _LAST_LINE("error", f"stylekit: error: {type(exc).__name__}: {exc} (run with --debug for details)")
         return 1
     return 0
 

@@ -404,6 +404,21 @@ def test_init_help_offers_a_file_only_where_the_command_takes_one(command, offer
     assert init_line.split()[1] == offered
 
 
+def test_watch_log_json_reports_a_failure_to_start_as_a_json_event(tmp_path, capsys):
+    code = main(["watch", str(tmp_path / "missing"), "--preset", "ink-wash", "--out", str(tmp_path),
+                 "--log-json"])
+    event = json.loads(capsys.readouterr().err)
+    assert code == 1 and event["event"] == "error" and "missing" in event["message"]
+
+
+def test_a_config_with_log_json_reports_its_error_as_a_json_event(tmp_path, capsys):
+    (tmp_path / "pipeline.toml").write_text(f'log_json = true\n[[folder]]\ninbox = "{tmp_path}"\n'
+                                            f'out = "{tmp_path}"\npreset = "ink-wash"\n')
+    code = main(["watch", "--config", str(tmp_path / "pipeline.toml")])
+    event = json.loads(capsys.readouterr().err)
+    assert code == 1 and event["event"] == "error" and "is inside inbox" in event["message"]
+
+
 def test_watch_log_json_logs_a_library_warning_as_a_json_event(tmp_path, weights_file):
     inbox, outbox = tmp_path / "in", tmp_path / "out"
     inbox.mkdir()
