@@ -38,7 +38,7 @@ from . import __version__
 from .atomic import replacing
 from .engine import output_long_side, stylize
 from .errors import Cancelled, StylekitError
-from .image import encode_png, load_image
+from .image import LoadedImage, encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
 from .request import Progress, Result, StyleOptions, StyleRequest, validate
@@ -146,6 +146,7 @@ class Job:
     alpha: np.ndarray | None
     preset: str | None
     abandon_after: float | None
+    bits: int = 8  # bits per channel of the upload: a 16-bit one gets a 16-bit result
     created: float = field(default_factory=time.time)
     seen: float = field(default_factory=time.monotonic)
     status: str = "queued"
@@ -305,7 +306,7 @@ class JobQueue:
         assert job.request is not None
         try:
             result = stylize(job.request, on_progress)
-            png = encode_png(result.image, job.alpha, metadata=_metadata(job, result))
+            png = encode_png(result.image, job.alpha, metadata=_metadata(job, result), bits=job.bits)
         except Cancelled:
             reason = "" if job.cancel.is_set() else ": no client asked about it any more"
             return "cancelled", f"cancelled{reason}", None, None
@@ -385,13 +386,12 @@ def build_request(params: _Params, content: np.ndarray, style: np.ndarray | None
     return replace(request, options=options)
 
 
-def _decode(data: bytes, what: str, settings: ServerSettings) -> tuple[np.ndarray, np.ndarray | None]:
+def _decode(data: bytes, what: str, settings: ServerSettings) -> LoadedImage:
     """Decode an uploaded image within the pixel limit; every failure is a 422 naming the upload."""
     try:
-        loaded = load_image(data, max_pixels=settings.max_pixels, name=what)
+        return load_image(data, max_pixels=settings.max_pixels, name=what)
     except StylekitError as exc:
         raise ApiError(422, str(exc)) from None
-    return loaded.rgb, loaded.alpha
 
 
 def _fingerprint(*parts: bytes) -> str:
@@ -540,12 +540,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         parsed = parse_params(params)
         content_bytes = image.file.read()
         style_bytes = style.file.read() if style is not None else b""
-        content, alpha = _decode(content_bytes, image.filename or "image", settings)
-        style_rgb = _decode(style_bytes, style.filename or "style", settings)[0] if style else None
-        request = build_request(parsed, content, style_rgb, settings)
-        job = Job(id=parsed.id or uuid.uuid4().hex, request=request, alpha=alpha, preset=parsed.preset,
+        content = _decode(content_bytes, image.filename or "image", settings)
+        style_rgb = _decode(style_bytes, style.filename or "style", settings).rgb if style else None
+        request = build_request(parsed, content.rgb, style_rgb, settings)
+        job = Job(id=parsed.id or uuid.uuid4().hex, request=request, alpha=content.alpha,
+                  preset=parsed.preset, abandon_after=parsed.abandon_after,
                   fingerprint=_fingerprint(content_bytes, style_bytes, params.encode()),
-                  abandon_after=parsed.abandon_after)
+                  bits=content.source_metadata.bits)
         view, created = jobs.submit(job)
         if not created:
             response.status_code = 200

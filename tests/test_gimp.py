@@ -18,6 +18,8 @@ import pytest
 from conftest import make_painting, make_photo, save_png, start_server
 from PIL import Image
 
+from stylekit.image import encode_png
+
 GIMP_ROOT = Path(os.environ.get("STYLEKIT_GIMP_ROOT", "/var/cache/stylekit/gimp3-root"))
 INSIDE = "/tmp/stylekit-gimp-test"  # the work folder as GIMP sees it inside the chroot
 SCRIPTS = Path(__file__).parents[1] / "plugins" / "gimp" / "tests"
@@ -25,6 +27,7 @@ OFFSETS = (12, 9)
 TOP_SIZE = (40, 32)
 SELECTION = (0, 0, 30, 64)  # x, y, width, height in image coordinates
 LIMITED_PIXELS = 4096  # the constrained server's --max-pixels: under the 80×64 background's
+DEEP_PRECISIONS = ("U16_NON_LINEAR", "FLOAT_LINEAR")  # a 16-bit and a 32-bit float image (Gimp.Precision)
 
 pytestmark = pytest.mark.gimp
 
@@ -53,14 +56,18 @@ def prepare(gimp_root: Path, inside: str, live_server: str, script: str, **spec:
     """A fresh work folder in the chroot: images, the script, and the plug-in installed by the CLI.
 
     `spec` adds to what the script reads from spec.json (batch.py: `first_call_only`,
-    `first_on_background`, `first_arguments`).
+    `first_on_background`, `first_arguments`, `precision`; with a precision, top.png has 16 bits).
     """
     work = gimp_root / inside.lstrip("/")
     shutil.rmtree(work, ignore_errors=True)
     (work / "home").mkdir(parents=True)
     (work / "profile").mkdir()  # `gimp install` refuses a profile folder that does not exist
     save_png(work / "base.png", make_photo(80, 64, seed=2))
-    Image.fromarray((top_layer_pixels() * 255).round().astype(np.uint8), "RGBA").save(work / "top.png")
+    top = top_layer_pixels()
+    if spec.get("precision"):
+        (work / "top.png").write_bytes(encode_png(top[..., :3], top[..., 3], bits=16))
+    else:
+        Image.fromarray((top * 255).round().astype(np.uint8), "RGBA").save(work / "top.png")
     save_png(work / "painting.png", make_painting(48, 48))
     (work / "spec.json").write_text(json.dumps({"preset": "ink-wash", "offsets": OFFSETS,
                                                 "selection": SELECTION, **spec}))
@@ -80,16 +87,28 @@ def gimp_command(gimp_root: Path, inside: str, script: str, *program: str, displ
             "--batch-interpreter=python-fu-eval", "-b", f"exec(open('{inside}/{script}').read())", "--quit"]
 
 
-@pytest.fixture(scope="module")
-def gimp_run(gimp_root: Path, live_server: str) -> dict:
-    """Install the plug-in with `stylekit gimp install`, run batch.py in gimp-console, return its report."""
-    work = prepare(gimp_root, INSIDE, live_server, "batch.py")
-    gimp = subprocess.run(gimp_command(gimp_root, INSIDE, "batch.py", "gimp-console-3.0", "-i"),
+def run_batch(gimp_root: Path, inside: str, server: str, **spec: object) -> dict:
+    """Install the plug-in with `stylekit gimp install`, run batch.py in gimp-console, return its report
+    with the work folder and GIMP's console output."""
+    work = prepare(gimp_root, inside, server, "batch.py", **spec)
+    gimp = subprocess.run(gimp_command(gimp_root, inside, "batch.py", "gimp-console-3.0", "-i"),
                           capture_output=True, text=True, timeout=600)
     assert gimp.returncode == 0, gimp.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
-    report["work"] = work
-    return report
+    return {"work": work, "output": gimp.stdout + gimp.stderr, **report}
+
+
+@pytest.fixture(scope="module")
+def gimp_run(gimp_root: Path, live_server: str) -> dict:
+    """batch.py's whole run: presets, a style image, a selection, a repeat and failures."""
+    return run_batch(gimp_root, INSIDE, live_server)
+
+
+@pytest.fixture(scope="module", params=DEEP_PRECISIONS)
+def gimp_deep_run(request: pytest.FixtureRequest, gimp_root: Path, live_server: str) -> dict:
+    """batch.py's first call on an image of a deeper precision with a 16-bit top layer (dumped as u16)."""
+    return run_batch(gimp_root, f"{INSIDE}-{request.param.lower()}", live_server, first_call_only=True,
+                     precision=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +157,11 @@ def gimp_constrained_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFacto
                                environment={"https_proxy": refused, "HTTPS_PROXY": refused,
                                             "no_proxy": "", "NO_PROXY": ""})
     try:
-        inside = f"{INSIDE}-constrained"
-        work = prepare(gimp_root, inside, url, "batch.py", first_call_only=True, first_on_background=True,
-                       first_arguments={"max_size": 64})
-        gimp = subprocess.run(gimp_command(gimp_root, inside, "batch.py", "gimp-console-3.0", "-i"),
-                              capture_output=True, text=True, timeout=600)
+        return run_batch(gimp_root, f"{INSIDE}-constrained", url, first_call_only=True,
+                         first_on_background=True, first_arguments={"max_size": 64})
     finally:
         server.terminate()
         server.wait(30)
-    assert gimp.returncode == 0, gimp.stderr[-3000:]
-    return {"output": gimp.stdout + gimp.stderr, **json.loads((work / "report.json").read_text())}
 
 
 def new_and_source(before: list[dict], after: list[dict]) -> tuple[dict, dict]:
@@ -159,9 +173,10 @@ def new_and_source(before: list[dict], after: list[dict]) -> tuple[dict, dict]:
 
 
 def pixels(report: dict, layer: dict) -> np.ndarray:
-    """A dumped layer's R'G'B'A bytes as an H×W×4 array."""
+    """A dumped layer's R'G'B'A samples (8 or 16 bits, as the report says) as an H×W×4 array."""
     width, height = layer["size"]
-    return np.fromfile(report["work"] / layer["pixels"], np.uint8).reshape(height, width, 4)
+    samples = np.uint16 if report["bits"] == 16 else np.uint8  # GEGL writes this machine's byte order
+    return np.fromfile(report["work"] / layer["pixels"], samples).reshape(height, width, 4)
 
 
 def test_the_procedure_is_registered(gimp_run):
@@ -181,6 +196,18 @@ def test_preset_result_is_a_new_layer_above_with_the_sources_geometry_and_alpha(
     change = np.abs(result[..., :3].astype(int) - original[..., :3].astype(int))[visible]
     assert change.mean() > 2, "the stylised pixels barely differ from the source"
     assert new["mask"] is None
+
+
+def test_a_deep_images_result_keeps_more_than_8_bits_and_the_sources_alpha(gimp_deep_run):
+    assert gimp_deep_run["calls"][0] == {"status": "success", "message": None}
+    new, source = new_and_source(gimp_deep_run["before"], gimp_deep_run["after_preset"])
+    result, original = pixels(gimp_deep_run, new), pixels(gimp_deep_run, source)
+    assert (original[..., 3] % 257 != 0).any()  # the source's alpha itself lies between 8-bit steps
+    assert np.array_equal(result[..., 3], original[..., 3])
+    colours = result[..., :3][original[..., 3] > 0].astype(int)
+    # an 8-bit result lands on multiples of 257 (give or take a float image's rounding); a 16-bit one
+    # is mostly further away
+    assert (np.abs(colours - np.rint(colours / 257) * 257) > 8).mean() > 0.5
 
 
 def test_selection_becomes_the_new_layers_mask(gimp_run):

@@ -16,6 +16,7 @@ import uvicorn
 from conftest import make_painting, make_photo
 from PIL import Image
 
+from stylekit.image import load_image
 from stylekit.server import ServerSettings, create_app
 from stylekit.weights import IMAGENET_URLS
 
@@ -75,6 +76,15 @@ def test_encode_png_round_trips_through_pillow():
     assert decoded.mode == "RGBA" and np.array_equal(np.asarray(decoded), rgba)
     with pytest.raises(ValueError, match="expected 140 bytes"):
         client.encode_png(5, 7, b"short")
+
+
+def test_encode_png_at_16_bits_keeps_every_value():
+    # GIMP's "R'G'B'A u16" buffers: this machine's byte order; alpha above 0, so no colour is hidden
+    rgba = np.random.default_rng(0).integers(1, 65536, (7, 5, 4), dtype=np.uint16)
+    loaded = load_image(client.encode_png(5, 7, rgba.tobytes(), bits=16))
+    assert loaded.source_metadata.bits == 16
+    assert np.array_equal(np.rint(loaded.rgb * 65535), rgba[..., :3])
+    assert np.array_equal(np.rint(loaded.alpha * 65535), rgba[..., 3])
 
 
 def test_job_params_map_the_dialog_to_engine_options():

@@ -25,7 +25,7 @@ from PIL import Image
 from schemathesis.checks import allow_header_conformance, positive_data_acceptance
 
 from stylekit.cli import main
-from stylekit.image import read_metadata
+from stylekit.image import encode_png, load_image, read_metadata
 from stylekit.loopback import is_loopback
 from stylekit.presets import get_preset
 from stylekit.server import ServerSettings, create_app, listen, load_or_create_token
@@ -45,6 +45,11 @@ def png(pixels: np.ndarray) -> bytes:
 PHOTO_RGBA = np.dstack([make_photo(), np.linspace(0, 1, 48 * 40, dtype=np.float32).reshape(40, 48)])
 PHOTO = png(PHOTO_RGBA)
 PAINTING = png(make_painting())
+
+
+def bit_depth(png_bytes: bytes) -> int:
+    """A PNG's bits per channel, from its IHDR chunk (which always comes first)."""
+    return png_bytes[24]
 
 
 def post_job(client, params: dict, image: bytes = PHOTO, style: bytes | None = PAINTING):
@@ -105,6 +110,23 @@ def test_uploaded_style_job_returns_png_with_the_uploads_alpha(server):
     expected_alpha = (PHOTO_RGBA[..., 3] * 255).round().astype(np.uint8)
     assert np.array_equal(np.asarray(image)[..., 3], expected_alpha)
     assert read_metadata(result.content)["job"] == "upload-1"
+
+
+def test_a_16_bit_upload_gets_a_16_bit_result(server):
+    deep = encode_png(PHOTO_RGBA[..., :3], PHOTO_RGBA[..., 3], bits=16)
+    post_job(server, {**FAST, "id": "deep"}, image=deep)
+    assert wait_for(server, "deep", ("done", "failed"))["status"] == "done"
+    result = server.get("/v1/jobs/deep/result").content
+    assert bit_depth(result) == 16
+    loaded = load_image(result)
+    assert np.abs(loaded.rgb * 255 - np.rint(loaded.rgb * 255)).max() > 0.1  # between 8-bit steps
+    np.testing.assert_allclose(loaded.alpha, PHOTO_RGBA[..., 3], atol=0.5 / 65535)  # 16-bit alpha too
+
+
+def test_an_8_bit_upload_gets_an_8_bit_result(server):
+    post_job(server, {**FAST, "id": "shallow"})
+    assert wait_for(server, "shallow", ("done", "failed"))["status"] == "done"
+    assert bit_depth(server.get("/v1/jobs/shallow/result").content) == 8
 
 
 def test_preset_job_uses_the_preset_and_strength(server):

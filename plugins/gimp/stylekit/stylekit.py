@@ -19,7 +19,8 @@ import stylekit_client as client  # noqa: E402  (beside this file; GIMP puts its
 
 PROCEDURE = "plug-in-stylekit-style-transfer"
 HERE = os.path.dirname(os.path.abspath(__file__))
-PIXELS = "R'G'B'A u8"  # the format pixels travel in: 8-bit sRGB with straight alpha
+PIXELS = {8: "R'G'B'A u8", 16: "R'G'B'A u16"}  # pixels travel as sRGB with straight alpha, by bits
+EIGHT_BIT = (Gimp.Precision.U8_LINEAR, Gimp.Precision.U8_NON_LINEAR, Gimp.Precision.U8_PERCEPTUAL)
 QUALITY_LABELS = (("fast", "Fast", "50 steps, from a quarter of the size up"),
                   ("balanced", "Balanced", "150 steps, from half the size up"),
                   ("best", "Best", "300 steps, from half the size up"))
@@ -30,19 +31,25 @@ def fail(procedure, message, status=Gimp.PDBStatusType.EXECUTION_ERROR):
     return procedure.new_return_values(status, GLib.Error(message))
 
 
-def read_rgba(drawable, width=None, height=None):
-    """A drawable's pixels as packed R'G'B'A bytes, whole or scaled down to width × height."""
+def channel_bits(image):
+    """8 for an 8-bit image, 16 for a deeper one (16 or 32-bit integer, half or float): the bits per
+    channel its pixels travel in, so a photographer's 16-bit or float image keeps its precision."""
+    return 8 if image.get_precision() in EIGHT_BIT else 16
+
+
+def read_rgba(drawable, bits, width=None, height=None):
+    """A drawable's pixels as packed R'G'B'A samples of bits each, whole or scaled down to width × height."""
     width, height = width or drawable.get_width(), height or drawable.get_height()
     rect = Gegl.Rectangle.new(0, 0, width, height)
     scale = width / drawable.get_width()
-    return bytes(drawable.get_buffer().get(rect, scale, PIXELS, Gegl.AbyssPolicy.CLAMP))
+    return bytes(drawable.get_buffer().get(rect, scale, PIXELS[bits], Gegl.AbyssPolicy.CLAMP))
 
 
-def write_rgba(drawable, data):
-    """Replace a drawable's pixels with packed R'G'B'A bytes."""
+def write_rgba(drawable, data, bits):
+    """Replace a drawable's pixels with packed R'G'B'A samples of bits each."""
     width, height = drawable.get_width(), drawable.get_height()
     buffer = drawable.get_buffer()
-    buffer.set(Gegl.Rectangle.new(0, 0, width, height), PIXELS, data)
+    buffer.set(Gegl.Rectangle.new(0, 0, width, height), PIXELS[bits], data)
     buffer.flush()
     drawable.update(0, 0, width, height)
 
@@ -90,8 +97,9 @@ def read_style(config):
         raise client.ClientError(f"Cannot read the style image {path} ({exc.strerror or exc}).") from None
 
 
-def insert_result(image, source, png, source_rgba, name):
-    """Add the result above the source: same size and offsets, the source's alpha, selection as mask."""
+def insert_result(image, source, png, source_rgba, bits, name):
+    """Add the result above the source: same size and offsets, the source's alpha (source_rgba: its
+    pixels at bits per channel), selection as mask."""
     width, height = source.get_width(), source.get_height()
     _, x, y = source.get_offsets()
     handle, path = tempfile.mkstemp(prefix="stylekit-", suffix=".png")
@@ -107,9 +115,11 @@ def insert_result(image, source, png, source_rgba, name):
         layer.set_offsets(x, y)
         if not layer.has_alpha():
             layer.add_alpha()
-        pixels = bytearray(read_rgba(layer))
-        pixels[3::4] = source_rgba[3::4]
-        write_rgba(layer, bytes(pixels))
+        pixels = bytearray(read_rgba(layer, bits))
+        sample = bits // 8  # bytes per channel
+        for byte in range(3 * sample, 4 * sample):  # each byte of every pixel's alpha
+            pixels[byte::4 * sample] = source_rgba[byte::4 * sample]
+        write_rgba(layer, bytes(pixels), bits)
         if Gimp.Selection.bounds(image)[1]:
             layer.add_mask(layer.create_mask(Gimp.AddMaskType.SELECTION))
         image.set_selected_layers([layer])
@@ -153,10 +163,11 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
         Gimp.progress_set_text(f"Style Transfer: {message}")
         Gimp.progress_update(fraction)
 
-    upload = client.encode_png(width, height, read_rgba(source, width, height))
+    bits = channel_bits(image)
+    upload = client.encode_png(width, height, read_rgba(source, bits, width, height), bits)
     png, warnings = client.run_job(server, upload, params, style, on_progress)
     name = titles[preset] if preset else os.path.splitext(style[0])[0]
-    insert_result(image, source, png, read_rgba(source), name)
+    insert_result(image, source, png, read_rgba(source, bits), bits, name)
     Gimp.progress_end()
     for message in warnings:  # GIMP heads each with the plug-in's name ("Style Transfer")
         Gimp.message(message)

@@ -4,6 +4,7 @@ GIMP runs plug-ins in its own bundled Python, which has neither torch nor numpy:
 HTTP with urllib, writes PNG with zlib, and starts `stylekit serve` when no server answers.
 """
 
+import array
 import http.client
 import ipaddress
 import json
@@ -341,16 +342,22 @@ def multipart(fields, files):
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def encode_png(width, height, rgba):
-    """An 8-bit RGBA PNG from packed R'G'B'A bytes (GIMP's buffer format), without Pillow."""
-    stride = width * 4
+def encode_png(width, height, rgba, bits=8):
+    """An RGBA PNG of 8 or 16 bits per channel from packed R'G'B'A samples as GIMP's buffers hold them
+    ("R'G'B'A u8" bytes, or "R'G'B'A u16" in this machine's byte order), without Pillow."""
+    stride = width * 4 * bits // 8
     if len(rgba) != stride * height:
-        raise ValueError(f"expected {stride * height} bytes for {width}×{height} RGBA, got {len(rgba)}")
+        raise ValueError(f"expected {stride * height} bytes for {width}×{height} RGBA at {bits} bits, "
+                         f"got {len(rgba)}")
+    if bits == 16 and sys.byteorder == "little":  # PNG stores 16-bit samples big-endian
+        samples = array.array("H", rgba)
+        samples.byteswap()
+        rgba = samples.tobytes()
     raw = b"".join(b"\x00" + rgba[row * stride:(row + 1) * stride] for row in range(height))
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bits, 6, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6))
             + chunk(b"IEND", b""))

@@ -13,14 +13,16 @@ from gi.repository import Gegl, Gimp, Gio  # noqa: E402
 WORK = os.environ["STYLEKIT_GIMP_WORK"]  # the test's folder, as seen inside the chroot
 SPEC = json.load(open(os.path.join(WORK, "spec.json")))
 PROCEDURE = Gimp.get_pdb().lookup_procedure("plug-in-stylekit-style-transfer")
-report = {"registered": PROCEDURE is not None, "calls": []}
+PRECISION = SPEC.get("precision")  # a Gimp.Precision name: the image is converted to it first
+PIXELS = "R'G'B'A u16" if PRECISION else "R'G'B'A u8"  # how layers are dumped
+report = {"registered": PROCEDURE is not None, "calls": [], "bits": 16 if PRECISION else 8}
 
 
 def load(path):
     return Gio.File.new_for_path(os.path.join(WORK, path))
 
 
-def dump(drawable, name, babl_format="R'G'B'A u8"):
+def dump(drawable, name, babl_format=PIXELS):
     """Write a drawable's pixels raw (its own size) and return their file name."""
     rect = Gegl.Rectangle.new(0, 0, drawable.get_width(), drawable.get_height())
     data = drawable.get_buffer().get(rect, 1.0, babl_format, Gegl.AbyssPolicy.CLAMP)
@@ -57,6 +59,8 @@ def call(image, layer, run_mode=Gimp.RunMode.NONINTERACTIVE, **arguments):
 
 if PROCEDURE is not None:
     image = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, load("base.png"))
+    if PRECISION:  # before the top layer comes in, so a 16-bit top.png keeps its 16 bits
+        image.convert_precision(getattr(Gimp.Precision, PRECISION))
     top = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image, load("top.png"))
     image.insert_layer(top, None, 0)
     top.set_offsets(*SPEC["offsets"])
