@@ -111,20 +111,33 @@ def _rgb_to_d50(xy: list[float]) -> np.ndarray:
     return np.linalg.solve(_BRADFORD, np.diag(cone_d50 / cone) @ _BRADFORD) @ to_xyz
 
 
-def deep_to_srgb(rgb: np.ndarray, icc: bytes) -> np.ndarray:
-    """Apply an embedded RGB profile to 16-bit colour at full precision where it is tone curves and a
-    matrix (as RGB working spaces are: Adobe RGB, ProPhoto, Display P3), else through LittleCMS at
-    8 bits; a broken or mismatched one changes nothing."""
+def deep_to_srgb(rgb: np.ndarray, icc: bytes) -> None:
+    """Convert 16-bit colour (floats in [0, 1], H×W×3) to sRGB in place, a band of rows at a time (a large
+    photo's float copies are gigabytes), applying an embedded RGB profile at full precision where it is
+    tone curves and a matrix (as RGB working spaces are: Adobe RGB, ProPhoto, Display P3), else through
+    LittleCMS at 8 bits; a broken or mismatched one changes nothing."""
     try:
         curves, to_d50 = _matrix_shaper(icc)
     except (ValueError, KeyError, IndexError, struct.error):
         eight = Image.fromarray(np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8))
         converted = to_srgb(eight, icc)
-        return rgb if converted is eight else np.asarray(converted, dtype=np.float32) / 255.0
-    # float32 throughout: 24 bits of mantissa hold 16-bit values, at half the memory of a large photo's
-    linear = np.stack([curve(rgb[..., i]).astype(np.float32) for i, curve in enumerate(curves)], axis=-1)
-    srgb = np.clip(linear @ np.linalg.solve(_srgb_to_d50(), to_d50).T.astype(np.float32), 0.0, 1.0)
-    return np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+        if converted is not eight:
+            rgb[...] = np.asarray(converted, dtype=np.float32) / 255.0
+        return
+    to_srgb_linear = np.linalg.solve(_srgb_to_d50(), to_d50).T.astype(np.float32)
+    rows = max(1, _BLOCK // rgb.shape[1])
+    for top in range(0, rgb.shape[0], rows):
+        band = rgb[top:top + rows]
+        linear = np.stack([curve(band[..., i]) for i, curve in enumerate(curves)], axis=-1, dtype=np.float32)
+        band[...] = _srgb_encode(np.clip(linear @ to_srgb_linear, 0.0, 1.0))
+
+
+_BLOCK = 1 << 20  # pixels converted at a time, so a large photo's float temporaries stay small
+
+
+def _srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """sRGB's tone curve, from linear light to the values a file stores."""
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
 
 
 @functools.cache

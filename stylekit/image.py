@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from stylekit import icc
 from stylekit.atomic import write_bytes
-from stylekit.errors import StylekitError
+from stylekit.errors import StylekitError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,21 @@ def load_image(
             raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
         deep = _is_deep(im)  # asked before decoding: Pillow's tiles say how many bits a channel has
         orientation = im.getexif().get(_Tag.Orientation, 1)  # a TIFF's is gone once decoded
-        im.load()
+        channels = _deep_channels(source, im, orientation, label) if deep else None
+        if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
         profile = im.info.get("icc_profile") or icc.from_nclx(im.info.get("nclx_profile"), label)
-        ImageOps.exif_transpose(im, in_place=True)
         bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
         kept = dataclasses.replace(_source_metadata(im), bits=bits)
-        if deep:
-            rgb, alpha = _deep_rgb(_deep_channels(source, im.format, orientation), profile)
+        if channels is not None:
+            rgb, alpha = _deep_rgb(*channels, profile)
         else:
             colour, alpha = _split_alpha(im)
             rgb = _rgb_array(colour, profile, label)
         _warn_if_animated(im, label)  # last: counting frames moves through the file
     if alpha is not None:
-        rgb = _fill_hidden(rgb, alpha)
+        _fill_hidden(rgb, alpha)
     return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, name=shown,
                        source_metadata=kept)
 
@@ -266,12 +268,24 @@ def _open_image(
                 with Image.open(stream) as im:
                     yield im
         except UnidentifiedImageError:
+            stream.seek(0)
+            if _is_heif(stream.read(12)):  # Pillow opens a HEIF's structure: here it is cut short or broken
+                raise ImageError(f"image {label} is truncated or corrupt") from None
             raise ImageError(f"{label} is not an image stylekit can read") from None
         except Image.DecompressionBombError as e:
             limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
             raise _too_many_pixels(label, _bomb_pixels(e), limit) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError(f"image {label} is truncated or corrupt ({e})") from e
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
+            raise ImageError(f"image {label} is truncated or corrupt ({one_line(e)})") from e
+
+
+def _is_heif(head: bytes) -> bool:
+    """Whether a file's first bytes are a HEIC's, HEIF's or AVIF's (an ISO 'ftyp' box naming its brand)."""
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif",
+                          b"avis"})
 
 
 @functools.cache
@@ -283,8 +297,8 @@ def _open_heif() -> None:
 
 
 def _warn_if_animated(im: Image.Image, label: str) -> None:
-    """Say that only the first frame of an animation (or page of a multi-page TIFF) is used; a
-    camera's MPO JPEG is left alone, its other images being previews."""
+    """Say that only the first frame of an animation (page of a multi-page TIFF, or a HEIF's primary
+    image) is used; a camera's MPO JPEG is left alone, its other images being previews."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's about damaged later frames
@@ -292,8 +306,12 @@ def _warn_if_animated(im: Image.Image, label: str) -> None:
     except Exception:  # a damaged later frame (Pillow raises many kinds): only the first is readable
         return
     if frames > 1 and im.format != "MPO":
-        kind = "pages" if im.format == "TIFF" else "frames"
-        log.warning("image %s has %d %s: only the first is used", label, frames, kind)
+        kind, used = _PARTS.get(im.format, ("frames", "the first"))
+        log.warning("image %s has %d %s: only %s is used", label, frames, kind, used)
+
+
+# A file's several pictures, by format: what they are called and which one is used (else frames, the first)
+_PARTS = {"TIFF": ("pages", "the first"), "HEIF": ("images", "its primary one")}
 
 
 def _source_metadata(im: Image.Image) -> SourceMetadata:
@@ -336,16 +354,22 @@ def _split_alpha(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     return im.convert(im.mode[:-1]), alpha
 
 
-def _fill_hidden(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Repaint fully transparent pixels from their visible neighbours (a push-pull pyramid fill), so
-    the colour a file keeps under alpha 0 cannot change the result; with nothing visible, grey."""
+def _fill_hidden(rgb: np.ndarray, alpha: np.ndarray) -> None:
+    """Repaint fully transparent pixels, in place, from their visible neighbours (a push-pull pyramid
+    fill), so the colour a file keeps under alpha 0 cannot change the result; with nothing visible, grey."""
     hidden = alpha == 0
-    if not hidden.any():
-        return rgb
     if hidden.all():
-        return np.full_like(rgb, 0.5)
-    coarse = _push_pull(_block_sums(rgb * alpha[..., None]), _block_sums(alpha))
-    return np.where(hidden[..., None], _upsample(coarse, *alpha.shape), rgb)
+        rgb.fill(0.5)
+    elif hidden.any():
+        height, width = alpha.shape
+        bands = [slice(top, top + _BAND) for top in range(0, height, _BAND)]  # no full-size temporaries
+        weighted = np.concatenate([_block_sums(rgb[rows] * alpha[rows, :, None]) for rows in bands])
+        tall = _stretch(_push_pull(weighted, _block_sums(alpha)), 0, height)
+        for rows in bands:
+            np.copyto(rgb[rows], _stretch(tall[rows], 1, width), where=hidden[rows, :, None])
+
+
+_BAND = 256  # rows at a time (even: 2×2 blocks do not straddle two bands)
 
 
 def _block_sums(values: np.ndarray) -> np.ndarray:
@@ -369,18 +393,21 @@ def _push_pull(sums: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def _upsample(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """Enlarge a pyramid level 2× to height×width, interpolating linearly between pixel centres."""
-    for axis, size in ((0, height), (1, width)):
-        last = values.shape[axis] - 1
-        position = np.clip((np.arange(size) + 0.5) / 2 - 0.5, 0, last)
-        low = np.floor(position).astype(np.intp)
-        shape = [size if i == axis else 1 for i in range(values.ndim)]
-        part = (position - low).astype(values.dtype).reshape(shape)
-        below, above = np.take(values, low, axis), np.take(values, np.minimum(low + 1, last), axis)
-        below *= 1 - part  # in place: at full size these arrays are as large as the picture
-        above *= part
-        below += above
-        values = below
-    return values
+    return _stretch(_stretch(values, 0, height), 1, width)
+
+
+def _stretch(values: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Enlarge a pyramid level 2× along one axis to size, interpolating linearly between pixel centres."""
+    last = values.shape[axis] - 1
+    position = np.clip((np.arange(size) + 0.5) / 2 - 0.5, 0, last)
+    low = np.floor(position).astype(np.intp)
+    shape = [size if i == axis else 1 for i in range(values.ndim)]
+    part = (position - low).astype(values.dtype).reshape(shape)
+    below, above = np.take(values, low, axis), np.take(values, np.minimum(low + 1, last), axis)
+    below *= 1 - part  # in place: these arrays can be as large as the picture
+    above *= part
+    below += above
+    return below
 
 
 def _grey_white(im: Image.Image) -> float:
@@ -403,57 +430,104 @@ def _is_deep(im: Image.Image) -> bool:
     return im.format == "PNG" and any(";16" in str(tile.args) for tile in im.tile)  # rawmode RGB;16B, …
 
 
-def _deep_channels(source: str | os.PathLike[str] | bytes, fmt: str, orientation: int) -> np.ndarray:
-    """A 16-bit PNG's or TIFF's channels as upright H×W×C floats in [0, 1], decoded by libpng (through
-    torchvision, loaded for the styling anyway) or tifffile, as Pillow keeps only 8 bits of them."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    if fmt == "PNG":
-        import torch
-
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (pyproject pins it)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_png
-
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            pixels = decode_png(encoded, mode=ImageReadMode.UNCHANGED).permute(1, 2, 0).numpy()
+def _deep_channels(
+    source: str | os.PathLike[str] | bytes, im: Image.Image, orientation: int, label: str
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A 16-bit PNG's or TIFF's colour (H×W×1 grey or ×3) and alpha, upright floats in [0, 1] at the
+    precision Pillow cuts to 8 bits; None, after a warning, where tifffile lacks the TIFF's codec."""
+    premultiplied = False
+    if im.format == "PNG":
+        samples = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
     else:
         import tifffile
 
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tiff:
             page = tiff.pages[0]
-            pixels = page.asarray()
+            known = tifffile.TIFF
+            codecs = page.compression in known.DECOMPRESSORS and page.predictor in known.UNPREDICTORS
+            try:  # LZW, JPEG, …: tifffile has them from imagecodecs; zstd from Python 3.14 on
+                samples = page.asarray(maxworkers=1) if codecs else None
+            except ImportError:
+                samples = None
+            if samples is None:
+                log.warning("image %s is read at 8 bits per channel (its %s compression needs the "
+                            "imagecodecs package for 16)", label, im.info.get("compression"))
+                return None
             if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
-                pixels = np.moveaxis(pixels, 0, -1)
-    pixels = pixels.reshape(*pixels.shape[:2], -1).astype(np.float32) / 65535.0
-    method = _TRANSPOSES.get(orientation)
-    if method is None:
-        return pixels
-    planes = [Image.fromarray(np.ascontiguousarray(pixels[..., channel]), "F").transpose(method)
-              for channel in range(pixels.shape[2])]
-    return np.stack([np.asarray(plane) for plane in planes], axis=-1)
+                samples = np.moveaxis(samples, 0, -1)
+            samples = samples[..., :len(im.getbands())]  # past Pillow's bands: extra samples, no alpha
+            premultiplied = page.extrasamples[:1] == (tifffile.EXTRASAMPLE.ASSOCALPHA,)
+    turns, mirror = _UPRIGHT.get(orientation, (0, False))
+    samples = np.rot90(samples, turns)[:, ::-1] if mirror else np.rot90(samples, turns)
+    colours = 1 if samples.shape[2] == 2 else 3
+    colour = _unit_floats(samples[..., :colours])
+    if samples.shape[2] > colours:
+        alpha = _unit_floats(samples[..., colours])
+        if premultiplied:  # colour stored multiplied by alpha: as Pillow does at 8 bits, divided out
+            np.divide(colour, alpha[..., None], out=colour, where=alpha[..., None] > 0)
+            np.minimum(colour, 1.0, out=colour)
+        return colour, alpha
+    key = im.info.get("transparency")  # a PNG's transparent colour (tRNS), in 16-bit values
+    return colour, None if key is None else np.any(samples != key, axis=-1).astype(np.float32)
 
 
-_TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,  # by EXIF orientation
-               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# EXIF orientation: quarter turns anticlockwise, then whether mirrored left to right, to show it upright
+_UPRIGHT = {2: (0, True), 3: (2, False), 4: (2, True), 5: (3, True), 6: (3, False), 7: (1, True),
+            8: (1, False)}
+# A 16-bit PNG's colour type: the mode and raw modes Pillow's PNG decoder gives its samples' high and low
+# bytes in (grey+alpha: a sample's two bytes as two 8-bit channels)
+_PNG_BYTES = {2: ("RGB", ("RGB;16B", "RGB;16L")), 4: ("RGBA", ("RGBA",)),
+              6: ("RGBA", ("RGBA;16B", "RGBA;16L"))}
 
 
-def _deep_rgb(channels: np.ndarray, profile: bytes | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """sRGB and alpha from 16-bit grey-with-alpha, RGB or RGBA channels, the profile applied."""
-    alpha = channels[..., -1] if channels.shape[2] in (2, 4) else None
-    if channels.shape[2] == 2:
-        grey = icc.grey_to_srgb(channels[..., 0], profile) if profile else channels[..., 0]
+def _png_samples(png: bytes) -> np.ndarray:
+    """A 16-bit PNG's samples (H×W×C) through Pillow's PNG decoder, which unpacks a sample's high byte
+    (big-endian), then its low one (as little-endian); libpng, through torchvision, crashes on a bad CRC."""
+    chunks = list(_png_chunks(png))
+    width, height, _, colour_type, _, _, interlaced = struct.unpack(">IIBBBBB", chunks[0][1])
+    pixel_data = b"".join(body for kind, body in chunks if kind == b"IDAT")
+    mode, rawmodes = _PNG_BYTES[colour_type]
+    planes = [np.asarray(Image.frombytes(mode, (width, height), pixel_data, "zip", rawmode, interlaced))
+              for rawmode in rawmodes]
+    return np.stack(planes, axis=-1).reshape(height, width, -1).view(">u2")
+
+
+def _png_chunks(png: bytes) -> Iterator[tuple[bytes, memoryview]]:
+    """A PNG's chunks, kind and body (a view: a large photo's are not copied), in file order."""
+    view, position = memoryview(png), 8
+    while position + 8 <= len(view):
+        length, kind = struct.unpack_from(">I4s", view, position)
+        yield kind, view[position + 8:position + 8 + length]
+        position += 12 + length
+
+
+def _unit_floats(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples as float32 in [0, 1], made in one pass (a 50-megapixel photo's are 600 MB)."""
+    values = np.empty(samples.shape, np.float32)
+    np.divide(samples, np.float32(65535), out=values)
+    return values
+
+
+def _deep_rgb(
+    colour: np.ndarray, alpha: np.ndarray | None, profile: bytes | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """sRGB from 16-bit grey or RGB colour (converted in place), the profile applied; alpha as it is."""
+    if colour.shape[2] == 1:
+        grey = icc.grey_to_srgb(colour[..., 0], profile) if profile else colour[..., 0]
         return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2), alpha
-    rgb = channels[..., :3]
     if profile:
-        rgb = icc.deep_to_srgb(rgb, profile)
-    return rgb.astype(np.float32), alpha
+        icc.deep_to_srgb(colour, profile)
+    return colour, alpha
 
 
 def _rgb_array(im: Image.Image, profile: bytes | None, label: str) -> np.ndarray:
     """Turn an alpha-free image of any mode into float sRGB, keeping 16-bit grey precision."""
     if im.mode in _GREY16_MODES or im.mode == "F":
-        grey = np.clip(np.asarray(im).astype(np.float64) / _grey_white(im), 0.0, 1.0)
+        grey = np.asarray(im).astype(np.float32)  # float32: exact for 16-bit values, half float64's memory
+        grey /= _grey_white(im)
+        np.clip(grey, 0.0, 1.0, out=grey)
+        if getattr(im, "tag_v2", {}).get(262) == 0:  # a TIFF's "min is white", left to us past 8 bits
+            np.subtract(1.0, grey, out=grey)
         if profile:
             grey = icc.grey_to_srgb(grey, profile)
         return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
@@ -507,18 +581,17 @@ def _deep_png(png: bytes, pixels: np.ndarray) -> bytes:
     filtered[:, 0] = 2
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG filters are
-    pixel_data: bytes | None = zlib.compress(filtered.tobytes(), 6)
-    chunks, position = [png[:8]], 8
-    while position < len(png):
-        length, kind = struct.unpack_from(">I4s", png, position)
-        body = png[position + 8:position + 8 + length]
-        position += 12 + length
-        if kind == b"IHDR":
-            body = body[:8] + b"\x10" + body[9:]
-        elif kind == b"IDAT":
+    pixel_data: bytes | None = zlib.compress(filtered, 6)
+    chunks = [png[:8]]
+    for kind, view in _png_chunks(png):
+        if kind == b"IDAT":
             if pixel_data is None:
                 continue
             body, pixel_data = pixel_data, None
+        else:
+            body = bytes(view)
+        if kind == b"IHDR":
+            body = body[:8] + b"\x10" + body[9:]
         chunks.append(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
     return b"".join(chunks)
 

@@ -50,8 +50,10 @@ def test_an_hdr_colour_description_says_it_is_not_tone_mapped(caplog: pytest.Log
 
 
 def test_srgb_tagged_16_bit_colour_comes_back_unchanged() -> None:
-    rgb = np.random.default_rng(0).random((16, 16, 3))
-    np.testing.assert_allclose(icc.deep_to_srgb(rgb, icc.srgb_profile()), rgb, atol=2e-5)
+    rgb = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+    converted = rgb.copy()
+    icc.deep_to_srgb(converted, icc.srgb_profile())
+    np.testing.assert_allclose(converted, rgb, atol=2e-5)
 
 
 @pytest.mark.parametrize(("tag", "formula"), [
@@ -69,3 +71,17 @@ def test_srgb_tagged_16_bit_colour_comes_back_unchanged() -> None:
 def test_every_kind_of_icc_tone_curve_follows_its_formula(tag: bytes, formula) -> None:
     values = np.linspace(0.0, 1.0, 101)
     np.testing.assert_allclose(icc._tone_curve(tag)(values), formula(values), atol=1e-4)
+
+
+def test_colour_converted_a_band_of_rows_at_a_time_is_converted_as_it_would_be_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rgb = np.random.default_rng(0).random((16, 16, 3), dtype=np.float32)
+    p3 = icc.from_nclx(P3, "'x.heic'")
+    whole = rgb.copy()
+    icc.deep_to_srgb(whole, p3)
+    monkeypatch.setattr(icc, "_BLOCK", 40)  # pixels at a time: bands of two rows
+    banded = rgb.copy()
+    icc.deep_to_srgb(banded, p3)
+    np.testing.assert_array_equal(banded, whole)
+    assert np.abs(whole - rgb).max() > 0.05  # really converted

@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import tifffile
 from PIL import ExifTags, Image, ImageCms
 
-from stylekit import image
+from stylekit import icc, image
 from stylekit.errors import StylekitError
 from stylekit.image import (
     ImageError,
@@ -310,29 +311,52 @@ def _deep_rgb(height: int = 32, width: int = 48, channels: int = 3) -> np.ndarra
     return np.random.default_rng(1).integers(0, 65536, (height, width, channels), dtype=np.uint16)
 
 
-def _png16(pixels: np.ndarray) -> bytes:
-    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), written by hand: Pillow cannot."""
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk: length, kind, body and checksum."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _scanlines(pixels: np.ndarray) -> bytes:
+    """16-bit pixels as PNG scanlines, row i filtered with type i % 5 (none, sub, up, average, Paeth)."""
+    rows = pixels.astype(">u2").reshape(pixels.shape[0], -1).view(np.uint8).astype(np.int32)
+    step = pixels.shape[2] * 2  # a pixel's bytes: the filters' "left" is the byte a pixel back
+    lines = []
+    for i, row in enumerate(rows):
+        up = rows[i - 1] if i else np.zeros_like(row)
+        left, up_left = (np.concatenate([np.zeros(step, np.int32), r[:-step]]) for r in (row, up))
+        guess = left + up - up_left
+        near = [np.abs(guess - r) for r in (left, up, up_left)]
+        paeth = np.where((near[0] <= near[1]) & (near[0] <= near[2]), left,
+                         np.where(near[1] <= near[2], up, up_left))
+        predicted = (0, left, up, (left + up) // 2, paeth)[i % 5]
+        lines.append(bytes([i % 5]) + ((row - predicted) % 256).astype(np.uint8).tobytes())
+    return b"".join(lines)
+
+
+# Adam7 interlacing's seven passes: first column and row, then steps across and down
+_ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+
+
+def _png16(pixels: np.ndarray, *, interlaced: bool = False, before: bytes = b"", after: bytes = b"") -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), written by hand: Pillow cannot;
+    before and after are chunks to put before and after its pixel data."""
     height, width, channels = pixels.shape
-    rows = pixels.astype(">u2").reshape(height, -1).tobytes()
-    stride = width * channels * 2
-    raw = b"".join(b"\0" + rows[i * stride:(i + 1) * stride] for i in range(height))
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
+    passes = _ADAM7 if interlaced else [(0, 0, 1, 1)]
+    raw = b"".join(_scanlines(pixels[y::step_y, x::step_x]) for x, y, step_x, step_y in passes)
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + body
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlaced))
+    pixel_data = _chunk(b"IDAT", zlib.compress(raw))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + before + pixel_data + after + _chunk(b"IEND", b"")
 
 
 def _off_the_8_bit_grid(values: np.ndarray) -> bool:
     return bool(np.abs(values * 255 - np.rint(values * 255)).max() > 0.1)
 
 
-def test_a_16_bit_png_keeps_its_precision(tmp_path: Path) -> None:
+@pytest.mark.parametrize("interlaced", [False, True])
+def test_a_16_bit_png_keeps_its_precision(tmp_path: Path, interlaced: bool) -> None:
     pixels = _deep_rgb()
-    (tmp_path / "deep.png").write_bytes(_png16(pixels))
+    (tmp_path / "deep.png").write_bytes(_png16(pixels, interlaced=interlaced))
     loaded = load_image(tmp_path / "deep.png")
     np.testing.assert_allclose(loaded.rgb, pixels / 65535.0, atol=1e-6)
     assert loaded.source_metadata.bits == 16
@@ -374,6 +398,111 @@ def test_a_16_bit_photo_is_turned_upright(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "deep.tif", pixels, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
     upright = np.rot90(pixels, -1) / 65535.0  # orientation 6: turned a quarter clockwise
     np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, upright, atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_a_16_bit_photo_is_turned_as_the_same_8_bit_photo_is(tmp_path: Path, orientation: int) -> None:
+    pixels = _random_rgb8(32, 48)
+    tag = [(274, "H", 1, orientation, True)]
+    tifffile.imwrite(tmp_path / "deep.tif", pixels.astype(np.uint16) * 257, photometric="rgb", extratags=tag)
+    tifffile.imwrite(tmp_path / "flat.tif", pixels, photometric="rgb", extratags=tag)
+    np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, load_image(tmp_path / "flat.tif").rgb,
+                               atol=1e-6)
+
+
+def test_a_16_bit_pngs_orientation_stored_after_its_pixel_data_turns_it_upright() -> None:
+    pixels = _deep_rgb()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    loaded = load_image(_png16(pixels, after=_chunk(b"eXIf", exif.tobytes()[6:])))  # less "Exif\0\0"
+    np.testing.assert_allclose(loaded.rgb, np.rot90(pixels, -1) / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_png_transparent_colour_becomes_alpha() -> None:
+    pixels = _deep_rgb()
+    pixels[:, :8] = (1234, 40000, 65535)
+    loaded = load_image(_png16(pixels, before=_chunk(b"tRNS", struct.pack(">3H", 1234, 40000, 65535))))
+    assert loaded.alpha is not None
+    assert np.all(loaded.alpha[:, :8] == 0.0)
+    assert np.all(loaded.alpha[:, 8:] == 1.0)
+    np.testing.assert_allclose(loaded.rgb[:, 8:], pixels[:, 8:] / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_png_failing_its_checksum_loads_as_an_8_bit_one_does_not_crashing_the_process() -> None:
+    pixels = _deep_rgb()
+    data = bytearray(_png16(pixels))
+    data[data.index(b"IEND") - 5] ^= 0xFF  # the pixel data's checksum, which libpng refuses by crashing
+    np.testing.assert_allclose(load_image(bytes(data)).rgb, pixels / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_lzw_tiff_keeps_its_precision(tmp_path: Path) -> None:
+    pixels = _deep_rgb()
+    tifffile.imwrite(tmp_path / "lzw.tif", pixels, photometric="rgb", compression="lzw")
+    np.testing.assert_allclose(load_image(tmp_path / "lzw.tif").rgb, pixels / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_tiff_whose_codec_is_missing_is_read_at_8_bits_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pixels = _deep_rgb()
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", compression="lzw")
+    monkeypatch.setattr(tifffile.TIFF, "DECOMPRESSORS", {1: None})  # as without imagecodecs: no LZW
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        loaded = load_image(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image '{path}' is read at 8 bits per channel (its tiff_lzw compression needs the imagecodecs "
+        "package for 16)"
+    ]
+    np.testing.assert_allclose(loaded.rgb, pixels / 65535.0, atol=1 / 255)
+    assert loaded.source_metadata.bits == 16  # a PNG or TIFF output still has 16 bits
+
+
+def test_a_16_bit_tiffs_premultiplied_colour_is_divided_by_its_alpha(tmp_path: Path) -> None:
+    straight = _deep_rgb(channels=4)
+    straight[..., 3] = np.maximum(straight[..., 3], 4096)  # (dividing by a tiny alpha magnifies rounding)
+    stored = straight.copy()
+    stored[..., :3] = np.rint(straight[..., :3] * (straight[..., 3:] / 65535.0))
+    tifffile.imwrite(tmp_path / "premultiplied.tif", stored, photometric="rgb", extrasamples=["assocalpha"])
+    loaded = load_image(tmp_path / "premultiplied.tif")
+    np.testing.assert_allclose(loaded.rgb, straight[..., :3] / 65535.0, atol=2e-4)
+    np.testing.assert_allclose(loaded.alpha, straight[..., 3] / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_tiffs_unspecified_extra_sample_is_not_taken_for_alpha(tmp_path: Path) -> None:
+    pixels = _deep_rgb(channels=4)
+    tifffile.imwrite(tmp_path / "extra.tif", pixels, photometric="rgb", extrasamples=["unspecified"])
+    loaded = load_image(tmp_path / "extra.tif")
+    assert loaded.alpha is None
+    np.testing.assert_allclose(loaded.rgb, pixels[..., :3] / 65535.0, atol=1e-6)
+
+
+def test_a_16_bit_grey_tiff_whose_zero_is_white_is_not_read_as_a_negative(tmp_path: Path) -> None:
+    grey = _deep_rgb(channels=1)[..., 0]
+    tifffile.imwrite(tmp_path / "grey.tif", grey, photometric="miniswhite")
+    np.testing.assert_allclose(load_image(tmp_path / "grey.tif").rgb[..., 0], 1.0 - grey / 65535.0, atol=1e-6)
+
+
+def test_a_large_16_bit_cut_out_with_a_profile_loads_in_little_more_memory_than_its_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(icc, "_BLOCK", 4096)  # pixels converted at a time, and rows filled at a time:
+    monkeypatch.setattr(image, "_BAND", 16)  # small, as the picture is
+    pixels = _deep_rgb(512, 512, channels=4)
+    pixels[..., 3] = 65535
+    pixels[:, 256:, 3] = 0  # a transparent half, filled from the visible one
+    path = tmp_path / "large.tif"
+    profile = _matrix_trc_profile(ADOBE_COLORANTS, ADOBE_GAMMA)
+    tifffile.imwrite(path, pixels, photometric="rgb", extrasamples=["unassalpha"], iccprofile=profile)
+    load_image(path)  # once before measuring: what loading imports the first time is not counted
+    tracemalloc.start()
+    try:
+        loaded = load_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert loaded.alpha is not None
+    assert peak < 3 * (loaded.rgb.nbytes + loaded.alpha.nbytes)  # 5.4 times when it made whole copies
 
 
 def test_a_16_bit_adobe_rgb_photo_is_converted_to_srgb_at_full_precision(tmp_path: Path) -> None:
@@ -531,6 +660,18 @@ def test_an_animation_or_multi_page_file_warns_that_only_its_first_frame_is_used
     np.testing.assert_allclose(rgb[0, 0], [1.0, 0.0, 0.0], atol=0.01)
 
 
+def test_a_heic_holding_several_images_uses_its_primary_one_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = DATA / "three-images-primary-second.heic"  # red, green (the primary one), blue
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        rgb = load_image(path).rgb
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image '{path}' has 3 images: only its primary one is used"
+    ]
+    np.testing.assert_allclose(rgb[16, 16], [0.0, 1.0, 0.0], atol=0.02)
+
+
 @pytest.mark.parametrize(("suffix", "kept"), [(".gif", 0.7), (".tif", 0.5)])
 def test_a_damaged_later_frame_leaves_the_first_loadable(tmp_path: Path, suffix: str, kept: float) -> None:
     path = tmp_path / f"several{suffix}"
@@ -613,6 +754,13 @@ def test_truncated_image_is_reported(tmp_path: Path, fmt: str) -> None:
     _assert_image_error(path, path.name)
 
 
+@pytest.mark.parametrize("kept", [100, -100])  # cut inside its structure, or inside its pixel data
+def test_a_truncated_heic_is_reported_as_such_on_one_line(kept: int) -> None:
+    data = (DATA / "three-images-primary-second.heic").read_bytes()[:kept]
+    message = _assert_image_error(data, "cut.heic", name="cut.heic")
+    assert message.startswith("image 'cut.heic' is truncated or corrupt")
+
+
 def test_pixel_limit_is_enforced_before_decoding(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     Image.new("RGB", (32, 32)).save(path)
@@ -622,12 +770,8 @@ def test_pixel_limit_is_enforced_before_decoding(tmp_path: Path) -> None:
 
 def _png_claiming(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims a size its few bytes never hold: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IEND", b""))
     return path
 
 
