@@ -30,7 +30,7 @@ class FolderConfig:
     inbox: Path
     out: Path
     preset: str | None = None  # None: only inbox/<preset>/ sub-folders are taken
-    format: str = "same"  # output format; "same" keeps the input's where stylekit can write it, else png
+    format: str = "same"  # output format; "same": the input's where stylekit writes it (see output_suffix)
     quality: int = 95  # JPEG/WebP/AVIF quality
     overrides: Mapping[str, object] = field(default_factory=dict)  # StyleOptions over the preset's
 

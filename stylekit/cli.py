@@ -104,7 +104,8 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
 engine_options = _engine_options(init_file=False)
 engine_options_with_init_file = _engine_options(init_file=True)
 format_option = click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS),
-                             help="Output format (default: the input's where possible, else png).")
+                             help="Output format (default: the input's where possible, else jpg for HEIC, "
+                                  "png for the rest).")
 quality_option = click.option("--quality", type=click.IntRange(1, 100), default=FolderConfig.quality,
                               show_default=True,
                               help="JPEG, WebP and AVIF quality (refused for PNG and TIFF, which are "

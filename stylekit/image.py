@@ -45,7 +45,8 @@ _FORMATS = {
 _FORMAT_HINT = "use .png, .jpg, .webp, .avif or .tif"
 LOSSY_FORMATS = frozenset({"JPEG", "WEBP", "AVIF"})  # the formats --quality applies to
 # What a folder of images holds, by name: what stylekit writes, plus what it only reads (phones' HEIC).
-INPUT_SUFFIXES = (*_FORMATS, ".heic", ".heif", ".hif", ".bmp", ".gif")
+_HEIF_SUFFIXES = (".heic", ".heif", ".hif")
+INPUT_SUFFIXES = (*_FORMATS, *_HEIF_SUFFIXES, ".bmp", ".gif")
 _SOFTWARE = "stylekit"
 _PNG_META_KEY = "stylekit"
 _ASCII_COMMENT = b"ASCII\0\0\0"  # EXIF UserComment's character-code prefix (the JSON is ASCII)
@@ -140,9 +141,12 @@ def output_format(path: str | os.PathLike[str]) -> str:
 
 def output_suffix(source: str | os.PathLike[str], out_format: str) -> str:
     """An output's extension for --format out_format ("png", "jpg", …): that format's, or with "same"
-    the input's where stylekit writes that format, else .png (one it reads but does not write: bmp, gif)."""
+    the input's where stylekit writes that format, else the nearest it writes: .jpg for a phone's HEIC
+    (a photo, where a PNG would be five times the size), .png for the rest (bmp, gif)."""
     suffix = Path(source).suffix if out_format == "same" else f".{out_format}"
-    return suffix if suffix.lower() in _FORMATS else ".png"
+    if suffix.lower() in _FORMATS:
+        return suffix
+    return ".jpg" if suffix.lower() in _HEIF_SUFFIXES else ".png"
 
 
 def save_image(

@@ -1132,7 +1132,8 @@ def test_encode_png_matches_save_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("source", "out_format", "suffix"), [
     ("a.JPG", "same", ".JPG"), ("a.webp", "same", ".webp"), ("a.bmp", "same", ".png"),
     ("a.gif", "same", ".png"), ("a.jpg", "png", ".png"), ("a.png", "tif", ".tif"),
-    ("a.heic", "same", ".png"), ("a.avif", "same", ".avif"), ("a.png", "avif", ".avif"),
+    ("a.heic", "same", ".jpg"), ("a.HIF", "same", ".jpg"), ("a.avif", "same", ".avif"),
+    ("a.png", "avif", ".avif"),
 ])
 def test_an_output_takes_the_format_asked_for_or_the_inputs_where_stylekit_can(source, out_format, suffix):
     assert output_suffix(source, out_format) == suffix
