@@ -118,12 +118,20 @@ def deep_to_srgb(rgb: np.ndarray, icc: bytes) -> None:
     LittleCMS at 8 bits; a broken or mismatched one changes nothing."""
     try:
         curves, to_d50 = _matrix_shaper(icc)
-    except (ValueError, KeyError, IndexError, struct.error):
+        probe = np.linspace(0.0, 1.0, 257, dtype=np.float32)
+        with np.errstate(all="ignore"):  # a broken curve's infinities and NaNs are caught just below
+            shapes = [curve(probe) for curve in curves]
+        if not all(np.all(np.isfinite(shape)) for shape in shapes):
+            raise ValueError("a tone curve without values (a broken profile)")
+    except (ValueError, KeyError, IndexError, ZeroDivisionError, struct.error):
         eight = Image.fromarray(np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8))
         converted = to_srgb(eight, icc)
         if converted is not eight:
             rgb[...] = np.asarray(converted, dtype=np.float32) / 255.0
         return
+    srgb = _srgb_decode(probe)
+    if np.allclose(to_d50, _srgb_to_d50(), atol=1e-4) and np.allclose(shapes, srgb, atol=1e-4):
+        return  # sRGB already (every stylekit output embeds it): converting would change nothing
     to_srgb_linear = np.linalg.solve(_srgb_to_d50(), to_d50).T.astype(np.float32)
     rows = max(1, _BLOCK // rgb.shape[1])
     for top in range(0, rgb.shape[0], rows):
@@ -133,6 +141,11 @@ def deep_to_srgb(rgb: np.ndarray, icc: bytes) -> None:
 
 
 _BLOCK = 1 << 20  # pixels converted at a time, so a large photo's float temporaries stay small
+
+
+def _srgb_decode(values: np.ndarray) -> np.ndarray:
+    """sRGB's tone curve backwards, from the values a file stores to linear light."""
+    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
 
 
 def _srgb_encode(linear: np.ndarray) -> np.ndarray:

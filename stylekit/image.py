@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -109,8 +110,7 @@ def load_image(
         if width * height > max_pixels:
             raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
         deep = _is_deep(im)  # asked before decoding: Pillow's tiles say how many bits a channel has
-        orientation = im.getexif().get(_Tag.Orientation, 1)  # a TIFF's is gone once decoded
-        channels = _deep_channels(source, im, orientation, label) if deep else None
+        channels = _deep_channels(source, im, label) if deep else None
         if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
@@ -435,24 +435,28 @@ def _is_deep(im: Image.Image) -> bool:
 
 
 def _deep_channels(
-    source: str | os.PathLike[str] | bytes, im: Image.Image, orientation: int, label: str
+    source: str | os.PathLike[str] | bytes, im: Image.Image, label: str
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A 16-bit PNG's or TIFF's colour (H×W×1 grey or ×3) and alpha, upright floats in [0, 1] at the
     precision Pillow cuts to 8 bits; None, after a warning, where tifffile lacks the TIFF's codec."""
     premultiplied = False
     if im.format == "PNG":
-        samples = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
-    else:
+        samples, exif = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
+        im.info.setdefault("exif", exif)  # else Pillow decodes the whole picture at 8 bits to look for it
+    orientation = im.getexif().get(_Tag.Orientation, 1)  # a TIFF's is gone once Pillow decodes it
+    if im.format == "TIFF":
         import tifffile
 
         with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tiff:
             page = tiff.pages[0]
             known = tifffile.TIFF
             codecs = page.compression in known.DECOMPRESSORS and page.predictor in known.UNPREDICTORS
-            try:  # LZW, JPEG, …: tifffile has them from imagecodecs; zstd from Python 3.14 on
+            try:  # LZW, JPEG, zstd …: tifffile has them from imagecodecs
                 samples = page.asarray(maxworkers=1) if codecs else None
             except ImportError:
                 samples = None
+            except RuntimeError as e:  # imagecodecs' (DeflateError, …): a damaged strip
+                raise ImageError(f"image {label} is truncated or corrupt ({one_line(e)})") from e
             if samples is None:
                 log.warning("image %s is read at 8 bits per channel (its %s compression needs the "
                             "imagecodecs package for 16)", label, im.info.get("compression"))
@@ -484,16 +488,18 @@ _PNG_BYTES = {2: ("RGB", ("RGB;16B", "RGB;16L")), 4: ("RGBA", ("RGBA",)),
               6: ("RGBA", ("RGBA;16B", "RGBA;16L"))}
 
 
-def _png_samples(png: bytes) -> np.ndarray:
+def _png_samples(png: bytes) -> tuple[np.ndarray, bytes]:
     """A 16-bit PNG's samples (H×W×C) through Pillow's PNG decoder, which unpacks a sample's high byte
-    (big-endian), then its low one (as little-endian); libpng, through torchvision, crashes on a bad CRC."""
+    (big-endian), then its low one (as little-endian); libpng, through torchvision, crashes on a bad CRC.
+    Also its EXIF (eXIf chunk), b"" where it has none."""
     chunks = list(_png_chunks(png))
     width, height, _, colour_type, _, _, interlaced = struct.unpack(">IIBBBBB", chunks[0][1])
     pixel_data = b"".join(body for kind, body in chunks if kind == b"IDAT")
     mode, rawmodes = _PNG_BYTES[colour_type]
     planes = [np.asarray(Image.frombytes(mode, (width, height), pixel_data, "zip", rawmode, interlaced))
               for rawmode in rawmodes]
-    return np.stack(planes, axis=-1).reshape(height, width, -1).view(">u2")
+    exif = next((bytes(body) for kind, body in chunks if kind == b"eXIf"), b"")
+    return np.stack(planes, axis=-1).reshape(height, width, -1).view(">u2"), exif
 
 
 def _png_chunks(png: bytes) -> Iterator[tuple[bytes, memoryview]]:
@@ -517,11 +523,17 @@ def _deep_rgb(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """sRGB from 16-bit grey or RGB colour (converted in place), the profile applied; alpha as it is."""
     if colour.shape[2] == 1:
-        grey = icc.grey_to_srgb(colour[..., 0], profile) if profile else colour[..., 0]
-        return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2), alpha
+        return _grey_rgb(colour[..., 0], profile), alpha
     if profile:
         icc.deep_to_srgb(colour, profile)
     return colour, alpha
+
+
+def _grey_rgb(grey: np.ndarray, profile: bytes | None) -> np.ndarray:
+    """Deep grey values in [0, 1] as sRGB's three equal channels, a grey profile applied."""
+    if profile:
+        grey = icc.grey_to_srgb(grey, profile)
+    return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
 
 
 def _rgb_array(im: Image.Image, profile: bytes | None, label: str) -> np.ndarray:
@@ -532,9 +544,7 @@ def _rgb_array(im: Image.Image, profile: bytes | None, label: str) -> np.ndarray
         np.clip(grey, 0.0, 1.0, out=grey)
         if getattr(im, "tag_v2", {}).get(262) == 0:  # a TIFF's "min is white", left to us past 8 bits
             np.subtract(1.0, grey, out=grey)
-        if profile:
-            grey = icc.grey_to_srgb(grey, profile)
-        return np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
+        return _grey_rgb(grey, profile)
     if im.mode not in icc.SPACES:
         try:
             im = im.convert("RGB")
@@ -578,14 +588,22 @@ def _planes(rgb: np.ndarray, alpha: np.ndarray | None, *, flatten: bool) -> np.n
 
 
 def _deep_png(png: bytes, pixels: np.ndarray) -> bytes:
-    """Pillow's 8-bit PNG, with its metadata chunks, carrying 16-bit pixels (H×W×C) instead: IHDR says
-    16 bits and one IDAT holds them, each row 'Up'-filtered (the difference to the row above)."""
-    rows = pixels.astype(">u2").reshape(pixels.shape[0], -1).view(np.uint8)
-    filtered = np.empty((rows.shape[0], rows.shape[1] + 1), np.uint8)
-    filtered[:, 0] = 2
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG filters are
-    pixel_data: bytes | None = zlib.compress(filtered, 6)
+    """Pillow's 8-bit PNG, with its metadata chunks, carrying 16-bit pixels (H×W×C, changed in place)
+    instead: IHDR says 16 bits and one IDAT holds them, each row 'Up'-filtered (the difference to the row
+    above)."""
+    if sys.byteorder == "little":
+        pixels.byteswap(inplace=True)  # PNG's samples are big-endian (the array is this call's to change)
+    rows = pixels.reshape(pixels.shape[0], -1).view(np.uint8)
+    compressor, parts, above = zlib.compressobj(6), [], np.zeros(rows.shape[1], np.uint8)
+    for top in range(0, rows.shape[0], _BAND):  # a band at a time: no filtered copy of a whole photo
+        band = rows[top:top + _BAND]
+        filtered = np.empty((band.shape[0], band.shape[1] + 1), np.uint8)
+        filtered[:, 0] = 2
+        np.subtract(band[0], above, out=filtered[0, 1:])  # modulo 256, as PNG filters are
+        np.subtract(band[1:], band[:-1], out=filtered[1:, 1:])
+        parts.append(compressor.compress(filtered))
+        above = band[-1]
+    pixel_data: bytes | None = b"".join([*parts, compressor.flush()])
     chunks = [png[:8]]
     for kind, view in _png_chunks(png):
         if kind == b"IDAT":
@@ -619,7 +637,7 @@ def _deep_tiff(tiff: bytes, pixels: np.ndarray) -> bytes:
     data = bytearray(tiff[:start])
     struct.pack_into("<I", data, counts_at, size * 2)
     struct.pack_into(f"<{channels}H", data, bits_at if channels <= 2 else bits_offset, *[16] * channels)
-    return bytes(data) + pixels.astype("<u2").tobytes()
+    return b"".join([data, memoryview(np.ascontiguousarray(pixels.astype("<u2", copy=False)))])
 
 
 def _output_exif(source: SourceMetadata, size: tuple[int, int], text: str | None) -> Image.Exif:
@@ -685,18 +703,23 @@ def _encode(
     planes = _planes(rgb, alpha, flatten=fmt == "JPEG")
     deep = source.bits > 8 and fmt in ("PNG", "TIFF")
     im = Image.fromarray(_quantise(planes, 8, label))
-    pixels = _quantise(planes, 16, label) if deep else None
     options = _save_options(fmt, im.size, metadata, source, quality)
     if deep and fmt == "PNG":
         options["compress_level"] = 0  # its pixels are thrown away
     buffer = io.BytesIO()
     try:
         im.save(buffer, format=fmt, **options)
-        if pixels is None:
-            return buffer.getvalue()
-        return (_deep_png if fmt == "PNG" else _deep_tiff)(buffer.getvalue(), pixels)
     except (OSError, ValueError, KeyError, struct.error) as e:
         raise ImageError(f"cannot encode {label} as {fmt}: {e}") from e
+    eight_bits = buffer.getvalue()
+    if not deep:
+        return eight_bits
+    del im, buffer  # a large photo's 8-bit copies: not kept beside the 16-bit ones
+    try:
+        return (_deep_png if fmt == "PNG" else _deep_tiff)(eight_bits, _quantise(planes, 16, label))
+    except ValueError as e:  # Pillow laid its TIFF out otherwise: the run's result matters more
+        log.warning("%s is written with 8 bits per channel, not 16 (%s)", label, e)
+        return eight_bits
 
 
 def _write_atomically(target: Path, data: bytes, label: str) -> None:

@@ -10,6 +10,7 @@ import tracemalloc
 import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -456,6 +457,64 @@ def test_a_16_bit_tiff_whose_codec_is_missing_is_read_at_8_bits_with_a_warning(
     ]
     np.testing.assert_allclose(loaded.rgb, pixels / 65535.0, atol=1 / 255)
     assert loaded.source_metadata.bits == 16  # a PNG or TIFF output still has 16 bits
+
+
+def test_a_damaged_compressed_16_bit_tiff_is_reported_as_such_naming_the_file(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, _deep_rgb(64, 64), photometric="rgb", compression="zlib")
+    (tmp_path / "damaged.tif").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageError, match=r"^image '.*damaged\.tif' is truncated or corrupt \(.*\)$"):
+        load_image(tmp_path / "damaged.tif")
+
+
+@pytest.mark.parametrize("curve", [b"para" + bytes(4) + struct.pack(">HH", 1, 0) + _s15(2.2) + bytes(8),
+                                   b"para" + bytes(4) + struct.pack(">HH", 0, 0) + _s15(-1.0)],
+                         ids=["slope-0", "gamma-minus-1"])
+def test_a_16_bit_photo_with_a_broken_tone_curve_loads_as_the_8_bit_one_does(
+    tmp_path: Path, curve: bytes
+) -> None:
+    tags = [(sig, _xyz_tag(c)) for sig, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), SRGB_COLORANTS, strict=True)]
+    icc_profile = _display_profile(b"RGB ", [*tags, *((sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC"))])
+    pixels = _deep_rgb()
+    tifffile.imwrite(tmp_path / "deep.tif", pixels, photometric="rgb", iccprofile=icc_profile)
+    eight = Image.fromarray(np.rint(pixels / 257).astype(np.uint8))
+    eight.save(tmp_path / "eight.tif", icc_profile=icc_profile)
+    deep = load_image(tmp_path / "deep.tif").rgb  # through LittleCMS, as the 8-bit one, not in NaNs
+    np.testing.assert_allclose(deep, load_image(tmp_path / "eight.tif").rgb, atol=1.5 / 255)
+
+
+def test_a_16_bit_png_output_is_read_alike_by_libpng(tmp_path: Path) -> None:
+    pixels = _deep_rgb(channels=4)
+    rgb, alpha = pixels[..., :3] / 65535.0, pixels[..., 3] / 65535.0
+    save_image(tmp_path / "deep.png", rgb.astype(np.float32), alpha.astype(np.float32),
+               source_metadata=image.SourceMetadata(bits=16))
+    np.testing.assert_array_equal(imagecodecs.png_decode((tmp_path / "deep.png").read_bytes()), pixels)
+
+
+def test_a_16_bit_tiff_that_pillow_lays_out_otherwise_is_written_with_8_bits_and_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def other_layout(tiff: bytes, pixels: np.ndarray) -> bytes:
+        raise ValueError("not laid out as one strip at the end")  # what _deep_tiff says of a new layout
+
+    monkeypatch.setattr(image, "_deep_tiff", other_layout)
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        save_image(tmp_path / "out.tif", _gradient(), source_metadata=image.SourceMetadata(bits=16))
+    assert "is written with 8 bits per channel, not 16" in caplog.text
+    np.testing.assert_allclose(load_image(tmp_path / "out.tif").rgb, _gradient(), atol=0.5 / 255)
+
+
+def test_hidden_colour_filled_a_band_of_rows_at_a_time_is_filled_as_it_would_be_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(2)
+    rgb, alpha = rng.random((40, 48, 3), dtype=np.float32), (rng.random((40, 48)) > 0.7).astype(np.float32)
+    whole = rgb.copy()
+    image._fill_hidden(whole, alpha)
+    monkeypatch.setattr(image, "_BAND", 4)  # rows at a time
+    banded = rgb.copy()
+    image._fill_hidden(banded, alpha)
+    np.testing.assert_array_equal(banded, whole)
 
 
 def test_a_16_bit_tiffs_premultiplied_colour_is_divided_by_its_alpha(tmp_path: Path) -> None:
