@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
+import tifffile
 import uvicorn
 from conftest import make_painting, make_photo, start_server
 from fastapi.testclient import TestClient
@@ -230,6 +231,14 @@ def test_bad_uploads_get_422(server):
     missing = server.post("/v1/jobs", data={"params": "{}"})
     assert missing.status_code == 422 and missing.json()["detail"] == "image: Field required"
     assert server.get("/v1/jobs/nope").status_code == 404
+
+
+def test_a_damaged_compressed_16_bit_tiff_upload_gets_a_422_naming_it(server):
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.full((64, 64, 3), 30000, np.uint16), photometric="rgb", compression="zlib")
+    answer = server.post("/v1/jobs", files={"image": ("scan.tif", buffer.getvalue()[:-20])},  # strip cut
+                         data={"params": json.dumps(FAST)})
+    assert answer.status_code == 422 and "'scan.tif' is truncated or corrupt" in answer.json()["detail"]
 
 
 def test_an_unknown_job_is_not_said_to_have_finished(server):
