@@ -120,7 +120,8 @@ def is_image_name(path: Path) -> bool:
 
 
 def discover(spec: str) -> list[Path]:
-    """The images a folder (not its sub-folders), a glob (`**` recurses) or one file names, sorted."""
+    """The images a folder (not its sub-folders), a glob (`**` recurses) or one file names, sorted; a
+    file named twice (through a symlink) once, under its first name: it has one output."""
     path = Path(spec)
     if path.is_dir():
         found = [p for p in path.iterdir() if p.is_file() and is_image_name(p)]
@@ -134,7 +135,10 @@ def discover(spec: str) -> list[Path]:
     _check_unwatched(spec, {p.parent for p in found} | ({path} if path.is_dir() else set()))
     if not found:
         raise StylekitError(f"no images in '{spec}' (looked for {', '.join(INPUT_SUFFIXES)})")
-    return sorted(found)
+    unique: dict[Path, Path] = {}
+    for image in sorted(found):
+        unique.setdefault(image.resolve(), image)
+    return list(unique.values())
 
 
 def _check_unwatched(spec: str, folders: set[Path]) -> None:

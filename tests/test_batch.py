@@ -62,6 +62,13 @@ def test_discover_takes_phone_and_avif_photos(tmp_path):
     assert [path.name for path in discover(str(tmp_path))] == ["a.HEIC", "b.heif", "c.avif"]
 
 
+def test_discover_takes_a_file_named_twice_through_a_symlink_once(tmp_path):
+    make_inputs(tmp_path / "day1", 1)
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "img0.png").symlink_to(tmp_path / "day1" / "img0.png")
+    assert discover(str(tmp_path / "**" / "*.png")) == [tmp_path / "best" / "img0.png"]
+
+
 def test_discover_takes_images_only_in_sorted_order(tmp_path):
     folder = tmp_path / "in"
     make_inputs(folder, 3)
