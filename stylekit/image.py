@@ -333,6 +333,8 @@ def _source_metadata(im: Image.Image) -> SourceMetadata:
             kept = Image.Exif()
             for tag in _KEPT_TAGS.intersection(exif):
                 kept[tag] = exif[tag]
+            if _is_writer_note(kept.get(_Tag.ImageDescription)):
+                del kept[_Tag.ImageDescription]
             for directory in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
                 if directory in exif:
                     entries = exif.get_ifd(directory).items()
@@ -341,6 +343,12 @@ def _source_metadata(im: Image.Image) -> SourceMetadata:
     except Exception:  # damaged or odd EXIF (Pillow raises many kinds): the picture matters more
         data = b""
     return SourceMetadata(exif=data, dpi=dpi)
+
+
+def _is_writer_note(description: object) -> bool:
+    """Whether a TIFF's ImageDescription is a writer's note on how it stored the pixels (tifffile's JSON
+    shape, ImageJ's header), which would misdescribe the output, rather than a caption."""
+    return isinstance(description, str) and description.lstrip().startswith(('{"shape"', "ImageJ="))
 
 
 def _split_alpha(im: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
@@ -442,7 +450,8 @@ def _deep_channels(
     premultiplied = False
     if im.format == "PNG":
         samples, exif = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
-        im.info.setdefault("exif", exif)  # else Pillow decodes the whole picture at 8 bits to look for it
+        if exif is not None:  # else Pillow decodes the whole picture at 8 bits to look for it
+            im.info.setdefault("exif", exif)
     orientation = im.getexif().get(_Tag.Orientation, 1)  # a TIFF's is gone once Pillow decodes it
     if im.format == "TIFF":
         import tifffile
@@ -488,18 +497,25 @@ _PNG_BYTES = {2: ("RGB", ("RGB;16B", "RGB;16L")), 4: ("RGBA", ("RGBA",)),
               6: ("RGBA", ("RGBA;16B", "RGBA;16L"))}
 
 
-def _png_samples(png: bytes) -> tuple[np.ndarray, bytes]:
+def _png_samples(png: bytes) -> tuple[np.ndarray, bytes | None]:
     """A 16-bit PNG's samples (H×W×C) through Pillow's PNG decoder, which unpacks a sample's high byte
     (big-endian), then its low one (as little-endian); libpng, through torchvision, crashes on a bad CRC.
-    Also its EXIF (eXIf chunk), b"" where it has none."""
+    Also its EXIF: an eXIf chunk's, b"" where it has none, None where it is kept as ImageMagick and
+    exiv2 do, in a text chunk (Pillow reads that one)."""
     chunks = list(_png_chunks(png))
     width, height, _, colour_type, _, _, interlaced = struct.unpack(">IIBBBBB", chunks[0][1])
     pixel_data = b"".join(body for kind, body in chunks if kind == b"IDAT")
     mode, rawmodes = _PNG_BYTES[colour_type]
     planes = [np.asarray(Image.frombytes(mode, (width, height), pixel_data, "zip", rawmode, interlaced))
               for rawmode in rawmodes]
-    exif = next((bytes(body) for kind, body in chunks if kind == b"eXIf"), b"")
+    exif = next((bytes(body) for kind, body in chunks if kind == b"eXIf"), None)
+    if exif is None and not any(kind in (b"tEXt", b"zTXt", b"iTXt") and bytes(body[:22]) == _RAW_EXIF
+                                for kind, body in chunks):
+        exif = b""  # none, in either form
     return np.stack(planes, axis=-1).reshape(height, width, -1).view(">u2"), exif
+
+
+_RAW_EXIF = b"Raw profile type exif\0"  # the keyword of a PNG text chunk holding EXIF as hex
 
 
 def _png_chunks(png: bytes) -> Iterator[tuple[bytes, memoryview]]:

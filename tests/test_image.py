@@ -517,6 +517,34 @@ def test_hidden_colour_filled_a_band_of_rows_at_a_time_is_filled_as_it_would_be_
     np.testing.assert_array_equal(banded, whole)
 
 
+def test_a_16_bit_pngs_exif_kept_as_imagemagick_does_turns_it_upright_and_is_carried(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Orientation] = "Canon", 6
+    data = exif.tobytes()
+    text = f"\nexif\n{len(data):8d}\n{data.hex()}\n".encode()  # the "Raw profile type exif" form
+    raw_profile = b"Raw profile type exif\0\0" + zlib.compress(text)
+    png = _png16(_deep_rgb())
+    start = png.index(b"IDAT") - 4
+    chunk = struct.pack(">I", len(raw_profile)) + b"zTXt" + raw_profile
+    chunk += struct.pack(">I", zlib.crc32(b"zTXt" + raw_profile))
+    (tmp_path / "deep.png").write_bytes(png[:start] + chunk + png[start:])
+    loaded = load_image(tmp_path / "deep.png")
+    assert loaded.rgb.shape == (48, 32, 3)  # stored 48 wide: turned a quarter
+    kept = Image.Exif()
+    kept.load(loaded.source_metadata.exif)
+    assert kept[ExifTags.Base.Make] == "Canon"
+
+
+@pytest.mark.parametrize("note", ['{"shape": [72, 96, 3]}', "ImageJ=1.11a\nimages=1\n"])
+def test_a_tiff_writers_note_in_the_description_is_not_carried_to_the_output(
+    tmp_path: Path, note: str
+) -> None:
+    tifffile.imwrite(tmp_path / "scan.tif", _deep_rgb(), photometric="rgb", description=note, metadata=None)
+    kept = Image.Exif()
+    kept.load(load_image(tmp_path / "scan.tif").source_metadata.exif)
+    assert ExifTags.Base.ImageDescription not in kept
+
+
 def test_a_16_bit_tiffs_premultiplied_colour_is_divided_by_its_alpha(tmp_path: Path) -> None:
     straight = _deep_rgb(channels=4)
     straight[..., 3] = np.maximum(straight[..., 3], 4096)  # (dividing by a tiny alpha magnifies rounding)
