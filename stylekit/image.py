@@ -280,7 +280,12 @@ def _open_image(
             limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
             raise _too_many_pixels(label, _bomb_pixels(e), limit) from None
         except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
-            raise ImageError(f"image {label} is truncated or corrupt ({one_line(e)})") from e
+            raise _corrupt(label, e) from e
+
+
+def _corrupt(label: str, error: Exception) -> ImageError:
+    """One message for a file whose decoding failed, whichever decoder said so."""
+    return ImageError(f"image {label} is truncated or corrupt ({one_line(error)})")
 
 
 def _is_heif(head: bytes) -> bool:
@@ -465,7 +470,7 @@ def _deep_channels(
             except ImportError:
                 samples = None
             except RuntimeError as e:  # imagecodecs' (DeflateError, …): a damaged strip
-                raise ImageError(f"image {label} is truncated or corrupt ({one_line(e)})") from e
+                raise _corrupt(label, e) from e
             if samples is None:
                 log.warning("image %s is read at 8 bits per channel (its %s compression needs the "
                             "imagecodecs package for 16)", label, im.info.get("compression"))
@@ -725,7 +730,7 @@ def _encode(
     buffer = io.BytesIO()
     try:
         im.save(buffer, format=fmt, **options)
-    except (OSError, ValueError, KeyError, struct.error) as e:
+    except (OSError, ValueError) as e:
         raise ImageError(f"cannot encode {label} as {fmt}: {e}") from e
     eight_bits = buffer.getvalue()
     if not deep:
@@ -733,7 +738,8 @@ def _encode(
     del im, buffer  # a large photo's 8-bit copies: not kept beside the 16-bit ones
     try:
         return (_deep_png if fmt == "PNG" else _deep_tiff)(eight_bits, _quantise(planes, 16, label))
-    except ValueError as e:  # Pillow laid its TIFF out otherwise: the run's result matters more
+    # Pillow laid its TIFF out otherwise (one strip no more, a tag missing, an offset past the end):
+    except (ValueError, KeyError, struct.error) as e:  # the run's result matters more than its depth
         log.warning("%s is written with 8 bits per channel, not 16 (%s)", label, e)
         return eight_bits
 
