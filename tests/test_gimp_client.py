@@ -27,6 +27,14 @@ sys.modules["stylekit_client"] = client  # dataclasses look their module up by n
 spec.loader.exec_module(client)
 
 
+BLANK = client.encode_png(48, 40, bytes(48 * 40 * 4))  # a blank 48×40 layer, as the plug-in sends it
+
+
+def blank_params(steps: int) -> dict:
+    """The dialog's parameters for BLANK with ink-wash, at `steps` steps (with a fresh job id)."""
+    return {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": steps}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -196,16 +204,13 @@ def test_a_job_hands_back_the_servers_warnings(app_server, monkeypatch, tmp_path
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet weights cached, and
     monkeypatch.setitem(IMAGENET_URLS, "vgg19", "http://127.0.0.1:9/vgg19-dcbb9e9d.pth")  # none to get
     server = client.Client(client.Config(url=app_server(ServerSettings(weights="auto", device="cpu"))))
-    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 2}
-    _, warnings = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
-                                 lambda fraction, message: None)
+    _, warnings = client.run_job(server, BLANK, blank_params(2), None, lambda fraction, message: None)
     assert any(message.startswith("ImageNet weights unavailable") for message in warnings)
 
 
 def test_a_job_cancelled_on_the_server_is_reported(live_server):
     server = client.Client(client.Config(url=live_server))
-    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 100_000}
-    image = client.encode_png(48, 40, bytes(48 * 40 * 4))
+    params = blank_params(100_000)
     asked = []
 
     def cancel_once_running(fraction, message):
@@ -213,7 +218,7 @@ def test_a_job_cancelled_on_the_server_is_reported(live_server):
             asked.append(server.forget(params["id"]))
 
     with pytest.raises(client.ClientError, match="job was cancelled on the server"):
-        client.run_job(server, image, params, None, cancel_once_running)
+        client.run_job(server, BLANK, params, None, cancel_once_running)
 
 
 def test_a_job_outlasts_a_server_restart(weights_file):
@@ -235,10 +240,8 @@ def test_a_job_outlasts_a_server_restart(weights_file):
 
     never = [sys.executable, "-c", "raise SystemExit('this restart is not the plug-in's to do')"]
     server = client.Client(client.Config(url=f"http://127.0.0.1:{port}", command=never))
-    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 40}
     try:
-        result, _ = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
-                                   restart_once_submitted)
+        result, _ = client.run_job(server, BLANK, blank_params(40), None, restart_once_submitted)
     finally:
         restarter.join(30)
         for running in servers[1:]:
@@ -267,10 +270,8 @@ def test_a_local_server_that_stays_down_is_started_again(weights_file, monkeypat
             stop_app(*first)
 
     server = client.Client(client.Config(url=f"http://127.0.0.1:{port}", command=command))
-    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 5}
     try:
-        result, _ = client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
-                                   stop_once_submitted)
+        result, _ = client.run_job(server, BLANK, blank_params(5), None, stop_once_submitted)
     finally:
         for process, _log in started:
             process.terminate()
@@ -291,7 +292,7 @@ def test_tidying_up_after_the_download_never_fails_the_job():
 
 def test_a_job_the_server_keeps_losing_is_given_up(live_server):
     server = client.Client(client.Config(url=live_server))
-    params = {**client.job_params("ink-wash", 1.0, "fast", False, 48, 40), "steps": 2}
+    params = blank_params(2)
     runs = []
 
     def drop_it_once_done(fraction, message):  # as a restart between "done" and the download would
@@ -299,8 +300,7 @@ def test_a_job_the_server_keeps_losing_is_given_up(live_server):
             runs.append(server.forget(params["id"]))
 
     with pytest.raises(client.ClientError, match="lost the job"):
-        client.run_job(server, client.encode_png(48, 40, bytes(48 * 40 * 4)), params, None,
-                       drop_it_once_done)
+        client.run_job(server, BLANK, params, None, drop_it_once_done)
     assert len(runs) == 1 + client.RESUBMITS
 
 
@@ -313,15 +313,14 @@ def test_refusals_become_advice(app_server, tmp_path, weights_file):
         anonymous.health()
     server = client.Client(client.Config(url=url, token="a-long-enough-secret-token"))
     assert server.health()["max_queue"] == 1
-    image = client.encode_png(48, 40, bytes(48 * 40 * 4))
     with pytest.raises(client.ClientError, match="refused the request: unknown preset 'nope'"):
-        server.submit(image, {"preset": "nope"})
-    running = server.submit(image, {"preset": "ink-wash", "steps": 100_000})
+        server.submit(BLANK, {"preset": "nope"})
+    running = server.submit(BLANK, {"preset": "ink-wash", "steps": 100_000})
     while server.status(running["id"])["status"] != "running":
         time.sleep(0.05)
-    server.submit(image, {"preset": "ink-wash"})  # waits behind it, filling the queue
+    server.submit(BLANK, {"preset": "ink-wash"})  # waits behind it, filling the queue
     with pytest.raises(client.ClientError, match=r"busy \(the queue is full"):
-        server.submit(image, {"preset": "ink-wash"})
+        server.submit(BLANK, {"preset": "ink-wash"})
 
 
 def test_ensure_server_starts_the_configured_command(tmp_path, weights_file):

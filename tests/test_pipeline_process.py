@@ -3,6 +3,7 @@ against), clean SIGTERM/SIGINT exits, a second Ctrl-C, and folders and files it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -180,6 +182,22 @@ def rescanning(tmp_path: Path, inbox: Path, outbox: Path) -> Path:
     return config
 
 
+@contextlib.contextmanager
+def skipping(inbox: Path, outbox: Path, weights_file: Path,
+             tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A watcher without root's privileges, rescanning five times a second, from its first skip and ten
+    rescans after it until the block ends; yields it and its log."""
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, 1, config=rescanning(tmp_path, inbox, outbox),
+                    unprivileged=True)
+    try:
+        wait_for(lambda: events(log, "skipped") or process.poll() is not None, 180, "the skip")
+        time.sleep(2.0)  # ten rescans
+        yield process, log
+    finally:
+        stop(process, log)
+
+
 def stop(process: subprocess.Popen, log: Path) -> None:
     """SIGTERM, and the clean exit it must bring."""
     process.send_signal(signal.SIGTERM)
@@ -214,14 +232,8 @@ def test_a_file_in_a_folder_it_may_not_read_is_skipped_and_the_watcher_goes_on(b
 def test_a_folder_it_may_not_read_is_logged_once_not_at_every_rescan(boxes, weights_file, tmp_path):
     inbox, outbox = boxes
     (inbox / "cubist").mkdir(mode=0o000)
-    log = tmp_path / "watch.log"
-    process = start(inbox, outbox, weights_file, log, 1, config=rescanning(tmp_path, inbox, outbox),
-                    unprivileged=True)
-    try:
-        wait_for(lambda: events(log, "skipped") or process.poll() is not None, 180, "the skip")
-        time.sleep(2.0)  # ten rescans
-    finally:
-        stop(process, log)
+    with skipping(inbox, outbox, weights_file, tmp_path) as (_, log):
+        pass
     skipped = events(log, "skipped")
     assert [event["file"] for event in skipped] == ["cubist"]
     assert "cannot read the folder 'cubist': Permission denied" in skipped[0]["message"]
@@ -233,19 +245,12 @@ def test_a_file_it_cannot_take_is_logged_once_and_again_only_when_it_changes(box
     inbox, outbox = boxes
     drop(inbox / PRESET / "a.png")
     (inbox / PRESET).chmod(0o555)  # it may read the file, but not move it out of the folder
-    log = tmp_path / "watch.log"
-    process = start(inbox, outbox, weights_file, log, 1, config=rescanning(tmp_path, inbox, outbox),
-                    unprivileged=True)
-    try:
-        wait_for(lambda: events(log, "skipped") or process.poll() is not None, 180, "the skip")
-        time.sleep(2.0)  # ten rescans
+    with skipping(inbox, outbox, weights_file, tmp_path) as (process, log):
         assert len(events(log, "skipped")) == 1
         with open(inbox / PRESET / "a.png", "ab") as stream:
             stream.write(b"more")
         wait_for(lambda: len(events(log, "skipped")) > 1 or process.poll() is not None, 60, "a new skip")
         time.sleep(2.0)
-    finally:
-        stop(process, log)
     skipped = events(log, "skipped")
     assert [event["file"] for event in skipped] == [f"{PRESET}/a.png"] * 2
     assert "cannot take" in skipped[0]["message"] and (inbox / PRESET / "a.png").exists()
