@@ -56,31 +56,44 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
     """The engine flags shared by every command that runs stylize() (apply, watch, batch) or keeps
-    them (presets add); --init offers a FILE only where the command can use one (init_file)."""
+    them (presets add); --init offers a FILE only where the command can use one (init_file).
+    The defaults their help names are stylekit's own: a preset brings its own, which flags override."""
     decorators = [
         click.option("--size", type=click.IntRange(min=16),
                      help="Long side of the output in pixels (default: the content's, at most 512)."),
         click.option("--steps", type=click.IntRange(min=1),
-                     help="Loss evaluations at full size; coarser scales get half."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS)),
+                     help="Loss evaluations at full size (default 200); coarser scales get half."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS),
+                     help="lbfgs (default) reaches a given quality in the fewest steps; adam takes "
+                          "smaller, steadier ones."),
         click.option("--init", "init", metavar="content|noise|style" + ("|FILE" if init_file else ""),
                      help="Starting image (default: content)."),
-        click.option("--content-weight", type=click.FloatRange(min=0)),
-        click.option("--style-weight", type=click.FloatRange(min=0)),
-        click.option("--tv-weight", type=click.FloatRange(min=0)),
+        click.option("--content-weight", type=click.FloatRange(min=0),
+                     help="How much of the content's structure the output keeps (default 1)."),
+        click.option("--style-weight", type=click.FloatRange(min=0),
+                     help="How strongly the style's textures take over (default 1e6)."),
+        click.option("--tv-weight", type=click.FloatRange(min=0),
+                     help="Smoothness: higher removes speckle, lower keeps fine grain (default 10)."),
         click.option("--content-layers", help="Comma-separated layer names, e.g. relu4_2."),
         click.option("--style-layers", help="Comma-separated, e.g. relu1_1,relu2_1,relu3_1."),
         click.option("--style-layer-weights", help="One weight per style layer, comma-separated."),
         click.option("--style-blend", help="One weight per --style image, e.g. 0.7,0.3."),
-        click.option("--style-scale", type=click.FloatRange(min=0.05, max=8)),
-        click.option("--preserve-color", type=click.Choice(COLOR_MODES)),
+        click.option("--style-scale", type=click.FloatRange(min=0.05, max=8),
+                     help="Size of the style's strokes: its image's long side relative to the "
+                          "output's (default 1)."),
+        click.option("--preserve-color", type=click.Choice(COLOR_MODES),
+                     help="Keep the content's colours: luminance (the style changes brightness "
+                          "only) or histogram (the style recoloured to the content first); default "
+                          "none."),
         click.option("--scales", type=click.IntRange(min=1),
                      help="Coarse-to-fine scales, each half the next (default 2: half size, then full; "
                           "3 for --steps ≤ 100)."),
         click.option("--weights", metavar="auto|imagenet|random|PATH", help="Weights (default auto)."),
-        click.option("--backbone", type=click.Choice(BACKBONE_NAMES)),
-        click.option("--pooling", type=click.Choice(POOLINGS)),
-        click.option("--device", type=click.Choice(DEVICES)),
+        click.option("--backbone", type=click.Choice(BACKBONE_NAMES), help="Network (default vgg19)."),
+        click.option("--pooling", type=click.Choice(POOLINGS),
+                     help="max (default) or avg, which Gatys et al. found smoother."),
+        click.option("--device", type=click.Choice(DEVICES),
+                     help="Where to run (default auto: CUDA, then Apple's MPS, then the CPU)."),
         click.option("--precision", type=click.Choice(PRECISIONS),
                      help="bf16-grad: fp32 losses, bf16 gradient convolutions (auto: bf16-grad on CPUs "
                           "with native bf16; else fp32, which is TF32 convolutions on CUDA)."),
@@ -334,7 +347,7 @@ def weights_status_command() -> None:
 
 @weights.command("download")
 @click.option("--backbone", type=click.Choice(BACKBONE_NAMES), default="vgg19",
-              show_default=True)
+              show_default=True, help="Which network's weights.")
 def weights_download(backbone: str) -> None:
     """Download torchvision's ImageNet weights into torch's cache (checksum verified)."""
     from .weights import download_imagenet
@@ -357,11 +370,12 @@ def weights_import(file: Path) -> None:
 @click.option("--weights", "weights_spec", default="auto", show_default=True,
               metavar="auto|imagenet|random|PATH", help="Network weights to bake in.")
 @click.option("--backbone", type=click.Choice(BACKBONE_NAMES), default="vgg19",
-              show_default=True)
+              show_default=True, help="The network to export.")
 @click.option("--layers", help="Feature outputs, comma-separated (default: content and style layers).")
 @click.option("--gram-layers", help="Layers that also get a gram_<layer> output "
                                     "(default: the backbone's style layers among --layers).")
-@click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True)
+@click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True,
+              help="The pooling the exported network uses (as apply's --pooling).")
 def export_onnx_command(output: Path, weights_spec: str, backbone: str, layers: str | None,
                         gram_layers: str | None, pooling: str) -> None:
     """Export the feature extractor as ONNX (input `image`: N×3×H×W RGB in [0, 1]).
@@ -462,7 +476,8 @@ def presets_validate(file: Path) -> None:
 @click.option("--require-token", is_flag=True, help="Ask for the token on loopback too.")
 @click.option("--weights", default="auto", show_default=True, metavar="auto|imagenet|random|PATH",
               help="Network weights for every job.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where every job runs (auto: CUDA, then Apple's MPS, then the CPU).")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0.01), default=25.0, show_default=True,
               help="Largest request body (image plus style image).")
 @click.option("--max-pixels", type=click.IntRange(min=256), default=16_000_000, show_default=True,

@@ -404,6 +404,20 @@ def test_init_help_offers_a_file_only_where_the_command_takes_one(command, offer
     assert init_line.split()[1] == offered
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    from stylekit.cli import cli
+
+    def commands(group: click.Group, path: str):
+        for name, command in group.commands.items():
+            yield from (commands(command, f"{path} {name}") if isinstance(command, click.Group)
+                        else [(f"{path} {name}", command)])
+    silent = [f"{where} {param.opts[0]}" for where, command in commands(cli, "stylekit")
+              for param in command.params if isinstance(param, click.Option) and not param.help]
+    assert silent == []
+
+
 def test_watch_log_json_reports_a_failure_to_start_as_a_json_event(tmp_path, capsys):
     code = main(["watch", str(tmp_path / "missing"), "--preset", "ink-wash", "--out", str(tmp_path),
                  "--log-json"])
