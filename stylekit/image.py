@@ -437,8 +437,10 @@ def _grey_white(im: Image.Image) -> float:
 
 
 def _is_deep(im: Image.Image) -> bool:
-    """Whether this is a PNG or TIFF with 16-bit colour (or grey with alpha), which Pillow cuts to
-    8 bits (or, planar, misreads)."""
+    """Whether this is a PNG or TIFF with 16-bit colour (or grey with alpha), or a HEIF with 10 or 12
+    bits (a phone's HDR photo), which Pillow cuts to 8 bits (or, planar, misreads)."""
+    if im.format == "HEIF":
+        return im.info.get("bit_depth", 8) > 8
     if im.mode not in ("RGB", "RGBA", "LA"):
         return False
     if im.format == "TIFF":  # 16-bit unsigned integers (BitsPerSample, SampleFormat)
@@ -450,9 +452,12 @@ def _is_deep(im: Image.Image) -> bool:
 def _deep_channels(
     source: str | os.PathLike[str] | bytes, im: Image.Image, label: str
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """A 16-bit PNG's or TIFF's colour (H×W×1 grey or ×3) and alpha, upright floats in [0, 1] at the
-    precision Pillow cuts to 8 bits; None, after a warning, where tifffile lacks the TIFF's codec."""
+    """A 16-bit PNG's or TIFF's, or a 10/12-bit HEIF's, colour (H×W×1 grey or ×3) and alpha, upright
+    floats in [0, 1] at the precision Pillow cuts to 8 bits; None, after a warning, where tifffile
+    lacks the TIFF's codec."""
     premultiplied = False
+    if im.format == "HEIF":
+        samples = _heif_samples(source, label)
     if im.format == "PNG":
         samples, exif = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
         if exif is not None:  # else Pillow decodes the whole picture at 8 bits to look for it
@@ -481,7 +486,7 @@ def _deep_channels(
             premultiplied = page.extrasamples[:1] == (tifffile.EXTRASAMPLE.ASSOCALPHA,)
     turns, mirror = _UPRIGHT.get(orientation, (0, False))
     samples = np.rot90(samples, turns)[:, ::-1] if mirror else np.rot90(samples, turns)
-    colours = 1 if samples.shape[2] == 2 else 3
+    colours = 1 if samples.shape[2] <= 2 else 3
     colour = _unit_floats(samples[..., :colours])
     if samples.shape[2] > colours:
         alpha = _unit_floats(samples[..., colours])
@@ -500,6 +505,25 @@ _UPRIGHT = {2: (0, True), 3: (2, False), 4: (2, True), 5: (3, True), 6: (3, Fals
 # bytes in (grey+alpha: a sample's two bytes as two 8-bit channels)
 _PNG_BYTES = {2: ("RGB", ("RGB;16B", "RGB;16L")), 4: ("RGBA", ("RGBA",)),
               6: ("RGBA", ("RGBA;16B", "RGBA;16L"))}
+
+
+def _heif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndarray:
+    """A deep HEIF's primary image as 16-bit samples (H×W×C, upright: libheif turns it), decoded
+    again by pi-heif, whose Pillow plugin gives 8 bits only; its 10 or 12 bits stretched so that white
+    is 65535 (pi-heif's own shift would leave it at 65472)."""
+    import pi_heif
+
+    try:
+        heif = pi_heif.open_heif(io.BytesIO(source) if isinstance(source, bytes) else source,
+                                 convert_hdr_to_8bit=False, hdr_to_16bit=False)
+        primary = heif[heif.primary_index]
+        # Copied while `primary` lives: numpy's view would be of libheif's buffer, freed with it.
+        samples = np.asarray(primary).astype(np.uint32)
+    except (OSError, ValueError, RuntimeError, EOFError) as e:  # libheif's, as its Pillow plugin sees them
+        raise _corrupt(label, e) from e
+    top = (1 << primary.info["bit_depth"]) - 1
+    samples = ((samples * 65535 + top // 2) // top).astype(np.uint16)
+    return samples[..., None] if samples.ndim == 2 else samples
 
 
 def _png_samples(png: bytes) -> tuple[np.ndarray, bytes | None]:

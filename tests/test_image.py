@@ -307,6 +307,19 @@ def test_a_heic_photo_in_display_p3_is_converted_to_srgb() -> None:
     assert np.abs(got - stored).max() > 10 / 255  # really converted, not passed through
 
 
+def _ten_bit_pixels() -> np.ndarray:
+    """What tests/data/ten-bit.heic stores (lossless, 10 bits, sRGB, EXIF orientation 6)."""
+    y, x = np.mgrid[0:40, 0:48]
+    red = x * 1023 // 47
+    return np.stack([red, (y * 37 + x * 3) % 1024, 1023 - red], axis=-1)
+
+
+def test_a_10_bit_heic_keeps_its_precision_and_loads_upright() -> None:
+    loaded = load_image(DATA / "ten-bit.heic")
+    np.testing.assert_allclose(loaded.rgb, np.rot90(_ten_bit_pixels(), -1) / 1023, atol=1 / 65535)
+    assert loaded.source_metadata.bits == 16
+
+
 def _deep_rgb(height: int = 32, width: int = 48, channels: int = 3) -> np.ndarray:
     """Random 16-bit pixels, most of them between two 8-bit steps."""
     return np.random.default_rng(1).integers(0, 65536, (height, width, channels), dtype=np.uint16)
@@ -842,8 +855,9 @@ def test_truncated_image_is_reported(tmp_path: Path, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("kept", [100, -100])  # cut inside its structure, or inside its pixel data
-def test_a_truncated_heic_is_reported_as_such_on_one_line(kept: int) -> None:
-    data = (DATA / "three-images-primary-second.heic").read_bytes()[:kept]
+@pytest.mark.parametrize("name", ["three-images-primary-second.heic", "ten-bit.heic"])
+def test_a_truncated_heic_is_reported_as_such_on_one_line(name: str, kept: int) -> None:
+    data = (DATA / name).read_bytes()[:kept]
     message = _assert_image_error(data, "cut.heic", name="cut.heic")
     assert message.startswith("image 'cut.heic' is truncated or corrupt")
 
