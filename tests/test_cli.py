@@ -433,23 +433,42 @@ def test_a_config_with_log_json_reports_its_error_as_a_json_event(tmp_path, caps
     assert code == 1 and event["event"] == "error" and "is inside inbox" in event["message"]
 
 
-def test_watch_log_json_logs_a_library_warning_as_a_json_event(tmp_path, weights_file):
+def _watch_events(tmp_path: Path, weights_file: Path, env: dict[str, str],
+                  python: tuple[str, ...] = ("-m", "stylekit.cli")) -> list[dict]:
+    """The JSON events of a real `stylekit watch --log-json` stopped by Ctrl-C once it is watching."""
     inbox, outbox = tmp_path / "in", tmp_path / "out"
     inbox.mkdir()
     outbox.mkdir()
-    env = {**os.environ, "STYLEKIT_CACHE_DIR": str(tmp_path / "cache"), "STYLEKIT_GRAM_CACHE_MB": "lots"}
-    command = [sys.executable, "-m", "stylekit.cli", "watch", str(inbox), "--preset", "ink-wash", "--out",
-               str(outbox), "--weights", str(weights_file), "--size", "32", "--steps", "1", "--log-json"]
+    command = [sys.executable, *python, "watch", str(inbox), "--preset", "ink-wash", "--out", str(outbox),
+               "--weights", str(weights_file), "--size", "32", "--steps", "1", "--log-json"]
+    env = {**os.environ, "STYLEKIT_CACHE_DIR": str(tmp_path / "cache"), **env}
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) as watcher:
         deadline = threading.Timer(120, watcher.kill)
         deadline.start()
         lines = []
-        for line in watcher.stderr:  # the Gram cache warns of the limit while the watcher warms up
+        for line in watcher.stderr:
             lines.append(line)
             if '"event": "watching"' in line:
                 watcher.send_signal(signal.SIGINT)
         deadline.cancel()
     events = [json.loads(line) for line in lines]
     assert events[-1]["event"] == "stopped"
+    return events
+
+
+def test_watch_logs_a_warning_of_its_file_watcher_as_an_event(tmp_path, weights_file):
+    # watchdog warns rarely (an inotify limit reached): here its observer warns as it starts.
+    warns_on_start = ("import logging, runpy, sys; from watchdog.observers import Observer; "
+                      "start = Observer.start; Observer.start = lambda self: (logging.getLogger("
+                      "'watchdog.observers').warning('inotify watch limit reached'), start(self))[1]; "
+                      "sys.argv[0] = 'stylekit'; runpy.run_module('stylekit.cli', run_name='__main__')")
+    events = _watch_events(tmp_path, weights_file, {}, ("-c", warns_on_start))
+    assert {"event": "warning", "message": "inotify watch limit reached"}.items() <= next(
+        event for event in events if event["event"] == "warning").items()
+
+
+def test_watch_log_json_logs_a_library_warning_as_a_json_event(tmp_path, weights_file):
+    # The Gram cache warns of the limit while the watcher warms up.
+    events = _watch_events(tmp_path, weights_file, {"STYLEKIT_GRAM_CACHE_MB": "lots"})
     assert any(event["event"] == "warning" and "STYLEKIT_GRAM_CACHE_MB='lots'" in event["message"]
                for event in events)
