@@ -78,6 +78,14 @@ def _gamma_curve(gamma: float) -> bytes:
 # HEIF's transfer characteristics (ITU-T H.273) that are not sRGB's curve or read as it (BT.709's).
 _NCLX_CURVES = {4: _gamma_curve(2.2), 5: _gamma_curve(2.8), 8: _gamma_curve(1.0)}
 _HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+# H.273's colour primaries by code, for a description that gives only the code (an AVIF's): x, y as above
+_D65 = (0.3127, 0.3290)
+_NCLX_PRIMARIES = {1: _SRGB_PRIMARIES, 2: _SRGB_PRIMARIES, 5: (0.64, 0.33, 0.29, 0.60, 0.15, 0.06, *_D65),
+                   6: (0.630, 0.340, 0.310, 0.595, 0.155, 0.070, *_D65),
+                   7: (0.630, 0.340, 0.310, 0.595, 0.155, 0.070, *_D65),
+                   9: (0.708, 0.292, 0.170, 0.797, 0.131, 0.046, *_D65),
+                   11: (0.680, 0.320, 0.265, 0.690, 0.150, 0.060, 0.314, 0.351),
+                   12: (0.680, 0.320, 0.265, 0.690, 0.150, 0.060, *_D65)}
 
 
 def _profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
@@ -204,18 +212,20 @@ def _tone_curve(tag: bytes) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def from_nclx(nclx: object, label: str) -> bytes | None:
-    """An ICC profile for the colour description (nclx) a HEIF photo may carry instead of a profile,
-    such as a phone's Display P3; None where it already is sRGB (or says nothing usable)."""
+    """An ICC profile for the colour description (nclx) a HEIF or AVIF photo may carry instead of a
+    profile, such as a phone's Display P3; None where it already is sRGB (or says nothing usable).
+    Its primaries are read as chromaticities (pi-heif gives them), else from their code."""
     if not isinstance(nclx, dict):
         return None
     transfer = nclx.get("transfer_characteristics")
     if transfer in _HDR_TRANSFERS:
-        log.warning("image %s is HDR (%s): it is read as decoded to 8 bits, without tone mapping, so its "
-                    "colours may look flat", label, _HDR_TRANSFERS[transfer])
+        log.warning("image %s is HDR (%s): it is read without tone mapping, so its colours may look flat",
+                    label, _HDR_TRANSFERS[transfer])
     curve = _NCLX_CURVES.get(transfer, _SRGB_CURVE)
     try:
-        xy = [float(nclx[f"color_primary_{c}_{axis}"]) for c in ("red", "green", "blue", "white")
-              for axis in "xy"]
+        keys = [f"color_primary_{c}_{axis}" for c in ("red", "green", "blue", "white") for axis in "xy"]
+        xy = ([float(nclx[key]) for key in keys] if all(key in nclx for key in keys)
+              else list(_NCLX_PRIMARIES[nclx.get("color_primaries", 2)]))
         if nclx.get("color_primaries") in (1, 2) or np.allclose(xy, _SRGB_PRIMARIES, atol=1e-3):
             xy = list(_SRGB_PRIMARIES)  # sRGB's (BT.709), or unspecified: read as sRGB
             if curve is _SRGB_CURVE:

@@ -114,7 +114,8 @@ def load_image(
         if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
-        profile = im.info.get("icc_profile") or icc.from_nclx(im.info.get("nclx_profile"), label)
+        nclx = _avif_colour(source) if im.format == "AVIF" else im.info.get("nclx_profile")
+        profile = im.info.get("icc_profile") or icc.from_nclx(nclx, label)
         bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
         kept = dataclasses.replace(_source_metadata(im), bits=bits)
         if channels is not None:
@@ -545,6 +546,59 @@ def _png_samples(png: bytes) -> tuple[np.ndarray, bytes | None]:
 
 
 _RAW_EXIF = b"Raw profile type exif\0"  # the keyword of a PNG text chunk holding EXIF as hex
+
+
+def _avif_colour(source: str | os.PathLike[str] | bytes) -> dict[str, int] | None:
+    """An AVIF's colour description (its nclx 'colr' property's primaries and transfer codes, such as
+    Display P3's), which Pillow's reader does not pass on; None where it has none."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as stream:
+        meta = _top_level_box(stream, b"meta")
+    boxes = [meta[4:]] if meta else []  # meta is a full box: its version and flags come first
+    for kind in (b"iprp", b"ipco", b"colr"):
+        boxes = [body for box in boxes for found, body in _iso_boxes(box) if found == kind]
+    for colr in boxes:
+        if colr[:4] == b"nclx" and len(colr) >= 8:
+            primaries, transfer = struct.unpack_from(">HH", colr, 4)
+            return {"color_primaries": primaries, "transfer_characteristics": transfer}
+    return None
+
+
+def _top_level_box(stream: BinaryIO, wanted: bytes, limit: int = 1 << 20) -> bytes | None:
+    """The body of an ISO media file's first top-level box of a kind (up to `limit` bytes of it),
+    stepping over the others (a picture's data may come first)."""
+    while len(header := stream.read(8)) == 8:
+        size, kind = struct.unpack(">I4s", header)
+        header_size = 8
+        if size == 1:  # a 64-bit size follows
+            extended = stream.read(8)
+            if len(extended) < 8:
+                return None
+            size, header_size = struct.unpack(">Q", extended)[0], 16
+        body = size - header_size if size else limit  # 0: the box runs to the end of the file
+        if body < 0:
+            return None
+        if kind == wanted:
+            return stream.read(min(body, limit))
+        if not size:
+            return None
+        stream.seek(body, os.SEEK_CUR)
+    return None
+
+
+def _iso_boxes(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The boxes in an ISO media box's body: kind and body, as far as the data holds whole ones."""
+    position = 0
+    while position + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, position)
+        header = 8
+        if size == 1 and position + 16 <= len(data):
+            size, header = struct.unpack_from(">Q", data, position + 8)[0], 16
+        elif size == 0:
+            size = len(data) - position
+        if size < header or position + size > len(data):
+            return
+        yield kind, data[position + header:position + size]
+        position += size
 
 
 def _png_chunks(png: bytes) -> Iterator[tuple[bytes, memoryview]]:

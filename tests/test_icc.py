@@ -43,6 +43,15 @@ def test_a_display_p3_colour_description_converts_p3_to_srgb() -> None:
     np.testing.assert_allclose(np.asarray(converted)[0, 0], expected, atol=1.0)
 
 
+def test_a_colour_description_giving_only_its_codes_converts_as_its_chromaticities_do() -> None:
+    colour = np.array([[[200, 100, 50], [0, 230, 20]]], dtype=np.uint8)
+    by_codes = icc.from_nclx({"color_primaries": 12, "transfer_characteristics": 13}, "'x.avif'")
+    converted = icc.to_srgb(Image.fromarray(colour), by_codes)
+    expected = icc.to_srgb(Image.fromarray(colour), icc.from_nclx(P3, "'x.heic'"))
+    np.testing.assert_allclose(np.asarray(converted), np.asarray(expected), atol=1)
+    assert np.abs(np.asarray(converted).astype(int) - colour).max() > 10  # really converted
+
+
 def test_an_hdr_colour_description_says_it_is_not_tone_mapped(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="stylekit.icc"):
         icc.from_nclx({"color_primaries": 9, "transfer_characteristics": 16}, "'hdr.heic'")

@@ -307,6 +307,17 @@ def test_a_heic_photo_in_display_p3_is_converted_to_srgb() -> None:
     assert np.abs(got - stored).max() > 10 / 255  # really converted, not passed through
 
 
+def test_an_avif_tagged_display_p3_by_its_colour_description_is_converted_to_srgb() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (0, 200, 0)).save(buffer, format="AVIF", quality=100, subsampling="4:4:4")
+    data = buffer.getvalue()
+    primaries = data.index(b"colrnclx") + 8  # Pillow writes BT.709's code (1): Display P3's is 12
+    p3 = data[:primaries] + struct.pack(">H", 12) + data[primaries + 2:]
+    linear_green = 1.0419 * ((200 / 255 + 0.055) / 1.055) ** 2.4  # P3 green in sRGB, red and blue clipped
+    np.testing.assert_allclose(load_image(p3).rgb[0, 0], [0.0, _srgb_encode(linear_green), 0.0], atol=2 / 255)
+    np.testing.assert_allclose(load_image(data).rgb[0, 0], [0.0, 200 / 255, 0.0], atol=1 / 255)
+
+
 def _ten_bit_pixels() -> np.ndarray:
     """What tests/data/ten-bit.heic stores (lossless, 10 bits, sRGB, EXIF orientation 6)."""
     y, x = np.mgrid[0:40, 0:48]
