@@ -38,6 +38,7 @@ from .atomic import write_bytes
 from .errors import StylekitError
 from .image import load_image
 from .request import StyleOptions, StyleRequest, validate
+from .weights_cache import names_a_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,6 +169,8 @@ def _options(options: object, blend: tuple[float, ...], path: Path) -> dict[str,
         converted[key] = _option(value, OPTION_KINDS[key])
         if converted[key] is None:
             _fail(path, f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
+    if names_a_file(converted.get("weights", "auto")):  # relative to the file, as its style images
+        converted["weights"] = str(path.parent / converted["weights"])
     try:
         validate(StyleOptions().replace(**converted, style_blend=blend))
     except StylekitError as exc:
@@ -188,8 +191,8 @@ def _parse(data: dict, path: Path, builtin: bool) -> Preset:
         _fail(path, "name", "must be 1–64 lowercase letters, digits and '-'")
     if name != path.stem:
         _fail(path, "name", f"is '{name}' but the file is named '{path.name}' (they must match)")
-    if not isinstance(title, str) or not title.strip():
-        _fail(path, "title", "must be a non-empty string")
+    if not isinstance(title, str) or not title.strip() or not title.strip().isprintable():
+        _fail(path, "title", "must be one line of printable text")  # presets list shows it on a line
     style_paths, blend = _styles(data["style"], path)
     options = _options(data.get("options", {}), blend, path)
     return Preset(name, title.strip(), path, style_paths, blend, options, builtin)
@@ -276,11 +279,21 @@ def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options
         raise StylekitError("a preset needs at least one --style image")
     for source in sources:
         load_image(source)  # refuse a missing or unreadable image before anything is written
+    title = (title or "").strip() or name
+    if not title.isprintable():
+        raise StylekitError("--title must be one line of printable text")
     options = dict(options)
     blend = options.pop(BLEND_OPTION, None) or tuple(1.0 for _ in sources)
     if len(blend) != len(sources):
         raise StylekitError(f"--style-blend needs {len(sources)} weights, one per --style image")
-    data = {"name": name, "title": title or name,
+    if sum(blend) <= 0:
+        raise StylekitError("--style-blend weights are all 0")
+    validate(StyleOptions().replace(**options, style_blend=blend))  # in the flags' words, not a file's
+    if names_a_file(options.get("weights", "auto")):  # saved whole: a run may start in any folder
+        if not Path(options["weights"]).is_file():
+            raise StylekitError(f"weights file '{options['weights']}' not found")
+        options["weights"] = str(Path(options["weights"]).resolve())
+    data = {"name": name, "title": title,
             "style": [{"image": str(source.resolve()), "weight": float(weight)}
                       for source, weight in zip(sources, blend, strict=True)],
             "options": {key: _toml_value(value) for key, value in options.items()}}
@@ -320,18 +333,42 @@ def _publish(file: Path, version: Path, copies: dict[str, bytes], toml: bytes, r
     try:
         for copy, payload in copies.items():
             write_bytes(version / copy, payload)
-        for entry in _in_use(file) if replace else ():  # superseded from now on: kept SUPERSEDED_KEEP_S
-            with contextlib.suppress(OSError):
-                os.utime(entry)
+        if replace:
+            _mark_superseded(file)
         write_bytes(file, toml, exclusive=not replace)
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a first add's NAME/, now empty
+            version.parent.rmdir()
         raise
-    stale = time.time() - SUPERSEDED_KEEP_S
-    for entry in _versions(version.parent):
+    _prune_superseded(file.parent, added=version)
+
+
+def _mark_superseded(file: Path) -> None:
+    """Date the version folders the preset file names now: from now on they count as superseded,
+    kept SUPERSEDED_KEEP_S for the runs that loaded the preset before it was replaced or removed."""
+    for entry in _in_use(file):
         with contextlib.suppress(OSError):
-            if entry != version and entry.stat().st_mtime < stale:
-                shutil.rmtree(entry)
+            os.utime(entry)
+
+
+def _prune_superseded(folder: Path, added: Path | None = None) -> None:
+    """Delete the version folders superseded over SUPERSEDED_KEEP_S ago: those of the preset whose new
+    version was just `added`, and of removed presets (NAME.toml gone), whose NAME/ goes too once
+    empty. Never another preset's (the version it names may be old, yet in use), nor a user's file."""
+    stale, replaced = time.time() - SUPERSEDED_KEEP_S, added.parent if added else None
+    for images in folder.iterdir():
+        removed = not (folder / f"{images.name}.toml").exists()
+        if not removed and images != replaced:
+            continue
+        versions = _versions(images)
+        for entry in versions:
+            with contextlib.suppress(OSError):
+                if entry != added and entry.stat().st_mtime < stale:
+                    shutil.rmtree(entry)
+        if removed and versions:
+            with contextlib.suppress(OSError):  # not empty: images still kept, or the user's own files
+                images.rmdir()
 
 
 def _in_use(file: Path) -> set[Path]:
@@ -343,19 +380,25 @@ def _in_use(file: Path) -> set[Path]:
 
 
 def _versions(images: Path) -> list[Path]:
-    """The version folders in a preset's NAME/ folder."""
-    return [entry for entry in images.iterdir() if _is_version(entry)]
+    """The version folders in a preset's NAME/ folder (none if it is missing)."""
+    try:
+        return [entry for entry in images.iterdir() if _is_version(entry)]
+    except OSError:
+        return []
 
 
 def remove_preset(name: str) -> Path:
-    """Delete a user preset and its copied style images; built-ins cannot be removed."""
+    """Delete a user preset: its file at once, so no new run finds it, and the style images that
+    `presets add` copied once they are SUPERSEDED_KEEP_S old, so a run that loaded it still finds them
+    (as after a replacement). Other files in NAME/ are the user's and stay; built-ins cannot go."""
     check_name(name)
-    file = user_presets_dir() / f"{name}.toml"
+    folder = user_presets_dir()
+    file = folder / f"{name}.toml"
     if not file.is_file():
         if (builtin_presets_dir() / f"{name}.toml").is_file():
             raise StylekitError(f"'{name}' is a built-in preset; only user presets can be removed")
-        raise StylekitError(f"no user preset named '{name}' in {user_presets_dir()}")
+        raise StylekitError(f"no user preset named '{name}' in {folder}")
+    _mark_superseded(file)  # before the unlink: a prune meanwhile must not take what runs still read
     file.unlink()
-    if (file.parent / name).is_dir():
-        shutil.rmtree(file.parent / name)
+    _prune_superseded(folder)
     return file

@@ -85,27 +85,35 @@ def _load_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def check_state_dict(data: dict[str, torch.Tensor], backbone: str, origin: str) -> dict:
-    """Keep the backbone's keys, refusing a file with a missing key or a wrong shape."""
-    checked = {}
+def _mismatch(data: dict[str, torch.Tensor], backbone: str) -> str | None:
+    """Why a state dict is not the backbone's (a missing key, a wrong shape), or None if it is."""
     for key, shape in network_state_keys(backbone).items():
         if key not in data:
-            raise StylekitError(f"'{origin}' is not a {backbone} weights file (no key '{key}')")
+            return f"no key '{key}'"
         if data[key].shape != shape:
-            raise StylekitError(f"'{origin}' is not a {backbone} weights file ('{key}' has shape "
-                                f"{tuple(data[key].shape)}, expected {tuple(shape)})")
-        checked[key] = data[key].float()
+            return f"'{key}' has shape {tuple(data[key].shape)}, expected {tuple(shape)}"
+    return None
+
+
+def check_state_dict(data: dict[str, torch.Tensor], backbone: str, origin: str) -> dict:
+    """Keep the backbone's keys, refusing a file with a missing key, a wrong shape, or a NaN or
+    infinite value (a diverged training run's file: every output would be blank, without a word)."""
+    problem = _mismatch(data, backbone)
+    if problem:
+        raise StylekitError(f"'{origin}' is not a {backbone} weights file ({problem})")
+    checked = {key: data[key].float() for key in network_state_keys(backbone)}
+    for key, value in checked.items():
+        if not torch.isfinite(value).all():
+            raise StylekitError(f"'{origin}' holds unusable {backbone} weights ('{key}' has NaN or "
+                                "infinite values)")
     return checked
 
 
 def detect_backbone(data: dict[str, torch.Tensor], origin: str) -> str:
     """Tell which backbone a state dict belongs to, by its keys and shapes."""
     for name in IMAGENET_URLS:
-        try:
-            check_state_dict(data, name, origin)
-        except StylekitError:
-            continue
-        return name
+        if _mismatch(data, name) is None:
+            return name
     raise StylekitError(f"'{origin}' is not a VGG19, VGG16 or ResNet-50 weights file in "
                         "torchvision's format (features.N.weight/bias keys)")
 
@@ -164,7 +172,9 @@ def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
     """Check a torchvision-format file and copy it into the cache so `imagenet` finds it offline; the
     files of earlier imports are deleted (of two imports at once, the one that finished last wins)."""
     source = Path(file)
-    backbone = detect_backbone(_read_state_dict(source), str(source))
+    state = _read_state_dict(source)
+    backbone = detect_backbone(state, str(source))
+    check_state_dict(state, backbone, str(source))
     digest = sha256_of(source)
     official = digest.startswith(expected_digest(imagenet_cache_path(backbone)) or "")
     target = imagenet_cache_path(backbone) if official else imported_path(backbone, digest)

@@ -22,6 +22,11 @@ IMAGENET_URLS = {
 }
 
 
+def names_a_file(spec: str) -> bool:
+    """Whether a --weights value is a file's path, not auto, imagenet, random or random:SEED."""
+    return spec not in ("auto", "imagenet", "random") and not spec.startswith("random:")
+
+
 def cache_dir() -> Path:
     """stylekit's own cache folder (STYLEKIT_CACHE_DIR overrides the platform default)."""
     return Path(os.environ.get("STYLEKIT_CACHE_DIR") or platformdirs.user_cache_dir("stylekit"))

@@ -73,6 +73,12 @@ def minimal(name: str, extra: str = "") -> str:
     return f'name = "{name}"\ntitle = "T"\n[[style]]\nimage = "style.png"\n{extra}'
 
 
+def age(folder: Path) -> None:
+    """Make a version folder look superseded long enough ago for every reader to be done with it."""
+    long_ago = time.time() - presets.SUPERSEDED_KEEP_S - 1
+    os.utime(folder, (long_ago, long_ago))
+
+
 def gram_cache_events(caplog) -> list[str]:
     """'hit' or 'miss' per style forward pass the Gram cache was asked for."""
     return [r.getMessage().split()[2] for r in caplog.records if r.name == "stylekit.gram_cache"]
@@ -252,8 +258,7 @@ def test_a_preset_loaded_before_a_replacement_still_finds_its_style_images(paint
 def test_replaced_style_images_are_deleted_once_readers_had_their_time(painting_path, photo_path):
     first = add_preset("mine", [painting_path], {}).style_paths[0].parent
     second = add_preset("mine", [photo_path], {}, replace=True).style_paths[0].parent
-    long_ago = time.time() - presets.SUPERSEDED_KEEP_S - 1
-    os.utime(first, (long_ago, long_ago))
+    age(first)
     third = add_preset("mine", [painting_path], {}, replace=True).style_paths[0].parent
     assert sorted((user_presets_dir() / "mine").iterdir()) == sorted([second, third])
 
@@ -279,12 +284,85 @@ def test_add_refuses_bad_options_before_writing_anything(painting_path):
     assert not (user_presets_dir() / "mine.toml").exists()
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"content_layers": ("relu9_9",)}, "unknown layer 'relu9_9'"),
+    ({"style_blend": (0.0,)}, "--style-blend weights are all 0"),
+])
+def test_add_names_a_bad_flag_in_its_own_words_not_as_a_file_error(painting_path, options, message):
+    with pytest.raises(StylekitError, match=message) as error:
+        add_preset("mine", [painting_path], options)
+    assert "preset file" not in str(error.value)
+
+
+@pytest.mark.parametrize("title", ["two\nlines", "red \x1b[31mtext"])
+def test_add_refuses_a_title_that_is_not_one_printable_line(painting_path, title):
+    with pytest.raises(StylekitError, match="--title must be one line of printable text"):
+        add_preset("mine", [painting_path], {}, title=title)
+
+
+def test_add_keeps_a_weights_files_full_path_so_the_preset_works_from_any_folder(painting_path,
+                                                                                weights_file, monkeypatch):
+    monkeypatch.chdir(weights_file.parent)
+    add_preset("mine", [painting_path], {"weights": weights_file.name})
+    monkeypatch.chdir(painting_path.parent)
+    assert preset_request(get_preset("mine"), make_photo()).options.weights == str(weights_file)
+
+
+def test_add_refuses_a_weights_file_that_is_not_there(painting_path):
+    with pytest.raises(StylekitError, match=r"weights file 'typo\.pth' not found"):
+        add_preset("mine", [painting_path], {"weights": "typo.pth"})
+    assert not user_presets_dir().exists()
+
+
+def test_a_preset_files_weights_file_is_relative_to_it_as_its_images_are(tmp_path):
+    file = write_preset(tmp_path / "mine", "sketch", minimal("sketch", '[options]\nweights = "net.pth"\n'))
+    seeded = write_preset(tmp_path, "rand", minimal("rand", '[options]\nweights = "random:3"\n'))
+    assert load_preset_file(file).options["weights"] == str(tmp_path / "mine" / "net.pth")
+    assert load_preset_file(seeded).options["weights"] == "random:3"
+
+
 def test_remove_deletes_a_user_preset_and_its_images_but_never_a_builtin(painting_path):
     add_preset("mine", [painting_path], {})
     remove_preset("mine")
-    assert not (user_presets_dir() / "mine.toml").exists() and not (user_presets_dir() / "mine").exists()
+    assert not (user_presets_dir() / "mine.toml").exists()
+    with pytest.raises(StylekitError, match="unknown preset 'mine'"):
+        get_preset("mine")
     with pytest.raises(StylekitError, match="'swirl' is a built-in preset"):
         remove_preset("swirl")
+
+
+def test_a_preset_loaded_before_its_removal_still_finds_its_style_images(painting_path):
+    loaded = add_preset("mine", [painting_path], {"steps": 5})
+    remove_preset("mine")
+    request = preset_request(loaded, make_photo())
+    assert request.styles[0].shape == load_image(painting_path).rgb.shape
+
+
+def test_removed_style_images_are_deleted_once_readers_had_their_time(painting_path):
+    images = add_preset("mine", [painting_path], {}).style_paths[0].parent
+    remove_preset("mine")
+    age(images)
+    add_preset("other", [painting_path], {})
+    remove_preset("other")
+    assert sorted(p.name for p in user_presets_dir().iterdir()) == ["other"]  # kept its hour
+
+
+def test_remove_keeps_the_users_own_files_beside_a_hand_written_preset():
+    folder = user_presets_dir()
+    (folder / "sketch").mkdir(parents=True)  # the user's own image, in presets/sketch/
+    write_preset(folder, "sketch", minimal("sketch").replace("style.png", "sketch/ink.png"), "sketch/ink.png")
+    remove_preset("sketch")
+    assert not (folder / "sketch.toml").exists() and (folder / "sketch" / "ink.png").is_file()
+
+
+def test_a_first_add_that_fails_to_write_leaves_nothing_behind(painting_path, monkeypatch):
+    def disk_full(target, data, exclusive=False):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(presets, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        add_preset("mine", [painting_path], {})
+    assert list(user_presets_dir().iterdir()) == []
 
 
 # Invalid files
@@ -313,6 +391,7 @@ def test_invalid_preset_file_error_names_the_file_and_the_key(tmp_path, extra, k
     ('name = "other"\ntitle = "T"\n[[style]]\nimage = "style.png"\n', "name"),
     ('name = "p"\ntitle = "T"\n', "style"),
     ('name = "p"\ntitle = ""\n[[style]]\nimage = "style.png"\n', "title"),
+    ('name = "p"\ntitle = """two\nlines"""\n[[style]]\nimage = "style.png"\n', "title"),
     ('name = "p"\ntitle = "T"\ncolour = "red"\n[[style]]\nimage = "style.png"\n', "colour"),
 ])
 def test_preset_file_needs_name_title_style_and_no_unknown_keys(tmp_path, body, key):

@@ -100,6 +100,26 @@ def test_weights_of_the_wrong_shape_are_refused(tmp_path):
         w.resolve_weights(str(path), "vgg19")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_a_nan_or_infinite_value_are_refused(tmp_path, value):
+    state = w.random_state_dict("vgg19", seed=2)
+    state["features.2.bias"][5] = value
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(StylekitError, match=r"'features\.2\.bias' has NaN or infinite values"):
+        w.resolve_weights(str(path), "vgg19")
+
+
+def test_import_refuses_weights_with_a_nan_value(offline, tmp_path):
+    state = w.random_state_dict("vgg19", seed=2)
+    state["features.0.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(StylekitError, match="NaN or infinite"):
+        w.import_weights(path)
+    assert {row["backbone"]: row["state"] for row in weights_cache.weights_status()}["vgg19"] == "missing"
+
+
 def test_vgg16_file_is_refused_for_vgg19(tmp_path):
     path = tmp_path / "vgg16.pth"
     torch.save(w.random_state_dict("vgg16", seed=2), path)
