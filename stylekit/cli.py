@@ -451,7 +451,8 @@ def presets_add(name: str, styles: tuple[str, ...], title: str | None, force: bo
 def presets_remove(name: str) -> None:
     """Delete user preset NAME and its copied style images (built-ins cannot be removed)."""
     path = remove_preset(name)
-    click.echo(f"removed {path}")
+    click.echo(f"removed {path} (the style images it copied are deleted in an hour: runs that loaded "
+               "it still finish)")
 
 
 @presets.command("validate")

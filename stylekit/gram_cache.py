@@ -68,7 +68,7 @@ def _read(path: Path, names: set[str]) -> dict[str, torch.Tensor] | None:
     damaged or not holding the expected tensors."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # absent, or the cache folder is not one (_write says so)
         return None
     except Exception as exc:  # torch.load raises many unrelated types for a damaged file
         log.warning("ignoring unreadable Gram cache file %s (%s)", path, type(exc).__name__)

@@ -551,6 +551,15 @@ def test_a_gram_cache_that_cannot_be_written_only_costs_speed(relu1_targets, mon
     assert "cannot write Gram cache file" in caplog.text
 
 
+def test_a_cache_folder_that_is_a_file_is_reported_once_per_run(relu1_targets, monkeypatch, tmp_path,
+                                                                 caplog):
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    with caplog.at_level(logging.WARNING, logger="stylekit.gram_cache"):
+        cached_targets(relu1_targets, "context", "file")(torch.rand(1, 3, 20, 20), (), ("relu1_1",))
+    assert [r.getMessage().split()[:4] for r in caplog.records] == [["cannot", "write", "Gram", "cache"]]
+
+
 def test_a_gram_cache_write_cut_short_is_reported_without_torchs_internals(relu1_targets, monkeypatch,
                                                                           caplog):
     def disk_full(*args, **kwargs):
