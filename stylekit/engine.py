@@ -391,13 +391,18 @@ def plan_memory(size: tuple[int, int], batch: int, device: torch.device, free: i
                           longest if longest >= MIN_SIDE else None)
 
 
+NOT_FINITE = ("the loss is not a finite number at the start (it overflows): lower --style-weight, "
+              "--content-weight or --tv-weight (or, with --precision fp16, use fp32)")
+
+
 def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
               report, history: int, graphed: bool = False) -> int:
     """Run one scale's optimiser for `steps` loss evaluations, leaving in `image` the best iterate.
 
     Line-search trials and Adam steps can be worse than earlier points, so each image keeps the
-    lowest-loss pixels it has been evaluated at (a copy per step, no host synchronisation).
-    With `graphed`, each evaluation replays a CUDA graph (see gradients.py).
+    lowest-loss pixels it has been evaluated at (a copy per step, no host synchronisation). A loss
+    that is not finite at the first evaluation (loss weights overflowing float32) is refused: no step
+    could improve on it. With `graphed`, each evaluation replays a CUDA graph (see gradients.py).
     """
     image.requires_grad_(True)
     gradient = gradient_function(lambda x: evaluate(x).total, image, graphed)
@@ -410,6 +415,8 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
         if count >= steps:
             raise _BudgetSpent  # a line search may ask for more than the budget: stop it there
         per_image = gradient(image)
+        if count == 0 and not bool(torch.isfinite(per_image).all()):  # one look at the host per scale
+            raise StylekitError(NOT_FINITE)
         loss = per_image.sum()
         with torch.no_grad():
             improved = per_image < best_loss

@@ -137,6 +137,11 @@ def test_a_bare_style_array_instead_of_a_list_is_refused(weights_file):
         stylize(StyleRequest(make_photo(), make_painting(), options))
 
 
+def test_loss_weights_that_overflow_the_loss_are_refused_not_returned_as_the_start(run):
+    with pytest.raises(StylekitError, match=r"^the loss is not a finite number at the start .*--style"):
+        run(init="noise", content_weight=3e38, style_weight=3e38, tv_weight=3e38)
+
+
 def test_a_run_leaves_the_callers_random_state_alone(run):
     torch.manual_seed(123)
     expected = torch.rand(3)
