@@ -188,8 +188,7 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
     """Settle what a previous run left in processing/, so every input ends exactly once."""
     again: list[Job] = []
     finished: list[tuple[Job, Path]] = []
-    journals = sorted(layout.processing.glob(f"*{JOURNAL_SUFFIX}"))
-    jobs = [_load(path) for path in journals]
+    jobs = [_load(path) for path in journals(layout)]
     claimed = {job.claimed for job in jobs}
     for job in jobs:
         remove_temporaries(layout, job)
@@ -207,12 +206,19 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
             again.append(job)
     for path in sorted(layout.processing.iterdir()):
         if is_temporary(path.name):
-            path.unlink()  # a journal cut short while being written
+            if not path.is_dir():  # a folder (a Mac's .AppleDouble) is not ours: left alone
+                path.unlink()  # a journal cut short while being written (or a Mac's ._ or .DS_Store)
         elif path.name not in claimed and not path.name.endswith(JOURNAL_SUFFIX):
             job = Job(id=secrets.token_hex(6), source=path.name, claimed=path.name, preset=None,
                       output=None)
             finished.append((job, finish(layout, job, ORPHAN_REASON)))
     return Recovery(again, finished)
+
+
+def journals(layout: Layout) -> list[Path]:
+    """The job records in processing/, sorted; a hidden one is not ours (a Mac's ._<id>.job.json)."""
+    found = layout.processing.glob(f"*{JOURNAL_SUFFIX}")
+    return sorted(path for path in found if not is_temporary(path.name))
 
 
 def _load(path: Path) -> Job:

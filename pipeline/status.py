@@ -14,7 +14,7 @@ from stylekit.errors import StylekitError
 
 from .config import FolderConfig, load
 from .folders import ERROR_SUFFIX, Layout, is_temporary, lock_holder, pid_locked, scan
-from .jobs import JOURNAL_SUFFIX
+from .jobs import journals
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class Counts:
 def count(inbox: Path) -> Counts:
     """Count an inbox's files by where they are now, so the numbers hold whether a watcher runs or not."""
     layout = Layout(inbox, outbox=inbox)  # counting never looks at the outbox
-    journals = layout.processing.glob(f"*{JOURNAL_SUFFIX}") if layout.processing.is_dir() else ()
-    return Counts(queued=sum(1 for _ in scan(layout, inbox)), processing=sum(1 for _ in journals),
+    processing = len(journals(layout)) if layout.processing.is_dir() else 0
+    return Counts(queued=sum(1 for _ in scan(layout, inbox)), processing=processing,
                   done=_files(layout.done), failed=_files(layout.failed, skip=ERROR_SUFFIX))
 
 

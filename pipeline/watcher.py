@@ -80,7 +80,8 @@ class Watcher:
         self.ready: dict[Path, tuple[Hotfolder, Drop]] = {}
         self.again: list[tuple[Hotfolder, list[Job]]] = []
         self.skipped: dict[Path, tuple[Stamp | None, str]] = {}  # what was logged, so as not to repeat
-        self.worker = Worker(log, stopping, config.retries, heartbeat=self.write_status, engine=engine)
+        self.worker = Worker(log, stopping, config.retries, heartbeat=self.write_status, engine=engine,
+                             pause=config.rescan)
         self._status_written = 0.0
         self._changed = True
         self._current_written: str | None = None
@@ -203,18 +204,23 @@ class Watcher:
         return next((hot for hot in self.hots if path.is_relative_to(hot.layout.inbox)), None)
 
     def _work(self) -> bool:
-        """Run one recovered job or claim and run one group of drops; False when there is nothing."""
-        if not self.again and not self.ready:
+        """Run one recovered job or claim and run one group of drops; False when there is nothing
+        (or only work for inboxes that wait for their outbox)."""
+        now = time.monotonic()
+        again = next((entry for entry in self.again if entry[0].paused_until <= now), None)
+        ready = [(hot, drop) for hot, drop in self.ready.values() if hot.paused_until <= now]
+        if again is None and not ready:
             return False
         self._changed = True  # so the first heartbeat of the job reports it as current
-        if self.again:
-            self.worker.run(*self.again.pop(0))
+        if again is not None:
+            self.again.remove(again)
+            self.worker.run(*again)
             return True
-        hot, first = next(iter(self.ready.values()))
+        hot, first = ready[0]
         group = [first]
         preset = first.folder or hot.config.preset
         if first.problem is None and preset is not None:
-            group = [drop for owner, drop in self.ready.values() if owner is hot and drop.problem is None
+            group = [drop for owner, drop in ready if owner is hot and drop.problem is None
                      and (drop.folder or hot.config.preset) == preset][:self.config.batch]
         jobs = []
         for drop in group:

@@ -7,6 +7,7 @@ Where stylize() runs, this process or a Ray pool, is the Engine chosen once at s
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 import time
@@ -35,6 +36,11 @@ from .stopping import Stopping
 
 SHRINK = 0.7  # each out-of-memory retry makes the long side this much smaller
 PROGRESS_EVERY_S = 10.0
+DISK_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the outbox's whole disk, not one image
+
+
+class OutboxRefused(Exception):
+    """The outbox cannot take any output now (a full disk, a quota, a read-only mount): no image's fault."""
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Hotfolder:
     config: FolderConfig
     layout: Layout
     live: dict[str, Job] = field(default_factory=dict)
+    paused_until: float = 0.0  # time.monotonic() before which nothing is claimed (its outbox refused)
 
     def taken(self) -> set[Path]:
         """Output names reserved by jobs still running, so two inputs never get the same one."""
@@ -71,6 +78,12 @@ def disk_error(error: OSError) -> str:
     """An OSError for the log: what went wrong, and where."""
     where = f" ('{error.filename}')" if error.filename else ""
     return f"{error.strerror or error}{where}"
+
+
+def disk_refusal(error: BaseException) -> OSError | None:
+    """The disk-wide OSError (full, over quota, read-only) behind a failure to write, if it is one."""
+    cause = error if isinstance(error, OSError) else error.__cause__
+    return cause if isinstance(cause, OSError) and cause.errno in DISK_REFUSALS else None
 
 
 def is_transient(error: BaseException) -> bool:
@@ -201,10 +214,11 @@ class Worker:
     """Runs groups of claimed jobs to their end: published and done, failed with a reason, or handed back."""
 
     def __init__(self, log: EventLog, stopping: Stopping, retries: int,
-                 heartbeat: Callable[[], None], engine: Engine) -> None:
+                 heartbeat: Callable[[], None], engine: Engine, pause: float) -> None:
         self.log = log
         self.stopping = stopping
         self.retries = retries
+        self.pause = pause  # seconds an inbox waits after its outbox refused an output
         self.heartbeat = heartbeat
         self.engine = engine
         self.current: str | None = None
@@ -224,6 +238,9 @@ class Worker:
             self._run(hot, jobs)
         except (Cancelled, KeyboardInterrupt):  # a stop, or a second Ctrl-C while the engine worked
             self.hand_back(hot, jobs)
+        except OutboxRefused as refusal:  # failing them would empty the inbox into failed/: they wait
+            hot.paused_until = time.monotonic() + self.pause
+            self.hand_back(hot, jobs, f"{refusal}; trying again in {self.pause:g} s")
         except OSError as error:  # the disk refused a step before any image was loaded (a folder
             for job in jobs:      # removed, a permission): they fail, the watcher goes on
                 if job.id in hot.live:
@@ -231,8 +248,8 @@ class Worker:
         finally:
             self.current = None
 
-    def hand_back(self, hot: Hotfolder, jobs: list[Job]) -> None:
-        """Put every job not finished yet back into the inbox (on shutdown)."""
+    def hand_back(self, hot: Hotfolder, jobs: list[Job], reason: str | None = None) -> None:
+        """Put every job not finished yet back into the inbox (on shutdown, or saying why)."""
         for job in jobs:
             if job.id in hot.live:
                 try:
@@ -240,8 +257,9 @@ class Worker:
                 except OSError as error:
                     self._stuck(job, f"cannot hand it back: {disk_error(error)}")
                     continue
-                self.log("back", f"{job.source} handed back as {where.relative_to(hot.layout.inbox)}",
-                         file=job.source, moved_to=str(where))
+                why = f": {reason}" if reason else ""
+                self.log("back", f"{job.source} handed back as {where.relative_to(hot.layout.inbox)}{why}",
+                         file=job.source, moved_to=str(where), **({"error": reason} if reason else {}))
 
     def fail(self, hot: Hotfolder, job: Job, reason: str) -> None:
         """Move a job's input to failed/ with its reason."""
@@ -346,6 +364,9 @@ class Worker:
             output = publish(hot.layout, job, hot.taken())
         except (StylekitError, OSError) as error:
             temp.unlink(missing_ok=True)
+            if refusal := disk_refusal(error):
+                raise OutboxRefused(f"cannot write into the output folder '{hot.layout.outbox}': "
+                                    f"{refusal.strerror or refusal}") from None
             self.fail(hot, job, str(error) if isinstance(error, StylekitError)
                       else f"cannot write the output: {error.strerror or error}")
             return

@@ -162,12 +162,18 @@ def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "sam
     want it (a.jpg and a.png as PNG), or an earlier run's output there names another input in its
     metadata (a.jpg's PNG, now that a.png's default output is PNG too). A source whose plain-named
     output is already there and names it keeps it: adding a.png to a folder must not make the next
-    run style a.jpg again under a new name (see made_from for outputs of older versions)."""
+    run style a.jpg again under a new name (see made_from for outputs of older versions). Outputs in
+    OUT are no inputs (a glob such as 'shoot/**/*.jpg' reaches them with --out shoot/styled on a
+    re-run); any other image there is refused."""
     out_dir = out.resolve()
+    kept = []
     for source in sources:
-        if source.resolve().parent == out_dir:
+        if source.resolve().parent != out_dir:
+            kept.append(source)
+        elif not is_output(source):
             raise StylekitError(f"--out '{out}' holds input images ('{source.name}'); "
                                 "give the outputs a folder of their own")
+    sources = kept
     plain = [out / f"{source.stem}.{preset}{output_suffix(source, out_format)}" for source in sources]
     wanted = Counter(output.name.casefold() for output in plain)
     names = Counter(source.name.casefold() for source in sources)
@@ -179,6 +185,14 @@ def plan(sources: Sequence[Path], out: Path, preset: str, out_format: str = "sam
             output = out / f"{stem}.{preset}{output.suffix}"
         items.append(Item(source, output))
     return items
+
+
+def is_output(path: Path) -> bool:
+    """Whether an image is stylekit's output (its metadata names stylekit as the software)."""
+    try:
+        return str(read_metadata(path).get("software", "")).startswith("stylekit")
+    except StylekitError:
+        return False
 
 
 def source_id(source: Path) -> str:

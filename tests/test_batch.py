@@ -256,6 +256,24 @@ def test_a_stopped_batch_resumes_where_it_stopped(tmp_path, weights_file):
     assert len(seen) == 2 + 5
 
 
+def test_a_rerun_of_a_glob_that_reaches_its_own_out_folder_skips_its_outputs(batch, tmp_path):
+    shoot = tmp_path / "shoot"
+    make_inputs(shoot / "day1", 2)
+    spec, out = str(shoot / "**" / "*.png"), shoot / "styled"
+    assert batch(spec, out=out)[0] == 0
+    before = stamps(out)
+    code, err = batch(spec, out=out)
+    assert code == 0 and "0 done, 2 skipped" in err
+    assert stamps(out) == before
+
+
+def test_an_image_that_is_no_output_in_out_is_refused(batch, tmp_path):
+    make_inputs(tmp_path / "shoot", 1)
+    make_inputs(tmp_path / "shoot" / "styled", 1)
+    code, err = batch(str(tmp_path / "shoot" / "**" / "*.png"), out=tmp_path / "shoot" / "styled")
+    assert code == 1 and "holds input images ('img0.png')" in err
+
+
 def test_a_failed_image_is_recorded_with_its_reason_and_retried_next_time(batch, tmp_path):
     sources = make_inputs(tmp_path / "in", 3)
     broken = tmp_path / "in" / "img1.png"

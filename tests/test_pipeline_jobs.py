@@ -146,6 +146,16 @@ def test_a_file_left_in_processing_without_its_record_goes_to_failed(layout, wei
     assert (layout.inbox / "failed" / "stray.png").read_bytes() == b"left here by hand"
 
 
+def test_a_macs_hidden_files_and_folders_in_processing_do_not_stop_a_restart(layout, weights_file):
+    (layout.processing / ".AppleDouble").mkdir()  # made in every folder a Mac browses on some shares
+    (layout.processing / f"._{JOB_ID}.job.json").write_bytes(b"\0\5\26\7 a resource fork")
+    drop(layout.inbox / "photo.png")
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the image to be done")
+    assert files(layout.outbox) == ["photo.png"] and files(layout.inbox / "failed") == []
+    assert (layout.processing / ".AppleDouble").is_dir()
+
+
 @pytest.mark.parametrize(("name", "temporary"), [
     ("photo.jpg", False), ("Foto Straße 1.png", False), (".photo.jpg", True), ("photo.jpg.part", True),
     ("photo.PART", True), ("photo.tmp", True), ("photo.jpg.crdownload", True), ("~$photo.jpg", True),

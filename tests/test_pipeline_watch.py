@@ -9,8 +9,10 @@ import logging
 import os
 import re
 import struct
+import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -470,6 +472,41 @@ def test_a_styled_image_it_cannot_move_to_done_is_left_in_processing_and_the_wat
         wait_for(lambda: files(inbox / "done") == ["second.png"], what="the next image")
     assert files(outbox) == ["first.png", "second.png"]
     assert len(files(inbox / "processing")) == 2  # first.png and its job record, for the next start
+
+
+@pytest.fixture
+def full_outbox(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
+    """An output folder on a small disk of its own (a real tmpfs, so root only) and the file that fills
+    that disk to the last byte."""
+    folder = tmp_path_factory.mktemp("full")
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root")
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    yield folder, filler
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_a_full_outbox_hands_the_image_back_and_styles_it_once_there_is_room(boxes, full_outbox, weights_file,
+                                                                            capsys):
+    inbox, _ = boxes
+    outbox, filler = full_outbox
+    with watching(dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)):
+        drop(inbox / "photo.png")
+        wait_for(lambda: "No space left on device" in capsys.readouterr().err, what="the refusal")
+        assert files(inbox / "failed") == []
+        filler.unlink()
+        wait_for(lambda: files(inbox / "done") == ["photo.png"], 30, "the image once there is room")
+    assert files(outbox) == ["photo.png"] and files(inbox / "failed") == []
 
 
 def test_a_watcher_inside_another_watchers_inbox_is_refused(boxes, weights_file, tmp_path_factory):
