@@ -146,6 +146,9 @@ def install_command(gimp_dir: Path | None, url: str, command_text: str | None,
     url = _check_url(url)
     token = token_file.read_text(encoding="utf-8").strip() if token_file else None
     for folder in [gimp_dir] if gimp_dir else gimp_dirs():
+        if not folder.is_dir():  # GIMP imports 2.10's settings only into a profile folder it creates
+            raise StylekitError(f"no GIMP 3 profile folder at '{folder}': start GIMP 3 once (it creates "
+                                "the folder, importing GIMP 2.10's settings), then install again")
         command = _split_command(command_text) if command_text else server_command(url, folder)
         target = install(folder, url, command, token)
         click.echo(f"installed the GIMP plug-in in {target}")

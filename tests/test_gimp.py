@@ -26,6 +26,7 @@ SCRIPTS = Path(__file__).parents[1] / "plugins" / "gimp" / "tests"
 OFFSETS = (12, 9)
 TOP_SIZE = (40, 32)
 SELECTION = (0, 0, 30, 64)  # x, y, width, height in image coordinates
+MASK = (0, 20, 80, 64)  # the top layer's own mask, from this rectangle (image coordinates)
 LIMITED_PIXELS = 4096  # the constrained server's --max-pixels: under the 80×64 background's
 DEEP_PRECISIONS = ("U16_NON_LINEAR", "FLOAT_LINEAR")  # a 16-bit and a 32-bit float image (Gimp.Precision)
 
@@ -70,7 +71,7 @@ def prepare(gimp_root: Path, inside: str, live_server: str, script: str, **spec:
         Image.fromarray((top * 255).round().astype(np.uint8), "RGBA").save(work / "top.png")
     save_png(work / "painting.png", make_painting(48, 48))
     (work / "spec.json").write_text(json.dumps({"preset": "ink-wash", "offsets": OFFSETS,
-                                                "selection": SELECTION, **spec}))
+                                                "selection": SELECTION, "mask": MASK, **spec}))
     shutil.copy(SCRIPTS / script, work / script)
     stylekit = Path(sys.executable).parent / "stylekit"
     installed = subprocess.run([str(stylekit), "gimp", "install", "--gimp-dir", str(work / "profile"),
@@ -143,9 +144,9 @@ def gimp_dialog_run(gimp_root: Path, live_server: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gimp_constrained_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """batch.py's first call, on the 80×64 background with a size limit of 64, against a server that
-    fell back to random weights and takes images of at most LIMITED_PIXELS; its report and GIMP's
-    console output.
+    """batch.py's first call, on the 80×64 background with a size limit of 64 and "keep colours", against
+    a server that fell back to random weights and takes images of at most LIMITED_PIXELS; its report
+    and GIMP's console output.
 
     The server has weights `auto`, nothing cached (the test environment's own empty caches) and a proxy
     that refuses every connection, so ImageNet's download fails at once without depending on the net.
@@ -158,7 +159,7 @@ def gimp_constrained_run(gimp_root: Path, tmp_path_factory: pytest.TempPathFacto
                                             "no_proxy": "", "NO_PROXY": ""})
     try:
         return run_batch(gimp_root, f"{INSIDE}-constrained", url, first_call_only=True,
-                         first_on_background=True, first_arguments={"max_size": 64})
+                         first_on_background=True, first_arguments={"max_size": 64, "preserve_colors": True})
     finally:
         server.terminate()
         server.wait(30)
@@ -177,6 +178,19 @@ def pixels(report: dict, layer: dict) -> np.ndarray:
     width, height = layer["size"]
     samples = np.uint16 if report["bits"] == 16 else np.uint8  # GEGL writes this machine's byte order
     return np.fromfile(report["work"] / layer["pixels"], samples).reshape(height, width, 4)
+
+
+def covered(x: int, y: int, width: int, height: int) -> np.ndarray:
+    """Which of the top layer's pixels (at OFFSETS) an image rectangle covers."""
+    (left, top), inside = OFFSETS, np.zeros(TOP_SIZE[::-1], bool)
+    inside[max(0, y - top):y + height - top, max(0, x - left):x + width - left] = True
+    return inside
+
+
+def mask_pixels(report: dict, layer: dict) -> np.ndarray:
+    """A dumped layer mask as an H×W array of 8-bit values."""
+    width, height = layer["size"]
+    return np.fromfile(report["work"] / layer["mask"], np.uint8).reshape(height, width)
 
 
 def test_the_procedure_is_registered(gimp_run):
@@ -216,11 +230,16 @@ def test_selection_becomes_the_new_layers_mask(gimp_run):
     assert new["name"] == "painting" and source["name"] == "top.png"  # named after the style image
     assert new["offsets"] == source["offsets"] and new["size"] == source["size"]
     assert np.array_equal(pixels(gimp_run, new)[..., 3], pixels(gimp_run, source)[..., 3])
-    width, height = TOP_SIZE
-    mask = np.fromfile(gimp_run["work"] / new["mask"], np.uint8).reshape(height, width)
-    x, y, w, h = SELECTION
-    inside = np.zeros((height, width), bool)
-    inside[max(0, y - OFFSETS[1]):y + h - OFFSETS[1], max(0, x - OFFSETS[0]):x + w - OFFSETS[0]] = True
+    mask, inside = mask_pixels(gimp_run, new), covered(*SELECTION)
+    assert (mask[inside] == 255).all() and (mask[~inside] == 0).all()
+
+
+def test_what_the_sources_own_mask_hides_stays_hidden(gimp_run):
+    assert gimp_run["calls"][6] == {"status": "success", "message": None}
+    new, source = new_and_source(gimp_run["after_repeat"], gimp_run["after_mask"])
+    assert source["name"] == "top.png" and source["mask"] is not None
+    mask, inside = mask_pixels(gimp_run, new), covered(*SELECTION) & covered(*MASK)
+    assert inside.any() and (covered(*SELECTION) & ~inside).any()  # the source's mask hides part of it
     assert (mask[inside] == 255).all() and (mask[~inside] == 0).all()
 
 
@@ -232,7 +251,7 @@ def test_with_last_vals_runs_without_a_dialog(gimp_run):
 
 
 def test_failures_are_messages_saying_what_to_do(gimp_run):
-    unknown, nothing, grey = gimp_run["calls"][3:]
+    unknown, nothing, grey = gimp_run["calls"][3:6]
     assert unknown["status"] == "calling-error" and "no preset 'no-such-preset'" in unknown["message"]
     assert "ink-wash" in unknown["message"]
     assert nothing["status"] == "calling-error" and "Choose a preset or a style image" in nothing["message"]
@@ -251,6 +270,17 @@ def test_a_layer_over_the_servers_pixel_limit_is_sent_at_the_working_size(gimp_c
     assert gimp_constrained_run["calls"][0]["status"] == "success"
     new, source = new_and_source(gimp_constrained_run["before"], gimp_constrained_run["after_preset"])
     assert new["size"] == source["size"] == [80, 64]  # worked on at 64×51, scaled back to the layer
+
+
+def test_a_layer_scaled_down_for_the_server_is_sent_with_its_pixels(gimp_constrained_run):
+    # "keep colours" gives the result the colours it was sent: the layer's, not a blank layer's grey
+    new, source = new_and_source(gimp_constrained_run["before"], gimp_constrained_run["after_preset"])
+    result, original = (pixels(gimp_constrained_run, layer)[..., :3].astype(float) for layer in (new, source))
+
+    def chroma(rgb: np.ndarray) -> np.ndarray:
+        return np.stack([rgb[..., 0] - rgb[..., 1], rgb[..., 2] - rgb[..., 1]])
+
+    assert np.abs(chroma(result) - chroma(original)).mean() < np.abs(chroma(original)).mean() / 3
 
 
 def test_interactive_dialog_then_repeat_with_last_values(gimp_dialog_run, live_server):

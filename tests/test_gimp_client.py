@@ -323,6 +323,19 @@ def test_refusals_become_advice(app_server, tmp_path, weights_file):
         server.submit(BLANK, {"preset": "ink-wash"})
 
 
+def test_an_upload_over_the_servers_limit_is_advice_not_a_server_gone_away(app_server, weights_file):
+    # the server answers 413 before reading an upload over its limit and closes the connection, which
+    # reaches urllib, still sending, as a reset: as if the server had gone away
+    url = app_server(ServerSettings(weights=str(weights_file), device="cpu", max_upload_bytes=2**20))
+    server = client.Client(client.Config(url=url))
+    noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 4), dtype=np.uint8)  # 4 MB, incompressible
+    params = {**client.job_params("ink-wash", 1.0, "fast", False, 1024, 1024), "steps": 1}
+    with pytest.raises(client.ClientError, match=r"over the stylekit server's upload limit of 1\.0 MB: lower "
+                                                 "the size limit"):
+        client.run_job(server, client.encode_png(1024, 1024, noise.tobytes()), params, None,
+                       lambda fraction, message: None)
+
+
 def test_ensure_server_starts_the_configured_command(tmp_path, weights_file):
     port = free_port()
     command = [str(Path(sys.executable).parent / "stylekit"), "serve", "--port", str(port),

@@ -61,6 +61,19 @@ def test_install_then_uninstall(tmp_path, capsys):
     assert "nothing removed" in capsys.readouterr().out
 
 
+def test_install_before_gimp_ever_ran_is_refused_so_gimp_still_imports_its_old_settings(
+        tmp_path, capsys, monkeypatch):
+    # GIMP 3 runs its first-start set-up (importing GIMP 2.10's settings) only when its folder is missing
+    for name in ("GIMP3_DIRECTORY", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["gimp", "install"]) == 1
+    err = capsys.readouterr().err
+    assert f"no GIMP 3 profile folder at '{tmp_path / '.config' / 'GIMP' / '3.0'}'" in err
+    assert "start GIMP 3 once" in err and "\n" not in err.strip()
+    assert not (tmp_path / ".config").exists()
+
+
 def test_install_with_command_and_token(tmp_path, capsys):
     token = tmp_path / "server-token"
     token.write_text("t" * 40 + "\n")

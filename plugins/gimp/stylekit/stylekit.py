@@ -37,12 +37,25 @@ def channel_bits(image):
     return 8 if image.get_precision() in EIGHT_BIT else 16
 
 
-def read_rgba(drawable, bits, width=None, height=None):
-    """A drawable's pixels as packed R'G'B'A samples of bits each, whole or scaled down to width × height."""
-    width, height = width or drawable.get_width(), height or drawable.get_height()
-    rect = Gegl.Rectangle.new(0, 0, width, height)
-    scale = width / drawable.get_width()
-    return bytes(drawable.get_buffer().get(rect, scale, PIXELS[bits], Gegl.AbyssPolicy.CLAMP))
+def read_rgba(drawable, bits):
+    """A drawable's pixels as packed R'G'B'A samples of bits each."""
+    rect = Gegl.Rectangle.new(0, 0, drawable.get_width(), drawable.get_height())
+    return bytes(drawable.get_buffer().get(rect, 1.0, PIXELS[bits], Gegl.AbyssPolicy.CLAMP))
+
+
+def read_scaled(image, drawable, bits, width, height):
+    """A drawable's pixels scaled by GIMP to width × height, in a scratch image of the same precision:
+    a plug-in's scaled buffer read (Gegl.Buffer.get at a scale under 1) gives transparent black."""
+    if (width, height) == (drawable.get_width(), drawable.get_height()):
+        return read_rgba(drawable, bits)
+    scratch = Gimp.Image.new_with_precision(width, height, Gimp.ImageBaseType.RGB, image.get_precision())
+    try:
+        copy = Gimp.Layer.new_from_drawable(drawable, scratch)
+        scratch.insert_layer(copy, None, 0)
+        copy.scale(width, height, False)
+        return read_rgba(copy, bits)
+    finally:
+        scratch.delete()
 
 
 def write_rgba(drawable, data, bits):
@@ -99,7 +112,7 @@ def read_style(config):
 
 def insert_result(image, source, png, source_rgba, bits, name):
     """Add the result above the source: same size and offsets, the source's alpha (source_rgba: its
-    pixels at bits per channel), selection as mask."""
+    pixels at bits per channel), the selection and the source's mask as mask."""
     width, height = source.get_width(), source.get_height()
     _, x, y = source.get_offsets()
     handle, path = tempfile.mkstemp(prefix="stylekit-", suffix=".png")
@@ -120,13 +133,24 @@ def insert_result(image, source, png, source_rgba, bits, name):
         for byte in range(3 * sample, 4 * sample):  # each byte of every pixel's alpha
             pixels[byte::4 * sample] = source_rgba[byte::4 * sample]
         write_rgba(layer, bytes(pixels), bits)
-        if Gimp.Selection.bounds(image)[1]:
-            layer.add_mask(layer.create_mask(Gimp.AddMaskType.SELECTION))
+        add_mask(image, source, layer)
         image.set_selected_layers([layer])
     finally:
         image.undo_group_end()
         os.unlink(path)
     Gimp.displays_flush()
+
+
+def add_mask(image, source, layer):
+    """Mask the result with the selection and the source's own mask, where there are any: what the
+    source's mask hides stays hidden."""
+    selected = Gimp.Selection.bounds(image)[1]
+    source_mask = source.get_mask() if source.get_apply_mask() else None
+    if selected or source_mask:
+        mask = layer.create_mask(Gimp.AddMaskType.SELECTION if selected else Gimp.AddMaskType.WHITE)
+        layer.add_mask(mask)
+        if source_mask:
+            mask.combine_masks(source_mask, Gimp.ChannelOps.INTERSECT, 0, 0)
 
 
 def stylize_layer(procedure, run_mode, image, drawables, config):
@@ -164,7 +188,7 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
         Gimp.progress_update(fraction)
 
     bits = channel_bits(image)
-    upload = client.encode_png(width, height, read_rgba(source, bits, width, height), bits)
+    upload = client.encode_png(width, height, read_scaled(image, source, bits, width, height), bits)
     png, warnings = client.run_job(server, upload, params, style, on_progress)
     name = titles[preset] if preset else os.path.splitext(style[0])[0]
     insert_result(image, source, png, read_rgba(source, bits), bits, name)
@@ -204,7 +228,7 @@ class StyleTransfer(Gimp.PlugIn):
             "Paint the layer in the style of a painting (neural style transfer)",
             "Sends the layer to a local stylekit server (started when needed) and adds the result as a "
             "new layer above it, with the same size, offsets and transparency; an active selection "
-            "becomes its layer mask.", name)
+            "and the layer's own mask become its layer mask.", name)
         procedure.set_attribution("stylekit", "stylekit", "2025")
         flags = GObject.ParamFlags.READWRITE
         procedure.add_string_argument("preset", "_Preset", "Preset name from the server; empty: use the "

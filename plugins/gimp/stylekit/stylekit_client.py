@@ -151,9 +151,18 @@ class Client:
         return self._json("GET", "/v1/presets")
 
     def submit(self, image_png, params, style=None):
-        """Queue a job; style is (file name, bytes) or None. Resubmitting the same id is safe."""
+        """Queue a job; style is (file name, bytes) or None. Resubmitting the same id is safe.
+
+        An upload over the server's limit is refused here: the server answers one with 413 before reading
+        it and closes, which urllib, still sending, sees as a reset connection (a server gone away)."""
         files = [("image", "layer.png", image_png)] + ([("style", style[0], style[1])] if style else [])
         body, content_type = multipart({"params": json.dumps(params)}, files)
+        limit = self.health().get("max_upload_bytes", len(body))
+        if len(body) > limit:
+            raise ClientError(f"The layer at this size{' with the style image' if style else ''} is "
+                              f"{len(body) / 2**20:.1f} MB to send, over the stylekit server's upload limit "
+                              f"of {limit / 2**20:.1f} MB: lower the size limit"
+                              f"{', or use a smaller style image' if style else ''}.")
         return self._json("POST", "/v1/jobs", body, content_type)
 
     def status(self, job_id):

@@ -95,6 +95,13 @@ if PROCEDURE is not None:
         report["calls"].append(call(grey, grey_layer, preset=SPEC["preset"]))
         report["layers_at_end"] = len(image.get_layers())
         grey.delete()
+
+        # 5. a layer with a mask of its own, and a selection: both mask the result
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, *SPEC["mask"])
+        top.add_mask(top.create_mask(Gimp.AddMaskType.SELECTION))
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, *SPEC["selection"])
+        report["calls"].append(call(image, top, preset=SPEC["preset"], quality="fast"))
+        report["after_mask"] = describe(image, "mask")
     image.delete()
 
 with open(os.path.join(WORK, "report.json"), "w") as stream:
