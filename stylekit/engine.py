@@ -602,7 +602,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
         image = _upscale(image, content) if image is not None else torch.cat(
             [_initial_image(r, content[i:i + 1]) for i, r in enumerate(requests)])
 
-        image = image.detach().clone()
+        image = image.detach().clone(memory_format=torch.contiguous_format)  # L-BFGS views it flat
         finest = scale == len(sizes)
         pixels = len(requests) * w * h
         history = history_size(pixels, None if plan.budget is None

@@ -137,6 +137,12 @@ def test_a_bare_style_array_instead_of_a_list_is_refused(weights_file):
         stylize(StyleRequest(make_photo(), make_painting(), options))
 
 
+def test_a_one_pixel_content_enlarged_to_the_size_asked_for_is_styled(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=2, size=32, targets="torch", device="cpu")
+    result = stylize(StyleRequest(np.full((1, 1, 3), 0.5, np.float32), [make_painting()], options))
+    assert result.image.shape == (32, 32, 3) and result.iterations > 0
+
+
 def test_loss_weights_that_overflow_the_loss_are_refused_not_returned_as_the_start(run):
     with pytest.raises(StylekitError, match=r"^the loss is not a finite number at the start .*--style"):
         run(init="noise", content_weight=3e38, style_weight=3e38, tv_weight=3e38)
