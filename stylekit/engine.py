@@ -30,6 +30,7 @@ from .request import (
     validate,
 )
 from .weights import Weights, resolve_weights
+from .weights_cache import names_a_file
 
 DEFAULT_LONG_SIDE = 512  # without --size, larger images are scaled down to this; smaller ones kept
 
@@ -182,7 +183,7 @@ def _weights(spec: str, backbone: str, file_stamp: tuple[int, int] | None) -> We
 def weights_key(spec: str, backbone: str) -> tuple[str, str, tuple[int, int] | None]:
     """Cache key for weights: a file given by path is re-read when it changes on disk."""
     stamp = None
-    if spec not in ("auto", "imagenet") and not spec.startswith("random") and os.path.exists(spec):
+    if names_a_file(spec) and os.path.exists(spec):
         info = os.stat(spec)
         stamp = (info.st_mtime_ns, info.st_size)
     return spec, backbone, stamp
