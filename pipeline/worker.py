@@ -7,7 +7,6 @@ Where stylize() runs, this process or a Ray pool, is the Engine chosen once at s
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import stat
 import time
@@ -23,7 +22,7 @@ import torch
 from stylekit import __version__, ray_engine
 from stylekit.batch import warm_up_request
 from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, stylize_batch
-from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError
+from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError, disk_refusal
 from stylekit.image import LoadedImage, load_image, output_suffix, save_image
 from stylekit.presets import Preset, get_preset, preset_request
 from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest
@@ -36,7 +35,6 @@ from .stopping import Stopping
 
 SHRINK = 0.7  # each out-of-memory retry makes the long side this much smaller
 PROGRESS_EVERY_S = 10.0
-DISK_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # the outbox's whole disk, not one image
 
 
 class OutboxRefused(Exception):
@@ -78,12 +76,6 @@ def disk_error(error: OSError) -> str:
     """An OSError for the log: what went wrong, and where."""
     where = f" ('{error.filename}')" if error.filename else ""
     return f"{error.strerror or error}{where}"
-
-
-def disk_refusal(error: BaseException) -> OSError | None:
-    """The disk-wide OSError (full, over quota, read-only) behind a failure to write, if it is one."""
-    cause = error if isinstance(error, OSError) else error.__cause__
-    return cause if isinstance(cause, OSError) and cause.errno in DISK_REFUSALS else None
 
 
 def is_transient(error: BaseException) -> bool:

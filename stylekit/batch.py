@@ -5,14 +5,16 @@ hot folder names its outputs), written atomically, so a file there means that im
 re-run skips it; another --format gives other outputs. Before styling an image a run claims it (a
 lock on a hidden file beside its output), so batches sharing an output folder never style one image
 twice. Images that fail are listed with their reasons in stylekit-failed.json beside the outputs (and
-tried again by the next run). An engine only decides where stylize() runs: `run_local` here, in this
-process; `ray_engine.engine` on a Ray cluster.
+tried again by the next run). A disk that refuses outputs as a whole (full, over quota, read-only) stops
+the batch at the first output it refuses: no image is to blame, and a re-run resumes. An engine only
+decides where stylize() runs: `run_local` here, in this process; `ray_engine.engine` on a Ray cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import glob
 import hashlib
@@ -30,7 +32,7 @@ import numpy as np
 from . import __version__
 from .atomic import write_json
 from .engine import stylize
-from .errors import StylekitError
+from .errors import DISK_REFUSALS, StylekitError, disk_refusal
 from .image import (
     INPUT_SUFFIXES,
     LoadedImage,
@@ -55,6 +57,11 @@ _claims: dict[Path, int] = {}  # output → the locked claim file this process h
 
 class Skipped(StylekitError):
     """An item that is not this run's to style after all: its reason, or "" when its output is there."""
+
+
+class OutputRefused(StylekitError):
+    """The output folder's disk takes no file now (full, over quota, read-only): every other output
+    would be refused too, so the batch stops; its message says how to go on."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,8 @@ class Outcome:
     failed."""
 
     item: Item
-    status: str  # "done" | "skipped" | "failed"
-    reason: str | None = None  # why it failed, or why it was skipped when its output is not there
+    status: str  # "done" | "skipped" | "failed" | "refused" (its disk refused its output: OutputRefused)
+    reason: str | None = None  # why it failed or was refused, or why skipped when its output is not there
     attempts: int = 0  # engine calls made for it (a Ray worker lost mid-image makes more than one)
     seconds: float = 0.0
     worker: str = ""  # "local", or the Ray worker's host:pid
@@ -238,6 +245,16 @@ def failure_reason(error: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
+def output_refused(error: BaseException, out: Path) -> OutputRefused | None:
+    """A failure to write into the output folder as the refusal that stops the batch, when it is one."""
+    cause = disk_refusal(error)
+    if cause is None:
+        return None
+    until = "it is writable" if cause.errno == errno.EROFS else "there is room"
+    return OutputRefused(f"the output folder's disk is {DISK_REFUSALS[cause.errno]} ('{out}': "
+                         f"{cause.strerror or cause}): run the same command again to resume once {until}")
+
+
 def _lock(path: Path, wait: bool) -> int | None:
     """Open and flock a lock file: its descriptor, or None when another process holds it (wait=False).
     The kernel drops a lock when its process dies, so a killed run leaves at most a stale file."""
@@ -276,8 +293,9 @@ def claim(item: Item) -> None:
     or its output has appeared (made from this input) meanwhile; StylekitError when another input's has."""
     try:
         fd = _lock(_claim_path(item), wait=False)
-    except OSError as error:  # one item's trouble (a full or read-only --out), on either engine
-        raise StylekitError(f"cannot claim it in '{item.output.parent}': {error.strerror or error}") from None
+    except OSError as error:  # a read-only --out refuses even an empty file
+        raise output_refused(error, item.output.parent) or StylekitError(
+            f"cannot claim it in '{item.output.parent}': {error.strerror or error}") from None
     if fd is None:
         raise Skipped(TAKEN)
     _claims[item.output] = fd
@@ -334,12 +352,14 @@ def _concluded(item: Item, recipe: Recipe, picture: LoadedImage | None, value: R
             save_image(item.output, value.image, picture.alpha, metadata=metadata,
                        source_metadata=picture.source_metadata, quality=recipe.quality)
         except StylekitError as error:
-            value = error
+            value = output_refused(error, item.output.parent) or error
         else:
             height, width = picture.rgb.shape[:2]
             return Outcome(item, "done", attempts=attempts, seconds=value.seconds, worker=worker,
                            warnings=value.warnings + ((JPEG_ALPHA_WARNING,) if flattened else ()),
                            content_size=(width, height), size=(value.width, value.height))
+    if isinstance(value, OutputRefused):
+        return Outcome(item, "refused", str(value), attempts=attempts, worker=worker)
     return Outcome(item, "failed", failure_reason(value), attempts=attempts, worker=worker)
 
 
@@ -358,14 +378,21 @@ def run_local(recipe: Recipe, items: Sequence[Item]) -> Iterator[Outcome]:
 
 def write_failures(out: Path, ended: Sequence[Item], failures: Sequence[Outcome]) -> None:
     """Replace the failure record's entries for the inputs that ended (atomically, under a lock: other
-    batches may share OUT and keep theirs); once it has no entries there is none."""
+    batches may share OUT and keep theirs); once it has no entries there is none. Without entries to
+    add or take out it is left alone: a finished batch's OUT may be read-only."""
     path = out / FAILED_FILE
+    inputs = {os.path.abspath(item.source) for item in ended}
+
+    def ours(row: dict) -> bool:
+        return os.path.abspath(str(row.get("input"))) in inputs
+
+    if not failures and not any(map(ours, _failure_rows(path))):
+        return
     lock = out / f".{FAILED_FILE}.lock"
     fd = _lock(lock, wait=True)
     assert fd is not None
     try:
-        ours = {os.path.abspath(item.source) for item in ended}
-        rows = [row for row in _failure_rows(path) if os.path.abspath(str(row.get("input"))) not in ours]
+        rows = [row for row in _failure_rows(path) if not ours(row)]
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows += [{"input": os.path.abspath(o.item.source), "output": str(o.item.output), "reason": o.reason,
                   "attempts": o.attempts, "worker": o.worker, "time": stamp} for o in failures]
@@ -388,10 +415,13 @@ def _failure_rows(path: Path) -> list[dict]:
 
 def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
               on_outcome: Callable[[Outcome], None] = lambda outcome: None) -> Summary:
-    """Skip items already done, style the rest with the engine, record failures (also when stopped)."""
+    """Skip items already done, style the rest with the engine, record failures (also when stopped).
+    OutputRefused, its message the summary line and how to go on, when the output folder's disk
+    refused an output (the batch stops there) or the failure record."""
     started = time.perf_counter()
     summary = Summary()
     todo, ended = [], []
+    refused = ""
     try:
         for item in items:
             if item.output.exists():
@@ -401,6 +431,9 @@ def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
             else:
                 todo.append(item)
         for outcome in engine(recipe, todo) if todo else ():
+            if outcome.status == "refused":
+                refused = outcome.reason or ""
+                break
             if outcome.status == "done":
                 summary.done += 1
             elif outcome.status == "skipped":
@@ -414,5 +447,15 @@ def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
         for item in todo:  # claims an engine took but did not conclude (stopped mid-image)
             release(item)
         summary.seconds = time.perf_counter() - started
-        write_failures(out, ended, summary.failures)
+        try:
+            write_failures(out, ended, summary.failures)
+        except OSError as error:
+            if (record := output_refused(error, out)) is None:
+                raise
+            refused = refused or str(record)
+    if refused:
+        left = len(items) - summary.done - summary.skipped - len(summary.failures)
+        what = f"stopped with {left} image{'s' * (left != 1)} to go" if left else \
+            "the failure record could not be written"
+        raise OutputRefused(f"{summary.line()}; {what}, because {refused}")
     return summary

@@ -1,5 +1,10 @@
 """User-facing failures: one exception type whose message is a single printable line."""
 
+import errno
+
+DISK_REFUSALS = {errno.ENOSPC: "full", errno.EDQUOT: "over its quota", errno.EROFS: "read-only"}
+"""The errors by which a disk refuses every file, not one image's, with what they say about the disk."""
+
 
 class StylekitError(Exception):
     """A failure caused by the user's input or environment; the CLI prints its message alone."""
@@ -22,3 +27,9 @@ def one_line(error: BaseException, limit: int = 160) -> str:
     """An exception's first line, shortened, for a user message (its type name when it has no text)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:limit]
+
+
+def disk_refusal(error: BaseException) -> OSError | None:
+    """The disk-wide OSError (full, over quota, read-only) behind a failure to write, if it is one."""
+    cause = error if isinstance(error, OSError) else error.__cause__
+    return cause if isinstance(cause, OSError) and cause.errno in DISK_REFUSALS else None

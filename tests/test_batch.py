@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +17,12 @@ from batch_support import (
     PRESET,
     batch_process,
     claimed_elsewhere,
+    fill,
     make_inputs,
+    make_read_only,
     once_each,
     output_name,
+    small_disk,
     stamps,
     tiny,
     tiny_flags,
@@ -31,6 +37,8 @@ from stylekit.batch import (
     TAKEN,
     Item,
     Outcome,
+    OutputRefused,
+    Recipe,
     discover,
     make_recipe,
     plan,
@@ -54,6 +62,18 @@ def batch(tmp_path, weights_file, capsys):
                      *tiny_flags(weights_file), *extra])
         return code, capsys.readouterr().err
     return go
+
+
+@pytest.fixture
+def disk(tmp_path_factory) -> Iterator[Path]:
+    """An empty folder on a real 256 KiB disk of its own (skipped where it cannot be mounted)."""
+    with small_disk(tmp_path_factory.mktemp("disk")) as folder:
+        yield folder
+
+
+def timeless(line: str) -> str:
+    """A summary line with its seconds as X (they differ from run to run)."""
+    return re.sub(r" in \d+\.\d s;", " in X s;", line.strip())
 
 
 def test_discover_takes_phone_and_avif_photos(tmp_path):
@@ -290,6 +310,85 @@ def test_a_failed_image_is_recorded_with_its_reason_and_retried_next_time(batch,
     code, err = batch(tmp_path / "in")
     assert code == 0 and "batch: 1 done, 2 skipped" in err
     assert sorted(stamps(tmp_path / "out")) == sorted(output_name(source) for source in sources)
+
+
+def test_a_full_output_disk_stops_the_batch_at_the_first_output_it_refuses(tmp_path, weights_file, disk):
+    sources = make_inputs(tmp_path / "in", 4)
+    out = disk / "out"
+    out.mkdir()
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    styled: list[Path] = []
+
+    def local(recipe: Recipe, items: Sequence[Item]) -> Iterator[Outcome]:
+        for outcome in run_local(recipe, items):
+            styled.append(outcome.item.source)
+            yield outcome
+
+    with pytest.raises(OutputRefused) as stop:
+        run_batch(out, plan(sources, out, PRESET), recipe, local, lambda outcome: fill(disk))
+    assert "1 done, 0 skipped (already there), 0 failed in " in str(stop.value)
+    assert "; stopped with 3 images to go, because the output folder's disk is full" in str(stop.value)
+    assert styled == sources[:2]  # the one its output was refused for, and none after it
+    assert sorted(os.listdir(out)) == [output_name(sources[0])]  # no temporaries, claims or record
+
+
+def test_a_batch_stopped_by_a_full_disk_ends_with_one_line_and_a_rerun_resumes(batch, tmp_path, disk):
+    make_inputs(tmp_path / "in", 1)
+    assert batch(tmp_path / "in", out=disk / "out")[0] == 0
+    sources = make_inputs(tmp_path / "in", 3)
+    filler = fill(disk)
+    code, err = batch(tmp_path / "in", out=disk / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert timeless(err) == (
+        "stylekit: error: 0 done, 1 skipped (already there), 0 failed in X s; stopped with 2 images to go, "
+        f"because the output folder's disk is full ('{disk / 'out'}': No space left on device): run the same "
+        "command again to resume once there is room")
+    filler.unlink()
+    code, err = batch(tmp_path / "in", out=disk / "out")
+    assert code == 0 and "batch: 2 done, 1 skipped (already there), 0 failed" in err, err
+    assert sorted(os.listdir(disk / "out")) == sorted(output_name(source) for source in sources)
+
+
+def test_a_read_only_output_disk_stops_the_batch_saying_so(batch, tmp_path, disk):
+    make_inputs(tmp_path / "in", 1)
+    assert batch(tmp_path / "in", out=disk / "out")[0] == 0
+    make_inputs(tmp_path / "in", 2)
+    make_read_only(disk)
+    code, err = batch(tmp_path / "in", out=disk / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert timeless(err) == (
+        "stylekit: error: 0 done, 1 skipped (already there), 0 failed in X s; stopped with 1 image to go, "
+        f"because the output folder's disk is read-only ('{disk / 'out'}': Read-only file system): run the "
+        "same command again to resume once it is writable")
+
+
+def test_a_finished_batch_reruns_on_a_read_only_disk_as_all_skipped(batch, tmp_path, disk):
+    make_inputs(tmp_path / "in", 2)
+    assert batch(tmp_path / "in", out=disk / "out")[0] == 0
+    make_read_only(disk)
+    code, err = batch(tmp_path / "in", out=disk / "out")
+    assert code == 0 and err.strip().startswith("batch: 0 done, 2 skipped (already there), 0 failed"), err
+
+
+def test_a_failure_record_the_full_disk_refuses_still_ends_with_the_counts(tmp_path, weights_file, disk):
+    sources = make_inputs(tmp_path / "in", 2)
+    sources[1].write_bytes(b"not a png")
+    out = disk / "out"
+    out.mkdir()
+    recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
+    seen: list[Outcome] = []
+
+    def fill_after_the_last(outcome: Outcome) -> None:
+        seen.append(outcome)
+        if len(seen) == len(sources):
+            fill(disk)
+
+    with pytest.raises(OutputRefused) as stop:
+        run_batch(out, plan(sources, out, PRESET), recipe, run_local, fill_after_the_last)
+    assert timeless(str(stop.value)).startswith(
+        "1 done, 0 skipped (already there), 1 failed in X s; the failure record could not be written, "
+        "because the output folder's disk is full")
+    assert sorted(os.listdir(out)) == [output_name(sources[0])]
 
 
 def test_two_batches_at_once_on_the_same_folders_style_each_image_once(tmp_path, weights_file):
