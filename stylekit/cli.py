@@ -492,12 +492,13 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
     Example: stylekit serve --weights imagenet
     """
     from . import server  # FastAPI and uvicorn load only for this command
+    from . import token_file as tokens
 
     sock = server.listen(host, port)  # first: a bad --host must not leave a token file behind
     token = None
     if require_token or token_file or not is_loopback(host):
-        token_path = token_file or server.default_token_file()
-        token = server.load_or_create_token(token_path)
+        token_path = token_file or tokens.default_token_file()
+        token = tokens.load_or_create_token(token_path)
         click.echo(f"clients must send 'Authorization: Bearer <token>' (token in {token_path})", err=True)
     settings = server.ServerSettings(weights=weights, device=device,
                                      max_upload_bytes=round(max_upload_mb * 2**20),

@@ -18,6 +18,7 @@ import click
 
 from .errors import StylekitError
 from .loopback import is_loopback
+from .token_file import read_token
 
 PLUGIN = "stylekit"  # GIMP 3 runs plug-ins/NAME/NAME.py only: folder and file names must match
 CONFIG_NAME = "stylekit-config.json"  # read by the plug-in from its own folder
@@ -144,7 +145,7 @@ def install_command(gimp_dir: Path | None, url: str, command_text: str | None,
     Example: stylekit gimp install
     """
     url = _check_url(url)
-    token = token_file.read_text(encoding="utf-8").strip() if token_file else None
+    token = read_token(token_file) if token_file else None
     for folder in [gimp_dir] if gimp_dir else gimp_dirs():
         if not folder.is_dir():  # GIMP imports 2.10's settings only into a profile folder it creates
             raise StylekitError(f"no GIMP 3 profile folder at '{folder}': start GIMP 3 once (it creates "

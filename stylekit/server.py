@@ -12,21 +12,16 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import secrets
 import socket
-import stat
 import threading
 import time
 import typing
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import platformdirs
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, Response, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -35,8 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
-from .atomic import replacing
-from .engine import output_long_side, stylize
+from .engine import output_long_side, scale_sizes, stylize
 from .errors import Cancelled, StylekitError
 from .image import LoadedImage, encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
@@ -373,12 +367,13 @@ def build_request(params: _Params, content: np.ndarray, style: np.ndarray | None
         request = StyleRequest(content=content, styles=[style], options=StyleOptions().replace(**overrides))
     options = request.options.replace(weights=settings.weights, device=settings.device,
                                       style_weight=request.options.style_weight * params.strength)
-    try:
-        validate(options)
-    except StylekitError as exc:
-        raise ApiError(422, str(exc)) from None
     height, width = content.shape[:2]
     long_side = output_long_side(width, height, options.size)
+    try:
+        validate(options)
+        scale_sizes(width, height, long_side, options.scales, options.min_scale, options.steps)  # too small?
+    except StylekitError as exc:
+        raise ApiError(422, str(exc)) from None
     ratio = long_side / max(width, height)
     if round(width * ratio) * round(height * ratio) > settings.max_pixels:
         raise ApiError(422, f"size {long_side} would make a {round(width * ratio)}×{round(height * ratio)} "
@@ -576,47 +571,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.include_router(api)
     return app
-
-
-def default_token_file() -> Path:
-    """Where the server's bearer token lives unless --token-file says otherwise."""
-    return Path(platformdirs.user_config_dir("stylekit")) / "server-token"
-
-
-def load_or_create_token(path: Path) -> str:
-    """Read the token file, creating it (mode 0600, random secret) when missing; refuse a shared one.
-
-    A new file appears whole: written under a temporary name, then linked to its own, which fails
-    when another server starting at the same moment got there first (then its token is read).
-    """
-    if path.exists():
-        return _read_token(path)
-    token = secrets.token_urlsafe(32)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path, exclusive=True) as temporary:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(token + "\n")
-    except FileExistsError:
-        return _read_token(path)
-    except OSError as exc:
-        raise StylekitError(f"cannot create token file '{path}': {exc.strerror or exc}") from None
-    return token
-
-
-def _read_token(path: Path) -> str:
-    """An existing token, refused when other users could read it or it is too short to be secret."""
-    try:
-        if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise StylekitError(f"token file '{path}' can be read by other users; run: chmod 600 '{path}'")
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise StylekitError(f"cannot read token file '{path}': {exc.strerror or exc}") from None
-    if len(token) < 16:
-        raise StylekitError(f"token file '{path}' holds no usable token (16+ characters); "
-                            "delete it to get a new one")
-    return token
 
 
 def listen(host: str, port: int) -> socket.socket:

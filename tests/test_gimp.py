@@ -250,6 +250,18 @@ def test_with_last_vals_runs_without_a_dialog(gimp_run):
     assert new["offsets"] == list(OFFSETS) and new["mask"] is None  # no selection this time
 
 
+def test_a_chosen_style_image_wins_over_the_preset(gimp_run):
+    assert gimp_run["calls"][7] == {"status": "success", "message": None}
+    new, source = new_and_source(gimp_run["after_mask"], gimp_run["after_both"])
+    assert new["name"] == "painting #2" and source["name"] == "top.png"  # named after the style image
+    styled = pixels(gimp_run, new)[..., :3].astype(int)
+    by_style = pixels(gimp_run, new_and_source(gimp_run["after_preset"], gimp_run["after_selection"])[0])
+    by_preset = pixels(gimp_run, new_and_source(gimp_run["before"], gimp_run["after_preset"])[0])
+    visible = pixels(gimp_run, source)[..., 3] > 0
+    assert (np.abs(styled - by_style[..., :3])[visible].mean()
+            < np.abs(styled - by_preset[..., :3])[visible].mean() / 2)  # painted like the style image
+
+
 def test_failures_are_messages_saying_what_to_do(gimp_run):
     unknown, nothing, grey = gimp_run["calls"][3:6]
     assert unknown["status"] == "calling-error" and "no preset 'no-such-preset'" in unknown["message"]

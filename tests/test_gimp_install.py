@@ -77,6 +77,7 @@ def test_install_before_gimp_ever_ran_is_refused_so_gimp_still_imports_its_old_s
 def test_install_with_command_and_token(tmp_path, capsys):
     token = tmp_path / "server-token"
     token.write_text("t" * 40 + "\n")
+    token.chmod(0o600)  # as the server makes it
     profile = tmp_path / "profile"
     profile.mkdir()
     assert main(["gimp", "install", "--gimp-dir", str(profile), "--url", "http://10.0.0.5:8765",
@@ -87,6 +88,18 @@ def test_install_with_command_and_token(tmp_path, capsys):
     assert config["command"] == ["/opt/stylekit/bin/stylekit", "serve", "--weights", "imagenet"]
     assert config["token"] == "t" * 40 and stat.S_IMODE(config_file.stat().st_mode) == 0o600
     assert "(with bearer token)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00binary"], ids=["empty", "binary"])
+def test_install_refuses_a_token_file_without_a_usable_token(tmp_path, capsys, content):
+    token = tmp_path / "server-token"
+    token.write_bytes(content)
+    token.chmod(0o600)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    assert main(["gimp", "install", "--gimp-dir", str(profile), "--token-file", str(token)]) == 1
+    assert "holds no usable token" in capsys.readouterr().err
+    assert not (profile / "plug-ins").exists()
 
 
 def test_install_refuses_a_bad_url(tmp_path, capsys):

@@ -25,11 +25,14 @@ from hypothesis import HealthCheck, settings
 from PIL import Image
 from schemathesis.checks import allow_header_conformance, positive_data_acceptance
 
+from stylekit import StylekitError
 from stylekit.cli import main
+from stylekit.engine import MIN_SIDE
 from stylekit.image import encode_png, load_image, read_metadata
 from stylekit.loopback import is_loopback
 from stylekit.presets import get_preset
-from stylekit.server import ServerSettings, create_app, listen, load_or_create_token
+from stylekit.server import ServerSettings, create_app, listen
+from stylekit.token_file import load_or_create_token
 
 FAST = {"steps": 3, "targets": "torch"}
 TOKEN = "s3cret-token-0123456789"
@@ -209,6 +212,21 @@ def test_bad_params_get_a_one_line_422(server, params, style, message):
     answer = post_job(server, params, style=style)
     assert answer.status_code == 422
     assert message in answer.json()["detail"] and "\n" not in answer.json()["detail"]
+
+
+def test_an_image_too_small_for_the_network_is_refused_at_submit():
+    client = TestClient(create_app(ServerSettings()))  # no lifespan: a refusal must come at submit
+    tiny = png(make_photo(MIN_SIDE + 4, MIN_SIDE - 1))
+    answer = post_job(client, {**FAST, "preset": "ink-wash"}, image=tiny, style=None)
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == (f"image too small: the output would be {MIN_SIDE + 4}×{MIN_SIDE - 1} "
+                                       f"px, and at least {MIN_SIDE} px on each side are needed")
+
+
+def test_a_small_image_enlarged_by_size_is_accepted():
+    client = TestClient(create_app(ServerSettings()))  # no lifespan: nothing runs
+    tiny = png(make_photo(MIN_SIDE + 4, MIN_SIDE - 1))
+    assert post_job(client, {**FAST, "size": 4 * MIN_SIDE}, image=tiny).status_code == 202
 
 
 def test_tuple_options_are_taken_as_json_lists(server):
@@ -410,6 +428,16 @@ def test_serve_refuses_off_loopback_without_a_usable_token(tmp_path, capsys):
     assert "no usable token" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00\x81" * 8, b"\x00" * 32],
+                         ids=["empty", "binary", "nul-bytes"])
+def test_a_token_file_without_a_token_a_client_can_send_is_refused(tmp_path, content):
+    token_file = tmp_path / "token"
+    token_file.write_bytes(content)
+    token_file.chmod(0o600)
+    with pytest.raises(StylekitError, match="holds no usable token"):  # `serve` says it in one line
+        load_or_create_token(token_file)
+
+
 def test_serve_off_loopback_creates_and_requires_the_token(tmp_path, weights_file):
     token_file = tmp_path / "cfg" / "server-token"
     process, url = start_server(tmp_path / "serve.log", "--host", "0.0.0.0", "--token-file", str(token_file),
@@ -453,7 +481,7 @@ def test_warm_up_keeps_torch_off_the_calling_thread(weights_file, monkeypatch):
 
 
 def test_warm_up_reports_bad_weights_as_a_stylekit_error(tmp_path):
-    from stylekit import StylekitError, server
+    from stylekit import server
     (tmp_path / "bad.pth").write_bytes(b"not weights")
     with pytest.raises(StylekitError):
         server.warm_up(ServerSettings(weights=str(tmp_path / "bad.pth"), device="cpu"))

@@ -68,13 +68,16 @@ def write_rgba(drawable, data, bits):
 
 
 def show_dialog(procedure, config, presets):
-    """The dialog: a preset list from the server, then the procedure's own arguments."""
+    """The dialog: a preset list from the server, then the procedure's own arguments. It shows what
+    will be used: a chosen style image empties the preset, and picking a preset drops the style image."""
     gi.require_version("GimpUi", "3.0")
     gi.require_version("Gtk", "3.0")
     from gi.repository import GimpUi, Gtk
 
     GimpUi.init(PROCEDURE)
-    if not config.get_property("preset") and config.get_property("style-file") is None and presets:
+    if config.get_property("style-file") is not None:
+        config.set_property("preset", "")  # the style image wins (choose_style)
+    elif not config.get_property("preset") and presets:
         config.set_property("preset", presets[0]["name"])
     dialog = GimpUi.ProcedureDialog.new(procedure, config, "Style Transfer")
     store = Gtk.ListStore(str, str)
@@ -88,6 +91,17 @@ def show_dialog(procedure, config, presets):
     row.pack_start(label, False, False, 0)
     row.pack_start(combo, True, True, 0)
     dialog.fill(["style-file", "strength", "quality", "max-size", "preserve-colors"])
+
+    def style_picked(*_):
+        if config.get_property("style-file") is not None:
+            config.set_property("preset", "")
+
+    def preset_picked(*_):
+        if config.get_property("preset"):
+            config.set_property("style-file", None)
+
+    config.connect("notify::style-file", style_picked)  # after fill: the widgets are set up by now
+    config.connect("notify::preset", preset_picked)
     content = dialog.get_content_area()
     content.pack_start(row, False, False, 0)
     content.reorder_child(row, 0)
@@ -97,15 +111,17 @@ def show_dialog(procedure, config, presets):
     return accepted
 
 
-def read_style(config):
-    """The chosen style image as (file name, bytes), or None when a preset is used."""
+def choose_style(config):
+    """(preset, style) to send: a chosen style image wins over the preset, in every run mode (the
+    preset is then ''), so what the user picked explicitly is what they get; style is (file name,
+    bytes) or None."""
     style_file = config.get_property("style-file")
-    if config.get_property("preset") or style_file is None:
-        return None
+    if style_file is None:
+        return config.get_property("preset"), None
     path = style_file.get_path()
     try:
         with open(path, "rb") as handle:
-            return os.path.basename(path), handle.read()
+            return "", (os.path.basename(path), handle.read())
     except OSError as exc:
         raise client.ClientError(f"Cannot read the style image {path} ({exc.strerror or exc}).") from None
 
@@ -168,8 +184,7 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
     presets = server.presets()
     if run_mode == Gimp.RunMode.INTERACTIVE and not show_dialog(procedure, config, presets):
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
-    preset = config.get_property("preset")
-    style = read_style(config)
+    preset, style = choose_style(config)
     if not preset and style is None:
         return fail(procedure, "Choose a preset or a style image (arguments 'preset' or 'style-file').",
                     Gimp.PDBStatusType.CALLING_ERROR)
@@ -228,14 +243,15 @@ class StyleTransfer(Gimp.PlugIn):
             "Paint the layer in the style of a painting (neural style transfer)",
             "Sends the layer to a local stylekit server (started when needed) and adds the result as a "
             "new layer above it, with the same size, offsets and transparency; an active selection "
-            "and the layer's own mask become its layer mask.", name)
+            "and the layer's own mask become its layer mask. The style comes from the style image when "
+            "one is chosen, otherwise from the preset.", name)
         procedure.set_attribution("stylekit", "stylekit", "2025")
         flags = GObject.ParamFlags.READWRITE
-        procedure.add_string_argument("preset", "_Preset", "Preset name from the server; empty: use the "
-                                                           "style image", "", flags)
-        procedure.add_file_argument("style-file", "St_yle image", "A painting to take the style from "
-                                    "(when no preset is chosen)", Gimp.FileChooserAction.OPEN, True, None,
-                                    flags)
+        procedure.add_string_argument("preset", "_Preset", "Preset name from the server, used when no "
+                                                           "style image is chosen", "", flags)
+        procedure.add_file_argument("style-file", "St_yle image", "A painting to take the style from; "
+                                    "when chosen, it is used instead of the preset",
+                                    Gimp.FileChooserAction.OPEN, True, None, flags)
         procedure.add_double_argument("strength", "S_trength", "Style weight, as a multiple of the "
                                                               "preset's", 0.05, 20.0, 1.0, flags)
         quality = Gimp.Choice.new()

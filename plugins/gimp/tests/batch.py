@@ -102,6 +102,11 @@ if PROCEDURE is not None:
         image.select_rectangle(Gimp.ChannelOps.REPLACE, *SPEC["selection"])
         report["calls"].append(call(image, top, preset=SPEC["preset"], quality="fast"))
         report["after_mask"] = describe(image, "mask")
+
+        # 6. both a preset and a style image: the style image wins
+        report["calls"].append(call(image, top, preset=SPEC["preset"], quality="fast",
+                                    style_file=load("painting.png")))
+        report["after_both"] = describe(image, "both")
     image.delete()
 
 with open(os.path.join(WORK, "report.json"), "w") as stream:
