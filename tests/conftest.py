@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -141,3 +142,36 @@ def boxes(tmp_path: Path) -> tuple[Path, Path]:
     inbox.mkdir()
     outbox.mkdir()
     return inbox, outbox
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path) -> Iterator[Path]:
+    """A real 256 KiB disk of its own mounted on folder (a tmpfs, so root only): pytest skips where it
+    cannot mount."""
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill a small disk to the last byte; the file that fills it (remove it to make room)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    return filler
+
+
+def make_read_only(disk: Path) -> None:
+    """Remount a small disk read-only, as a write-protected card or an NFS export mounted ro is."""
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)

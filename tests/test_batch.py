@@ -17,17 +17,14 @@ from batch_support import (
     PRESET,
     batch_process,
     claimed_elsewhere,
-    fill,
     make_inputs,
-    make_read_only,
     once_each,
     output_name,
-    small_disk,
     stamps,
     tiny,
     tiny_flags,
 )
-from conftest import make_photo, save_png
+from conftest import fill, make_photo, make_read_only, save_png, small_disk
 from PIL import ExifTags, Image
 
 from stylekit.batch import (

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import struct
-import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_photo, save_png
+from conftest import fill, make_photo, save_png, small_disk
 from PIL import ExifTags, Image
 from pipeline_support import (
     PRESET,
@@ -478,22 +477,8 @@ def test_a_styled_image_it_cannot_move_to_done_is_left_in_processing_and_the_wat
 def full_outbox(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     """An output folder on a small disk of its own (a real tmpfs, so root only) and the file that fills
     that disk to the last byte."""
-    folder = tmp_path_factory.mktemp("full")
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
-                                 capture_output=True).returncode == 0
-    except OSError:  # no mount command
-        mounted = False
-    if not mounted:
-        pytest.skip("mounting a tmpfs needs root")
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(fd, b"\0" * 4096)
-    os.close(fd)
-    yield folder, filler
-    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+    with small_disk(tmp_path_factory.mktemp("full")) as folder:
+        yield folder, fill(folder)
 
 
 def test_a_full_outbox_hands_the_image_back_and_styles_it_once_there_is_room(boxes, full_outbox, weights_file,
