@@ -46,6 +46,8 @@ def load_or_create_token(path: Path) -> str:
 def read_token(path: Path) -> str:
     """An existing token, refused when other users could read it, or when it is too short to be secret
     or not text a client can send in its Authorization header (printable ASCII)."""
+    if path.is_dir():  # `--token-file ''` names the current folder
+        raise StylekitError(f"token file '{path}' is a folder; name the file that holds the token")
     try:
         if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
             raise StylekitError(f"token file '{path}' can be read by other users; run: chmod 600 '{path}'")

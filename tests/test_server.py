@@ -438,6 +438,11 @@ def test_a_token_file_without_a_token_a_client_can_send_is_refused(tmp_path, con
         load_or_create_token(token_file)
 
 
+def test_a_token_file_that_is_a_folder_is_refused_as_such(tmp_path):
+    with pytest.raises(StylekitError, match="is a folder; name the file"):
+        load_or_create_token(tmp_path)
+
+
 def test_serve_off_loopback_creates_and_requires_the_token(tmp_path, weights_file):
     token_file = tmp_path / "cfg" / "server-token"
     process, url = start_server(tmp_path / "serve.log", "--host", "0.0.0.0", "--token-file", str(token_file),
