@@ -5,8 +5,13 @@ The one entry point is `stylize(request, progress=callback) -> Result`; everythi
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from .errors import Cancelled, StylekitError
 from .request import Progress, Result, StyleOptions, StyleRequest
+
+if TYPE_CHECKING:  # type checkers and editors see the signatures that __getattr__ imports lazily
+    from .engine import stylize, stylize_batch
 
 __all__ = ["Cancelled", "Progress", "Result", "StyleOptions", "StyleRequest", "StylekitError",
            "__version__", "stylize", "stylize_batch"]
@@ -18,3 +23,8 @@ def __getattr__(name: str):
         from . import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'stylekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, so completion in a REPL or notebook offers `stylize`."""
+    return sorted({*globals(), *__all__})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
@@ -54,10 +55,10 @@ class StyleOptions:
     max_memory: float | None = None  # GiB a run may plan to take (None: what the device has free)
 
     def __post_init__(self) -> None:
-        """Lists where tuples are meant (as callers and JSON give them) become tuples."""
-        for name in ("content_layers", "style_layers", "style_layer_weights", "style_blend"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
+        """Lists (as JSON gives them) and numpy values (as array code gives them) become the plain
+        tuples and numbers the options hold, so they are checked as such and reports stay JSON."""
+        for name in (f.name for f in fields(self)):
+            object.__setattr__(self, name, _plain(getattr(self, name)))
 
     def replace(self, **changes: object) -> StyleOptions:
         """A copy with some options changed, refusing unknown names."""
@@ -70,6 +71,38 @@ class StyleOptions:
     def as_dict(self) -> dict[str, object]:
         """Plain values for JSON reports and image metadata."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as its Python number, a numpy array or list as a tuple (of plain items)."""
+    if isinstance(value, np.ndarray | np.generic):
+        value = value.tolist()
+    return tuple(_plain(item) for item in value) if isinstance(value, list) else value
+
+
+OPTION_TYPES = typing.get_type_hints(StyleOptions)
+_KIND_WORDS = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"),
+               str: ("a string", "strings")}
+
+
+def _is_kind(value: object, kind: type) -> bool:
+    """Whether a value fits a field of that type (a whole number fits a number; a bool fits neither)."""
+    return not isinstance(value, bool) and isinstance(value, int | float if kind is float else kind)
+
+
+def _check_type(name: str, value: object) -> None:
+    """Refuse a value of the wrong type (as code may pass) by name, before it is compared or used."""
+    hint, optional = OPTION_TYPES[name], False
+    if type(None) in typing.get_args(hint):
+        hint, optional = next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
+    if value is None and optional:
+        return
+    if typing.get_origin(hint) is tuple:
+        element = typing.get_args(hint)[0]
+        if not isinstance(value, tuple) or not all(_is_kind(item, element) for item in value):
+            raise StylekitError(f"bad {name} {value!r} (must be a list of {_KIND_WORDS[element][1]})")
+    elif not _is_kind(value, hint):
+        raise StylekitError(f"bad {name} {value!r} (must be {_KIND_WORDS[hint][0]})")
 
 
 def _check_weights(name: str, values: Sequence[float]) -> None:
@@ -92,11 +125,8 @@ def validate(options: StyleOptions) -> None:
         spec = backbone_spec(options.backbone)
     except ValueError as exc:
         raise StylekitError(str(exc)) from None
-    for name in ("steps", "seed", "size", "scales", "min_scale"):
-        value = getattr(options, name)
-        if (value is not None or name in ("steps", "seed")) and (
-                isinstance(value, bool) or not isinstance(value, int)):
-            raise StylekitError(f"bad {name} {value!r} (must be a whole number)")
+    for name in OPTION_TYPES:
+        _check_type(name, getattr(options, name))
     positive = {"steps": options.steps, "style_scale": options.style_scale,
                 "learning_rate": options.learning_rate}
     if options.min_scale is not None:
@@ -135,7 +165,9 @@ def check_image(image: object, what: str) -> None:
             else type(image).__name__
         raise StylekitError(f"{what} must be an H×W×3 float32 array in [0, 1], not a {shape} "
                             "(stylekit.image.load_image reads a file into one)")
-    if image.size and not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
+    if not image.size:
+        raise StylekitError(f"{what} has no pixels ({image.shape[1]}×{image.shape[0]} px)")
+    if not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
         raise StylekitError(f"{what} has values outside [0, 1] (NaN, infinite, or 0–255 rather than 0–1)")
 
 

@@ -1,5 +1,6 @@
 """stylize(): the optimisation loop, its options, progress and cancellation."""
 
+import json
 import math
 import mmap
 import os
@@ -38,6 +39,11 @@ def run(weights_file):
         request = StyleRequest(make_photo(), styles or [make_painting()], options, init_image=init_image)
         return stylize(request, progress=progress)
     return go
+
+
+def test_the_package_lists_its_lazily_imported_stylize_for_completion():
+    import stylekit
+    assert {"stylize", "stylize_batch", "StyleRequest", "Cancelled"} <= set(dir(stylekit))
 
 
 def test_the_result_is_the_best_iterate_not_the_last(run):
@@ -124,7 +130,8 @@ def test_a_style_too_small_for_the_network_at_its_scale_is_taken_at_16_px(run, s
     (make_photo()[..., 0], "H×W×3"),
     (make_photo() * 255, "outside \\[0, 1\\]"),
     (np.where(np.eye(40, 48, dtype=bool)[..., None], np.nan, make_photo()).astype(np.float32), "NaN"),
-], ids=["uint8", "float64", "grey 2-D", "0-255 floats", "NaN"])
+    (np.zeros((0, 0, 3), np.float32), "no pixels"),
+], ids=["uint8", "float64", "grey 2-D", "0-255 floats", "NaN", "empty"])
 def test_pixels_the_engine_cannot_take_are_refused_naming_the_image(weights_file, content, message):
     options = StyleOptions(weights=str(weights_file), steps=2, device="cpu", targets="torch")
     with pytest.raises(StylekitError, match=f"the content image .*{message}"):
@@ -165,6 +172,22 @@ def test_layer_options_may_be_given_as_lists(run):
 def test_counts_must_be_whole_numbers(run, name, value):
     with pytest.raises(StylekitError, match=f"bad {name} .*whole number"):
         run(**{name: value})
+
+
+@pytest.mark.parametrize(("name", "value", "kind"), [
+    ("style_weight", "1e6", "a number"), ("style_scale", None, "a number"), ("weights", None, "a string"),
+    ("style_layers", "relu1_1", "a list of strings"),
+    ("style_layer_weights", ("1",) * 5, "a list of numbers"),
+])
+def test_option_values_of_the_wrong_type_are_refused_with_their_name(run, name, value, kind):
+    with pytest.raises(StylekitError, match=rf"^bad {name} .* \(must be {kind}\)$"):
+        run(**{name: value})
+
+
+def test_numpy_option_values_are_taken_as_plain_numbers_and_reported_as_json(run):
+    result = run(steps=np.int64(2), style_weight=np.float32(1e5), style_layer_weights=np.ones(5))
+    assert result.iterations == 2
+    assert json.loads(json.dumps(result.report()))["options"]["style_layer_weights"] == [1.0] * 5
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux resets a process's peak")
