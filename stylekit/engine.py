@@ -215,12 +215,14 @@ def _extractor(key: tuple[str, str, tuple[int, int] | None], layers: tuple[str, 
 
 def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """H×W×3 float array → 1×3×H×W tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(device).contiguous()
+    # A copy of a read-only array (torch warns of those); others only where not contiguous.
+    pixels = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device).contiguous()
 
 
 def to_array(image: torch.Tensor) -> np.ndarray:
     """1×3×H×W tensor → H×W×3 float32 array in [0, 1]."""
-    return image[0].detach().clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+    return np.ascontiguousarray(image[0].detach().clamp(0, 1).permute(1, 2, 0).float().cpu().numpy())
 
 
 def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -479,6 +481,12 @@ def _check_batch(requests: Sequence[StyleRequest]) -> None:
     if not requests:
         raise ValueError("stylize_batch needs at least one request")
     for request in requests:
+        if not isinstance(request.options, StyleOptions):
+            raise StylekitError("options must be a stylekit.StyleOptions, not "
+                                f"{type(request.options).__name__}")
+        validate(request.options)  # first: the blend's weights are compared below
+        if not isinstance(request.style_key, str | None):
+            raise StylekitError(f"style_key must be a string, not {type(request.style_key).__name__}")
         if isinstance(request.styles, np.ndarray) or not request.styles:
             raise StylekitError("at least one style image is needed, in a list")
         check_image(request.content, "the content image")
@@ -522,7 +530,6 @@ def stylize_batch(requests: Sequence[StyleRequest],
     """
     _check_batch(requests)
     options = requests[0].options
-    validate(options)
     started = time.perf_counter()
     runtime = pick_runtime(options.device, options.precision)
     memory.reset_peak(runtime.device)

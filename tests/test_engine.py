@@ -5,6 +5,8 @@ import math
 import mmap
 import os
 import re
+import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,11 +34,12 @@ from stylekit.errors import NotEnoughMemory
 @pytest.fixture
 def run(weights_file):
     """Stylise the tiny photo with the tiny painting; options override small, fast defaults."""
-    def go(progress=None, styles=None, init_image=None, **changes):
+    def go(progress=None, styles=None, init_image=None, content=None, **changes):
         # The CPU: these tests specify behaviour, not devices (a GPU throttles progress, say).
         options = StyleOptions(weights=str(weights_file), steps=4, targets="torch", device="cpu"
                                ).replace(**changes)
-        request = StyleRequest(make_photo(), styles or [make_painting()], options, init_image=init_image)
+        request = StyleRequest(make_photo() if content is None else content, styles or [make_painting()],
+                               options, init_image=init_image)
         return stylize(request, progress=progress)
     return go
 
@@ -136,6 +139,28 @@ def test_pixels_the_engine_cannot_take_are_refused_naming_the_image(weights_file
     options = StyleOptions(weights=str(weights_file), steps=2, device="cpu", targets="torch")
     with pytest.raises(StylekitError, match=f"the content image .*{message}"):
         stylize(StyleRequest(content, [make_painting()], options))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"options": None}, "options must be a stylekit.StyleOptions, not NoneType"),
+    ({"style_key": 3}, "style_key must be a string, not int"),
+    ({"options": StyleOptions(style_blend=("a",))}, r"bad style_blend \('a',\) \(must be a list of"),
+], ids=["options", "style_key", "blend of strings"])
+def test_a_request_of_the_wrong_types_is_refused_by_name(changes, message):
+    with pytest.raises(StylekitError, match=f"^{message}"):
+        stylize(replace(StyleRequest(make_photo(), [make_painting()]), **changes))
+
+
+def test_a_read_only_image_is_styled_without_a_warning(run):
+    content = make_photo()
+    content.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(steps=1, content=content)
+
+
+def test_the_result_is_a_c_contiguous_array_as_loaded_images_are(run):
+    assert run().image.flags.c_contiguous
 
 
 def test_a_bare_style_array_instead_of_a_list_is_refused(weights_file):
