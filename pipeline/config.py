@@ -9,8 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stylekit.errors import StylekitError
-from stylekit.presets import OPTION_KINDS
-from stylekit.request import StyleOptions, validate
+from stylekit.request import OPTION_KINDS, StyleOptions, describe_kind, is_kind, validate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,7 +19,6 @@ else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
 FORMATS = ("same", "png", "jpg", "webp", "avif", "tif")
 _TOP_KEYS = {"settle", "retries", "batch", "rescan", "log_json", "status_file", "options", "folder"}
 _FOLDER_KEYS = {"inbox", "out", "preset", "format", "quality", "options"}
-_KIND_WORDS = {int: "a whole number", float: "a number", str: "a string"}
 
 
 @dataclass(frozen=True)
@@ -185,17 +183,10 @@ def _options(table: object, where: str) -> dict[str, object]:
         kind = OPTION_KINDS[key]
         items = value if isinstance(kind, tuple) and isinstance(value, list) else [value]
         wanted = kind[0] if isinstance(kind, tuple) else kind
-        if not items or not all(_is_kind(item, wanted) for item in items):
-            listed = "a list with each item " if isinstance(kind, tuple) else ""
-            raise StylekitError(f"{where}: option '{key}' must be {listed}{_KIND_WORDS[wanted]}")
+        if not items or not all(is_kind(item, wanted) for item in items):
+            raise StylekitError(f"{where}: option '{key}' must be {describe_kind(kind)}")
         values[key] = tuple(wanted(i) for i in items) if isinstance(kind, tuple) else wanted(value)
     return values
-
-
-def _is_kind(value: object, kind: type) -> bool:
-    """TOML's value fits the field (an integer fits a float field; a boolean is not a number)."""
-    return not isinstance(value, bool) and (isinstance(value, kind) or
-                                            (kind is float and isinstance(value, int)))
 
 
 def _known_keys(table: dict, known: set[str], where: str) -> None:

@@ -23,7 +23,6 @@ import secrets
 import shutil
 import sys
 import time
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from . import builtin_presets
 from .atomic import write_bytes
 from .errors import StylekitError
 from .image import load_image
-from .request import StyleOptions, StyleRequest, validate
+from .request import OPTION_KINDS, StyleOptions, StyleRequest, describe_kind, is_kind, validate
 from .weights_cache import names_a_file
 
 if sys.version_info >= (3, 11):
@@ -86,27 +85,11 @@ def check_name(name: str) -> str:
     return name
 
 
-def _option_kinds() -> dict[str, type | tuple[type]]:
-    """Each StyleOptions field's value type, None stripped: int, float, str, or (element type,)."""
-    kinds: dict[str, type | tuple[type]] = {}
-    for name, hint in typing.get_type_hints(StyleOptions).items():
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        kinds[name] = (typing.get_args(hint)[0],) if typing.get_origin(hint) is tuple else hint
-    return kinds
-
-
-OPTION_KINDS = _option_kinds()
-_KIND_WORDS = {int: "a whole number", float: "a number", str: "a string"}
-
-
 def _scalar(value: object, kind: type) -> object | None:
     """The value as `kind` (ints accepted as floats), or None when it has another type."""
-    if isinstance(value, bool):
+    if not is_kind(value, kind):
         return None
-    if kind is float and isinstance(value, int | float):
-        return float(value)
-    return value if isinstance(value, kind) else None
+    return float(value) if kind is float else value
 
 
 def _option(value: object, kind: type | tuple[type]) -> object | None:
@@ -117,13 +100,6 @@ def _option(value: object, kind: type | tuple[type]) -> object | None:
         items = [_scalar(item, kind[0]) for item in value]
         return None if any(item is None for item in items) else tuple(items)
     return _scalar(value, kind)
-
-
-def _describe(kind: type | tuple[type]) -> str:
-    """Words for the type a key needs, for error messages."""
-    if isinstance(kind, tuple):
-        return f"a non-empty list of {_KIND_WORDS[kind[0]].split(' ', 1)[1]}s"
-    return _KIND_WORDS[kind]
 
 
 def _fail(path: Path, key: str, problem: str) -> typing.NoReturn:
@@ -168,7 +144,7 @@ def _options(options: object, blend: tuple[float, ...], path: Path) -> dict[str,
             _fail(path, f"options.{key}", "is not an engine option")
         converted[key] = _option(value, OPTION_KINDS[key])
         if converted[key] is None:
-            _fail(path, f"options.{key}", f"must be {_describe(OPTION_KINDS[key])}")
+            _fail(path, f"options.{key}", f"must be {describe_kind(OPTION_KINDS[key])}")
     if names_a_file(converted.get("weights", "auto")):  # relative to the file, as its style images
         converted["weights"] = str(path.parent / converted["weights"])
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -80,29 +81,43 @@ def _plain(value: object) -> object:
     return tuple(_plain(item) for item in value) if isinstance(value, list) else value
 
 
-OPTION_TYPES = typing.get_type_hints(StyleOptions)
+def _option_kinds() -> dict[str, type | tuple[type]]:
+    """Each StyleOptions field's value type, None stripped: int, float, str, or (element type,)."""
+    kinds: dict[str, type | tuple[type]] = {}
+    for name, hint in typing.get_type_hints(StyleOptions).items():
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        kinds[name] = (typing.get_args(hint)[0],) if typing.get_origin(hint) is tuple else hint
+    return kinds
+
+
+OPTION_KINDS = _option_kinds()
+"""What each option holds, for whoever reads options from text (preset files, config, JSON)."""
+_OPTIONAL = {name for name, hint in typing.get_type_hints(StyleOptions).items()
+             if type(None) in typing.get_args(hint)}
 _KIND_WORDS = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"),
                str: ("a string", "strings")}
 
 
-def _is_kind(value: object, kind: type) -> bool:
+def is_kind(value: object, kind: type) -> bool:
     """Whether a value fits a field of that type (a whole number fits a number; a bool fits neither)."""
     return not isinstance(value, bool) and isinstance(value, int | float if kind is float else kind)
 
 
+def describe_kind(kind: type | tuple[type]) -> str:
+    """Words for what an option needs, for error messages: 'a number', 'a list of strings'."""
+    return f"a list of {_KIND_WORDS[kind[0]][1]}" if isinstance(kind, tuple) else _KIND_WORDS[kind][0]
+
+
 def _check_type(name: str, value: object) -> None:
     """Refuse a value of the wrong type (as code may pass) by name, before it is compared or used."""
-    hint, optional = OPTION_TYPES[name], False
-    if type(None) in typing.get_args(hint):
-        hint, optional = next(arg for arg in typing.get_args(hint) if arg is not type(None)), True
-    if value is None and optional:
+    kind = OPTION_KINDS[name]
+    if value is None and name in _OPTIONAL:
         return
-    if typing.get_origin(hint) is tuple:
-        element = typing.get_args(hint)[0]
-        if not isinstance(value, tuple) or not all(_is_kind(item, element) for item in value):
-            raise StylekitError(f"bad {name} {value!r} (must be a list of {_KIND_WORDS[element][1]})")
-    elif not _is_kind(value, hint):
-        raise StylekitError(f"bad {name} {value!r} (must be {_KIND_WORDS[hint][0]})")
+    fits = (isinstance(value, tuple) and all(is_kind(item, kind[0]) for item in value)
+            if isinstance(kind, tuple) else is_kind(value, kind))
+    if not fits:
+        raise StylekitError(f"bad {name} {value!r} (must be {describe_kind(kind)})")
 
 
 def _check_weights(name: str, values: Sequence[float]) -> None:
@@ -125,7 +140,7 @@ def validate(options: StyleOptions) -> None:
         spec = backbone_spec(options.backbone)
     except ValueError as exc:
         raise StylekitError(str(exc)) from None
-    for name in OPTION_TYPES:
+    for name in OPTION_KINDS:
         _check_type(name, getattr(options, name))
     positive = {"steps": options.steps, "style_scale": options.style_scale,
                 "learning_rate": options.learning_rate}
