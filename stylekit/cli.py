@@ -36,6 +36,7 @@ from .request import (
     StyleOptions,
     StyleRequest,
 )
+from .weights_cache import names_a_file
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -280,7 +281,8 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     stylekit apply photo.jpg --preset ink-wash --steps 100 -o out.png
     """
     if bool(styles) == bool(preset):
-        raise click.UsageError("give either --preset NAME or at least one --style image")
+        raise click.UsageError("give --preset NAME or --style images, not both" if styles
+                               else "give either --preset NAME or at least one --style image")
     changes, init_file = flag_changes(flags)
     chosen = get_preset(preset) if preset else None
     style_files = [str(path) for path in chosen.style_paths] if chosen else list(styles)
@@ -462,6 +464,10 @@ def presets_validate(file: Path) -> None:
     preset = load_preset_file(file)
     for style in preset.style_paths:
         load_image(style)  # decoded, not only found: a truncated or mislabelled image fails here
+    weights = str(preset.options.get("weights", "auto"))
+    if names_a_file(weights) and not Path(weights).is_file():  # else only a run would find out
+        raise StylekitError(f"preset file '{file}': key 'options.weights' names '{weights}', which is "
+                            "not there")
     click.echo(f"{file}: ok ('{preset.name}', {len(preset.style_paths)} style image(s), "
                f"{len(preset.options)} option(s))")
 

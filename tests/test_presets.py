@@ -474,6 +474,12 @@ def test_presets_validate_decodes_the_style_images(capsys, tmp_path):
     assert code == 1 and "style.png" in err and err.count("\n") == 1
 
 
+def test_presets_validate_refuses_a_weights_file_that_is_not_there(capsys, tmp_path):
+    preset = write_preset(tmp_path, "gone", minimal("gone", '[options]\nweights = "missing.pth"\n'))
+    code, _, err = run(capsys, "presets", "validate", str(preset))
+    assert code == 1 and "'options.weights' names" in err and "missing.pth" in err and err.count("\n") == 1
+
+
 def test_apply_with_a_preset_lets_flags_override_its_options(capsys, tmp_path, photo_path, weights_file):
     out, report = tmp_path / "out.png", tmp_path / "report.json"
     code, _, err = run(capsys, "apply", str(photo_path), "--preset", "woodcut", "-o", str(out),
