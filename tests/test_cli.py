@@ -379,11 +379,6 @@ def test_help_and_usage_errors_answer_without_loading_torch():
     assert "give either --preset NAME or at least one --style image" in done.stderr
 
 
-def test_apply_with_both_a_preset_and_style_images_says_to_give_one(capsys):
-    assert main(["apply", "photo.jpg", "--preset", "ink-wash", "--style", "p.jpg", "-o", "out.png"]) == 2
-    assert "give --preset NAME or --style images, not both" in capsys.readouterr().err
-
-
 def test_listing_presets_does_not_load_torch():
     done = _without_torch(["presets", "list"])
     assert "ink-wash" in done.stdout

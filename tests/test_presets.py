@@ -491,10 +491,13 @@ def test_apply_with_a_preset_lets_flags_override_its_options(capsys, tmp_path, p
     assert data["targets"] == "onnx:CPUExecutionProvider" and load_image(out).rgb.shape == (27, 32, 3)
 
 
-@pytest.mark.parametrize("choice", [[], ["--style", "painting.png", "--preset", "swirl"]])
-def test_apply_needs_either_a_preset_or_style_images(capsys, tmp_path, photo_path, choice):
+@pytest.mark.parametrize(("choice", "message"), [
+    ([], "give either --preset NAME or at least one --style image"),
+    (["--style", "painting.png", "--preset", "swirl"], "give --preset NAME or --style images, not both"),
+], ids=["neither", "both"])
+def test_apply_needs_either_a_preset_or_style_images(capsys, tmp_path, photo_path, choice, message):
     code, _, err = run(capsys, "apply", str(photo_path), "-o", str(tmp_path / "o.png"), *choice)
-    assert code == 2 and "give either --preset NAME or at least one --style image" in err
+    assert code == 2 and message in err
 
 
 # The style Gram cache
