@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,19 @@ def tiny(weights_file: Path) -> dict[str, object]:
 def tiny_flags(weights_file: Path) -> list[str]:
     """The same overrides as CLI flags."""
     return [f"--{key}={value}" for key, value in tiny(weights_file).items()]
+
+
+def at_outcome(number: int, action: Callable[[], object],
+               seen: list[Outcome] | None = None) -> Callable[[Outcome], None]:
+    """An on_outcome callback that notes each outcome (in `seen`, if given) and runs action once the
+    number-th has come: something that happens to a batch while it runs."""
+    noted: list[Outcome] = [] if seen is None else seen
+
+    def note(outcome: Outcome) -> None:
+        noted.append(outcome)
+        if len(noted) == number:
+            action()
+    return note
 
 
 def make_inputs(folder: Path, count: int = 8, sides: Sequence[int] = ()) -> list[Path]:

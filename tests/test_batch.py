@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from batch_support import (
     PRESET,
+    at_outcome,
     batch_process,
     claimed_elsewhere,
     make_inputs,
@@ -259,13 +260,11 @@ def test_a_stopped_batch_resumes_where_it_stopped(tmp_path, weights_file):
     items = plan(sources, out, PRESET)
     seen: list[Outcome] = []
 
-    def stop_after_two(outcome: Outcome) -> None:
-        seen.append(outcome)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
+    def interrupt() -> None:
+        raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(out, items, recipe, run_local, stop_after_two)
+        run_batch(out, items, recipe, run_local, at_outcome(2, interrupt, seen))
     assert sorted(stamps(out)) == ["img0.woodcut.png", "img1.woodcut.png"]
     summary = run_batch(out, items, recipe, run_local, seen.append)
     assert (summary.done, summary.skipped, summary.failures) == (3, 2, [])
@@ -373,13 +372,7 @@ def test_a_failure_record_the_full_disk_refuses_still_ends_with_the_counts(tmp_p
     out = disk / "out"
     out.mkdir()
     recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
-    seen: list[Outcome] = []
-
-    def fill_after_the_last(outcome: Outcome) -> None:
-        seen.append(outcome)
-        if len(seen) == len(sources):
-            fill(disk)
-
+    fill_after_the_last = at_outcome(len(sources), lambda: fill(disk))
     with pytest.raises(OutputRefused) as stop:
         run_batch(out, plan(sources, out, PRESET), recipe, run_local, fill_after_the_last)
     assert timeless(str(stop.value)).startswith(
@@ -502,12 +495,7 @@ def test_an_input_that_disappears_during_the_run_is_skipped_not_failed(tmp_path,
     out.mkdir()
     recipe = make_recipe(get_preset(PRESET), tiny(weights_file))
     seen: list[Outcome] = []
-
-    def move_the_last_away(outcome: Outcome) -> None:
-        seen.append(outcome)
-        if len(seen) == 1:
-            sources[2].replace(tmp_path / "elsewhere.png")
-
+    move_the_last_away = at_outcome(1, lambda: sources[2].replace(tmp_path / "elsewhere.png"), seen)
     summary = run_batch(out, plan(sources, out, PRESET), recipe, run_local, move_the_last_away)
     assert (summary.done, summary.skipped, summary.failures) == (2, 1, [])
     assert (seen[2].item.source, seen[2].status, seen[2].reason) == (sources[2], "skipped", GONE)
