@@ -81,10 +81,13 @@ def _plain(value: object) -> object:
     return tuple(_plain(item) for item in value) if isinstance(value, list) else value
 
 
+_HINTS = typing.get_type_hints(StyleOptions)
+
+
 def _option_kinds() -> dict[str, type | tuple[type]]:
     """Each StyleOptions field's value type, None stripped: int, float, str, or (element type,)."""
     kinds: dict[str, type | tuple[type]] = {}
-    for name, hint in typing.get_type_hints(StyleOptions).items():
+    for name, hint in _HINTS.items():
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         kinds[name] = (typing.get_args(hint)[0],) if typing.get_origin(hint) is tuple else hint
@@ -93,8 +96,7 @@ def _option_kinds() -> dict[str, type | tuple[type]]:
 
 OPTION_KINDS = _option_kinds()
 """What each option holds, for whoever reads options from text (preset files, config, JSON)."""
-_OPTIONAL = {name for name, hint in typing.get_type_hints(StyleOptions).items()
-             if type(None) in typing.get_args(hint)}
+_OPTIONAL = {name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint)}
 _KIND_WORDS = {int: ("a whole number", "whole numbers"), float: ("a number", "numbers"),
                str: ("a string", "strings")}
 
