@@ -12,13 +12,16 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from . import native_transforms
+
 # G of F(4×4, 3×3): the kernel transform (its input and output transforms are written out below).
 _KERNEL_TRANSFORM = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                                   [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
                                  dtype=torch.float64)
-# The products scale with Cin·Cout, the additions with Cin + Cout: below this ratio they cost more
-# than the products saved (VGG19 at 256×192 on two cores: conv2_2, 64, loses; conv3_1, 85, wins).
-MIN_CHANNEL_RATIO = 80
+# The products scale with Cin·Cout, the transforms with Cin + Cout: below this ratio they cost more
+# than the products saved. With torch's transforms, VGG19 at 256×192 on two cores: conv2_2, 64, loses;
+# conv3_1, 85, wins. The C transforms are ~3× cheaper, and conv2_2 wins too (21.6 against 25.5 ms).
+MIN_CHANNEL_RATIO = {"c": 60, "torch": 80}
 MIN_PIXELS = 64  # smaller inputs are mostly padding, in tiles of 4×4
 BAND_BYTES = 8 << 20  # transformed tiles per band of tile rows: cache-sized, and no huge temporaries
 
@@ -28,7 +31,8 @@ def pays_off(weight: torch.Tensor, stride, padding, dilation, groups: int) -> bo
     cout, cin, kh, kw = weight.shape
     plain = ((kh, kw) == (3, 3) and groups == 1 and _pair(stride) == (1, 1)
              and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1))
-    return plain and cin * cout / (cin + cout) >= MIN_CHANNEL_RATIO
+    ratio = MIN_CHANNEL_RATIO["c" if native_transforms.transforms() else "torch"]
+    return plain and cin * cout / (cin + cout) >= ratio
 
 
 def transform_weight(weight: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
@@ -53,13 +57,37 @@ def conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | Non
     """
     n, channels, h, w = x.shape
     th, tw = -(-h // 4), -(-w // 4)
+    band = max(1, BAND_BYTES // (36 * n * tw * max(channels, transformed.shape[2]) * x.element_size()))
+    library = native_transforms.transforms()
+    if library is not None:
+        return _conv3x3_c(library, x, transformed, bias, band)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))  # N×H×W×C
     out = x.new_empty(n, th, 4, tw, 4, transformed.shape[2])  # channels-last: the products' own order
-    band = max(1, BAND_BYTES // (36 * n * tw * max(channels, transformed.shape[2]) * x.element_size()))
     for top in range(0, th, band):
         bottom = min(th, top + band)
         _band(padded[:, 4 * top:4 * bottom + 2], transformed, bias, out[:, top:bottom])
     return out.view(n, th * 4, tw * 4, -1)[:, :h, :w].permute(0, 3, 1, 2)
+
+
+def _conv3x3_c(library, x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None,
+               band: int) -> torch.Tensor:
+    """conv3x3 with the C transforms (native_transforms.py): the same bands, products and layout."""
+    n, channels, h, w = x.shape
+    th, tw, cout = -(-h // 4), -(-w // 4), transformed.shape[2]
+    pixels = x.permute(0, 2, 3, 1).contiguous()  # N×H×W×C: free for the channels-last network
+    bias = None if bias is None else bias.float().contiguous()
+    out = x.new_empty(n, h, w, cout)
+    for top in range(0, th, band):
+        bottom = min(th, top + band)
+        tiles = x.new_empty(36, n * (bottom - top) * tw, channels)
+        if library.winograd_input(pixels.data_ptr(), tiles.data_ptr(), n, h, w, channels, tw, top, bottom):
+            raise MemoryError("no memory for the Winograd input transform")
+        products = torch.bmm(tiles, transformed)
+        if library.winograd_output(products.data_ptr(), out.data_ptr(),
+                                   None if bias is None else bias.data_ptr(),
+                                   n, h, w, cout, tw, top, bottom):
+            raise MemoryError("no memory for the Winograd output transform")
+    return out.permute(0, 3, 1, 2)
 
 
 def _band(padded: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | None,

@@ -4,9 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stylekit import engine, winograd
+from stylekit import engine, native_transforms, winograd
 from stylekit.features import BACKBONES, FeatureExtractor
 from stylekit.weights import random_state_dict
+
+
+@pytest.fixture(params=["c", "torch"])
+def transforms(request, monkeypatch):
+    """Each test of the convolution runs with the C transforms and with torch's (the fallback)."""
+    if request.param == "c" and native_transforms.transforms() is None:
+        pytest.skip("no C compiler here: only torch's transforms")
+    if request.param == "torch":
+        monkeypatch.setattr(native_transforms, "transforms", lambda: None)
+    return request.param
 
 
 def _layer(cin: int, cout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +31,7 @@ def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 12, 16), (2, 16, 13, 11), (1, 8, 9, 40)])
-def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape):
+def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape, transforms):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     weight, bias = _layer(shape[1], 24)
     exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
@@ -30,14 +40,14 @@ def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape):
     assert _relative_error(out, exact) < 2e-5
 
 
-def test_winograd_output_is_channels_last_like_the_network_around_it():
+def test_winograd_output_is_channels_last_like_the_network_around_it(transforms):
     x = torch.rand(1, 16, 12, 16, generator=torch.Generator().manual_seed(1))
     weight, bias = _layer(16, 24)
     out = winograd.conv3x3(x.to(memory_format=torch.channels_last), winograd.transform_weight(weight), bias)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_large_inputs_are_convolved_band_by_band_with_the_same_result(monkeypatch):
+def test_large_inputs_are_convolved_band_by_band_with_the_same_result(monkeypatch, transforms):
     x = torch.rand(1, 16, 40, 24, generator=torch.Generator().manual_seed(6))
     weight, bias = _layer(16, 16)
     whole = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
@@ -46,14 +56,14 @@ def test_large_inputs_are_convolved_band_by_band_with_the_same_result(monkeypatc
     torch.testing.assert_close(banded, whole)
 
 
-def test_winograd_convolution_without_bias():
+def test_winograd_convolution_without_bias(transforms):
     x = torch.rand(1, 8, 16, 16, generator=torch.Generator().manual_seed(2))
     weight, _ = _layer(8, 8)
     exact = F.conv2d(x.double(), weight.double(), padding=1)
     assert _relative_error(winograd.conv3x3(x, winograd.transform_weight(weight), None), exact) < 2e-5
 
 
-def test_transposed_kernels_give_the_input_gradient_of_the_convolution():
+def test_transposed_kernels_give_the_input_gradient_of_the_convolution(transforms):
     grad = torch.randn(2, 24, 12, 20, generator=torch.Generator().manual_seed(3))
     weight, _ = _layer(16, 24)
     exact = torch.nn.grad.conv2d_input((2, 16, 12, 20), weight.double(), grad.double(), padding=1)
@@ -69,6 +79,25 @@ def test_winograd_is_used_only_for_plain_3x3_convolutions_with_many_channels():
     assert not winograd.pays_off(deep, (1, 1), (1, 1), (1, 1), 2)  # grouped
     assert not winograd.pays_off(torch.zeros(256, 256, 1, 1), 1, 0, 1, 1)  # 1×1
     assert not winograd.pays_off(_layer(64, 64)[0], 1, 1, 1, 1)  # too few channels to gain
+
+
+def test_c_and_torch_transforms_give_the_same_convolution(monkeypatch):
+    if native_transforms.transforms() is None:
+        pytest.skip("no C compiler here")
+    x = torch.rand(2, 32, 21, 18, generator=torch.Generator().manual_seed(7))
+    weight, bias = _layer(32, 40)
+    c = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+    monkeypatch.setattr(native_transforms, "transforms", lambda: None)
+    torch_made = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+    assert _relative_error(c, torch_made.double()) < 1e-5
+
+
+def test_cheaper_c_transforms_take_winograd_down_to_conv2_2(monkeypatch):
+    conv2_2 = _layer(128, 128)[0]  # Cin·Cout / (Cin + Cout) = 64
+    monkeypatch.setattr(native_transforms, "transforms", lambda: "a loaded library")
+    assert winograd.pays_off(conv2_2, 1, 1, 1, 1)
+    monkeypatch.setattr(native_transforms, "transforms", lambda: None)
+    assert not winograd.pays_off(conv2_2, 1, 1, 1, 1)
 
 
 def _normalised(extractor: FeatureExtractor, image: torch.Tensor) -> torch.Tensor:
@@ -101,14 +130,16 @@ def _image() -> torch.Tensor:
     return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
 
-def test_deep_layers_on_the_cpu_gradient_path_run_as_winograd(extractor):
+def test_deep_layers_on_the_cpu_gradient_path_run_as_winograd(transforms):
+    network = FeatureExtractor("vgg19", random_state_dict("vgg19", seed=4),
+                               BACKBONES["vgg19"].style_layers)
     image = _image().requires_grad_(True)
     with torch.profiler.profile() as profile:
-        extractor(image)
+        network(image)
     direct = sum(event.count for event in profile.key_averages() if event.key == "aten::conv2d")
-    # Of VGG19's 13 convolutions up to relu5_1, conv1_1 to conv2_2 have too few channels and conv5_1
-    # (4×4 here) too few pixels; the 8 between run as Winograd.
-    assert direct == 5
+    # Of VGG19's 13 convolutions up to relu5_1, conv1_1 to conv2_1 have too few channels, and so
+    # has conv2_2 for torch's transforms; conv5_1 (4×4 here) has too few pixels; the rest run as Winograd.
+    assert direct == {"c": 4, "torch": 5}[transforms]
 
 
 def test_winograd_features_and_gradient_match_plain_direct_convolutions(extractor):
@@ -145,4 +176,4 @@ def test_cpu_network_runs_channels_last_with_the_plain_layouts_features_and_grad
     for name in plain_features:
         assert features[name].is_contiguous(memory_format=torch.channels_last)
         assert _relative_error(features[name], plain_features[name]) < 2e-5
-    assert float((gradient - plain_gradient).norm() / plain_gradient.norm()) < 1e-5
+    assert float((gradient - plain_gradient).norm() / plain_gradient.norm()) < 2e-5
