@@ -17,7 +17,7 @@ import struct
 import sys
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -105,25 +105,7 @@ def load_image(
     """
     shown = name or ("<bytes>" if isinstance(source, bytes) else Path(source).name)
     label = _quote(name or _source_text(source))
-    with _open_image(source, label, max_pixels) as im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
-        deep = _is_deep(im)  # asked before decoding: Pillow's tiles say how many bits a channel has
-        channels = _deep_channels(source, im, label) if deep else None
-        if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
-            im.load()
-            ImageOps.exif_transpose(im, in_place=True)
-        nclx = _avif_colour(source) if im.format == "AVIF" else im.info.get("nclx_profile")
-        profile = im.info.get("icc_profile") or icc.from_nclx(nclx, label)
-        bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
-        kept = dataclasses.replace(_source_metadata(im), bits=bits)
-        if channels is not None:
-            rgb, alpha = _deep_rgb(*channels, profile)
-        else:
-            colour, alpha = _split_alpha(im)
-            rgb = _rgb_array(colour, profile, label)
-        _warn_if_animated(im, label)  # last: counting frames moves through the file
+    rgb, alpha, kept = _tifffile_image(source, label, max_pixels) or _pillow_image(source, label, max_pixels)
     if alpha is not None:
         _fill_hidden(rgb, alpha)
     return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, name=shown,
@@ -315,8 +297,14 @@ def _warn_if_animated(im: Image.Image, label: str) -> None:
             frames = getattr(im, "n_frames", 1)
     except Exception:  # a damaged later frame (Pillow raises many kinds): only the first is readable
         return
-    if frames > 1 and im.format != "MPO":
-        kind, used = _PARTS.get(im.format, ("frames", "the first"))
+    if im.format != "MPO":
+        _warn_of_frames(frames, im.format, label)
+
+
+def _warn_of_frames(frames: int, fmt: str | None, label: str) -> None:
+    """Say, where a file of a format holds several frames (pages, images), which one alone is used."""
+    if frames > 1:
+        kind, used = _PARTS.get(fmt, ("frames", "the first"))
         log.warning("image %s has %d %s: only %s is used", label, frames, kind, used)
 
 
@@ -324,10 +312,9 @@ def _warn_if_animated(im: Image.Image, label: str) -> None:
 _PARTS = {"TIFF": ("pages", "the first"), "HEIF": ("images", "its primary one")}
 
 
-def _source_metadata(im: Image.Image) -> SourceMetadata:
-    """The EXIF tags and resolution an output keeps of its input; EXIF Pillow cannot re-encode is left
-    behind rather than refusing the picture."""
-    dpi = im.info.get("dpi")
+def _source_metadata(read_exif: Callable[[], Image.Exif], dpi: Any) -> SourceMetadata:
+    """The EXIF tags (read_exif's) and resolution (dpi: two numbers, or None) an output keeps of its
+    input; EXIF Pillow cannot read or re-encode is left behind rather than refusing the picture."""
     if dpi is not None:
         dpi = (float(dpi[0]), float(dpi[1]))
         if not all(0 < value < 1e6 for value in dpi):
@@ -335,7 +322,7 @@ def _source_metadata(im: Image.Image) -> SourceMetadata:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's about damaged EXIF
-            exif = im.getexif()
+            exif = read_exif()
             kept = Image.Exif()
             for tag in _KEPT_TAGS.intersection(exif):
                 kept[tag] = exif[tag]
@@ -437,11 +424,120 @@ def _grey_white(im: Image.Image) -> float:
     return 2.0**31 - 1 if im.mode == "I" and max(np.atleast_1d(bits)) == 32 else 65535.0
 
 
-def _is_deep(im: Image.Image) -> bool:
-    """Whether this is a PNG or TIFF with 16-bit colour (or grey with alpha), or a HEIF with 10 or 12
-    bits (a phone's HDR photo), which Pillow cuts to 8 bits (or, planar, misreads)."""
+def _pillow_image(
+    source: str | os.PathLike[str] | bytes, label: str, max_pixels: int
+) -> tuple[np.ndarray, np.ndarray | None, SourceMetadata]:
+    """Decode with Pillow (past 8 bits, with the format's own reader) to sRGB floats and alpha, with
+    the metadata an output keeps."""
+    with _open_image(source, label, max_pixels) as im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
+        deep = _is_deep(im, source)  # asked before decoding: Pillow's tiles say how many bits a channel has
+        channels = _deep_channels(source, im, label) if deep else None
+        if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+        nclx = _avif_colour(source) if im.format == "AVIF" else im.info.get("nclx_profile")
+        profile = im.info.get("icc_profile") or icc.from_nclx(nclx, label)
+        bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
+        kept = dataclasses.replace(_source_metadata(im.getexif, im.info.get("dpi")), bits=bits)
+        if channels is not None:
+            rgb, alpha = _deep_rgb(*channels, profile)
+        else:
+            colour, alpha = _split_alpha(im)
+            rgb = _rgb_array(colour, profile, label)
+        _warn_if_animated(im, label)  # last: counting frames moves through the file
+    return rgb, alpha, kept
+
+
+def _tifffile_image(
+    source: str | os.PathLike[str] | bytes, label: str, max_pixels: int
+) -> tuple[np.ndarray, np.ndarray | None, SourceMetadata] | None:
+    """A TIFF of floating-point samples (an HDR render's, a scientific camera's) or of 16-bit grey with
+    alpha, read by tifffile: Pillow refuses these (32-bit float grey it reads, clipping it unsaid).
+    Upright, its profile applied, its EXIF and resolution kept as Pillow's TIFFs' are. None for any
+    other file: Pillow's to read, or to say what is wrong with it."""
+    with _open_stream(source, label) as stream:
+        if stream.read(4) not in _TIFF_HEADS:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow's about damaged tags
+                directory = _tiff_directory(stream)
+                if not _beyond_pillow(directory):
+                    return None
+        except Exception:  # damaged (Pillow's parser raises many kinds): Pillow's reading says how
+            return None
+        from tifffile import EXTRASAMPLE, RESUNIT, TiffFile
+
+        stream.seek(0)
+        try:
+            tiff = TiffFile(stream)
+            page = tiff.pages[0]
+        except (ValueError, IndexError) as e:  # tifffile's TiffFileError; no page it can read
+            raise _corrupt(label, e) from e
+        with tiff:
+            width, height = page.imagewidth, page.imagelength
+            if width * height > max_pixels:
+                raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
+            samples = _tiff_samples(page, label)
+            if samples is None:
+                compression = getattr(page.compression, "name", page.compression)  # a number: none known
+                raise ImageError(f"cannot read image {label}: its {compression} compression needs the "
+                                 "imagecodecs package")
+            extra = page.extrasamples[:1]
+            has_alpha = extra in ((EXTRASAMPLE.ASSOCALPHA,), (EXTRASAMPLE.UNASSALPHA,))
+            colours = 3 if directory.get(262) == 2 else 1  # RGB, else grey
+            samples = _upright(samples[..., :colours + has_alpha], directory.get(274, 1))
+            colour, alpha = _channels(samples, extra == (EXTRASAMPLE.ASSOCALPHA,), label)
+            if directory.get(262) == 0:  # grey whose 0 is white
+                np.subtract(1.0, colour, out=colour)
+            profile = page.tags.valueof(34675)  # InterColorProfile
+            resolved = 282 in page.tags and page.resolutionunit in (RESUNIT.INCH, RESUNIT.CENTIMETER)
+            dpi = page.get_resolution(RESUNIT.INCH) if resolved else None
+            frames = len(tiff.pages)
+        kept = _source_metadata(lambda: directory, dpi)
+    _warn_of_frames(frames, "TIFF", label)
+    rgb, alpha = _deep_rgb(colour, alpha, profile if isinstance(profile, bytes) else None)
+    return rgb, alpha, dataclasses.replace(kept, bits=16)
+
+
+_TIFF_HEADS = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # little- or big-endian, classic or BigTIFF
+
+
+def _tiff_directory(stream: BinaryIO) -> Image.Exif:
+    """A TIFF's first directory (its tags, the EXIF ones among them) read as Pillow's getexif reads an
+    open TIFF's: from the byte order, kind (classic or BigTIFF) and offset its header gives."""
+    stream.seek(0)
+    head = stream.read(16)
+    directory = Image.Exif()
+    directory.endian = "<" if head[:2] == b"II" else ">"
+    directory.bigtiff = b"+" in head[2:4]
+    offset, = struct.unpack_from(directory.endian + ("Q" if directory.bigtiff else "I"), head,
+                                 8 if directory.bigtiff else 4)
+    directory.load_from_fp(stream, offset)
+    return directory
+
+
+def _beyond_pillow(directory: Image.Exif) -> bool:
+    """Whether a TIFF's first directory describes pixels Pillow refuses or clips: floating-point grey or
+    RGB (SampleFormat 3), or 16-bit unsigned grey with extra samples (alpha)."""
+    photometric = directory.get(262)  # PhotometricInterpretation: 0 and 1 grey, 2 RGB
+    formats = set(np.atleast_1d(directory.get(339, 1)))
+    if formats == {3}:
+        return photometric in (0, 1, 2)
+    deep = formats == {1} and set(np.atleast_1d(directory.get(258, 1))) == {16}
+    return photometric in (0, 1) and deep and 338 in directory  # ExtraSamples
+
+
+def _is_deep(im: Image.Image, source: str | os.PathLike[str] | bytes) -> bool:
+    """Whether this is a PNG or TIFF with 16-bit colour (or grey with alpha), or a HEIF or AVIF with 10
+    or 12 bits (a phone's HDR photo), which Pillow cuts to 8 bits (or, planar, misreads)."""
     if im.format == "HEIF":
         return im.info.get("bit_depth", 8) > 8
+    if im.format == "AVIF":
+        return _avif_bits(source) > 8
     if im.mode not in ("RGB", "RGBA", "LA"):
         return False
     if im.format == "TIFF":  # 16-bit unsigned integers (BitsPerSample, SampleFormat)
@@ -453,12 +549,18 @@ def _is_deep(im: Image.Image) -> bool:
 def _deep_channels(
     source: str | os.PathLike[str] | bytes, im: Image.Image, label: str
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """A 16-bit PNG's or TIFF's, or a 10/12-bit HEIF's, colour (H×W×1 grey or ×3) and alpha, upright
-    floats in [0, 1] at the precision Pillow cuts to 8 bits; None, after a warning, where tifffile
-    lacks the TIFF's codec."""
+    """A 16-bit PNG's or TIFF's, or a 10/12-bit HEIF's or AVIF's, colour (H×W×1 grey or ×3) and alpha,
+    upright floats in [0, 1] at the precision Pillow cuts to 8 bits; None, after a warning, where
+    tifffile lacks the TIFF's codec or imagecodecs AVIF."""
     premultiplied = False
     if im.format == "HEIF":
         samples = _heif_samples(source, label)
+    if im.format == "AVIF":
+        samples = _avif_samples(source, label)
+        if samples is None:
+            log.warning("image %s is read at 8 bits per channel, not %d (that needs the imagecodecs "
+                        "package with AVIF)", label, _avif_bits(source))
+            return None
     if im.format == "PNG":
         samples, exif = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
         if exif is not None:  # else Pillow decodes the whole picture at 8 bits to look for it
@@ -469,34 +571,44 @@ def _deep_channels(
 
         with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tiff:
             page = tiff.pages[0]
-            known = tifffile.TIFF
-            codecs = page.compression in known.DECOMPRESSORS and page.predictor in known.UNPREDICTORS
-            try:  # LZW, JPEG, zstd …: tifffile has them from imagecodecs
-                samples = page.asarray(maxworkers=1) if codecs else None
-            except ImportError:
-                samples = None
-            except RuntimeError as e:  # imagecodecs' (DeflateError, …): a damaged strip
-                raise _corrupt(label, e) from e
+            samples = _tiff_samples(page, label)
             if samples is None:
                 log.warning("image %s is read at 8 bits per channel (its %s compression needs the "
                             "imagecodecs package for 16)", label, im.info.get("compression"))
                 return None
-            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
-                samples = np.moveaxis(samples, 0, -1)
             samples = samples[..., :len(im.getbands())]  # past Pillow's bands: extra samples, no alpha
             premultiplied = page.extrasamples[:1] == (tifffile.EXTRASAMPLE.ASSOCALPHA,)
-    turns, mirror = _UPRIGHT.get(orientation, (0, False))
-    samples = np.rot90(samples, turns)[:, ::-1] if mirror else np.rot90(samples, turns)
-    colours = 1 if samples.shape[2] <= 2 else 3
-    colour = _unit_floats(samples[..., :colours])
-    if samples.shape[2] > colours:
-        alpha = _unit_floats(samples[..., colours])
-        if premultiplied:  # colour stored multiplied by alpha: as Pillow does at 8 bits, divided out
-            np.divide(colour, alpha[..., None], out=colour, where=alpha[..., None] > 0)
-            np.minimum(colour, 1.0, out=colour)
-        return colour, alpha
+    samples = _upright(samples, orientation)
+    colour, alpha = _channels(samples, premultiplied, label)
     key = im.info.get("transparency")  # a PNG's transparent colour (tRNS), in 16-bit values
-    return colour, None if key is None else np.any(samples != key, axis=-1).astype(np.float32)
+    if alpha is None and key is not None:
+        alpha = np.any(samples != key, axis=-1).astype(np.float32)
+    return colour, alpha
+
+
+def _tiff_samples(page: Any, label: str) -> np.ndarray | None:
+    """A TIFF page's samples (a tifffile TiffPage's), H×W×C as stored: 16-bit or floating-point; None
+    where tifffile lacks its codec."""
+    import tifffile
+
+    known = tifffile.TIFF
+    if page.compression not in known.DECOMPRESSORS or page.predictor not in known.UNPREDICTORS:
+        return None
+    try:  # LZW, JPEG, zstd …: tifffile has them from imagecodecs
+        samples = page.asarray(maxworkers=1)
+    except ImportError:
+        return None
+    except RuntimeError as e:  # imagecodecs' (DeflateError, …): a damaged strip
+        raise _corrupt(label, e) from e
+    if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and samples.ndim == 3:
+        samples = np.moveaxis(samples, 0, -1)
+    return samples[..., None] if samples.ndim == 2 else samples
+
+
+def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """A view of H×W(×C) pixels turned as their EXIF orientation says, to show them upright."""
+    turns, mirror = _UPRIGHT.get(orientation, (0, False))
+    return np.rot90(pixels, turns)[:, ::-1] if mirror else np.rot90(pixels, turns)
 
 
 # EXIF orientation: quarter turns anticlockwise, then whether mirrored left to right, to show it upright
@@ -508,10 +620,36 @@ _PNG_BYTES = {2: ("RGB", ("RGB;16B", "RGB;16L")), 4: ("RGBA", ("RGBA",)),
               6: ("RGBA", ("RGBA;16B", "RGBA;16L"))}
 
 
+def _channels(samples: np.ndarray, premultiplied: bool, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Colour (H×W×1 grey or ×3) and alpha (a further channel, where there is one) as floats in [0, 1]
+    from 16-bit or floating-point samples (H×W×C); premultiplied colour has alpha divided out."""
+    if samples.dtype.kind == "f":
+        _check_floats(samples, label)
+    colours = 1 if samples.shape[2] <= 2 else 3
+    colour = _unit_floats(samples[..., :colours])
+    if samples.shape[2] == colours:
+        return colour, None
+    alpha = _unit_floats(samples[..., colours])
+    if premultiplied:  # colour stored multiplied by alpha: as Pillow does at 8 bits, divided out
+        np.divide(colour, alpha[..., None], out=colour, where=alpha[..., None] > 0)
+        np.minimum(colour, 1.0, out=colour)
+    return colour, alpha
+
+
+def _check_floats(samples: np.ndarray, label: str) -> None:
+    """Refuse floating-point samples that are NaN or infinite (no colour to show, nor to style), and
+    say that values outside [0, 1] (an HDR render's highlights, a negative) are clipped."""
+    if not np.isfinite(samples).all():
+        raise ImageError(f"image {label} has NaN or infinite sample values, which have no colour")
+    low, high = float(samples.min()), float(samples.max())
+    if low < 0.0 or high > 1.0:
+        log.warning("image %s has values from %g to %g: those outside 0–1 are clipped (HDR highlights "
+                    "lose their detail)", label, low, high)
+
+
 def _heif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndarray:
     """A deep HEIF's primary image as 16-bit samples (H×W×C, upright: libheif turns it), decoded
-    again by pi-heif, whose Pillow plugin gives 8 bits only; its 10 or 12 bits stretched so that white
-    is 65535 (pi-heif's own shift would leave it at 65472)."""
+    again by pi-heif, whose Pillow plugin gives 8 bits only."""
     import pi_heif
 
     try:
@@ -522,8 +660,31 @@ def _heif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndar
         samples = np.asarray(primary).astype(np.uint32)
     except (OSError, ValueError, RuntimeError, EOFError) as e:  # libheif's, as its Pillow plugin sees them
         raise _corrupt(label, e) from e
-    top = (1 << primary.info["bit_depth"]) - 1
-    samples = ((samples * 65535 + top // 2) // top).astype(np.uint16)
+    return _stretched(samples, primary.info["bit_depth"])
+
+
+def _avif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndarray | None:
+    """A deep AVIF's image as 16-bit samples (H×W×C, as stored: its rotation and mirroring, which
+    Pillow's reader gives as an EXIF orientation, are left to the caller), decoded again by imagecodecs'
+    libavif, as Pillow's reader gives 8 bits only; None where imagecodecs was built without AVIF."""
+    import imagecodecs
+
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        samples = imagecodecs.avif_decode(data)
+    except ImportError:
+        return None
+    except (RuntimeError, ValueError) as e:  # imagecodecs' AvifError: damaged
+        raise _corrupt(label, e) from e
+    return _stretched(samples, _avif_bits(data))
+
+
+def _stretched(samples: np.ndarray, bits: int) -> np.ndarray:
+    """10- or 12-bit samples as 16-bit ones (H×W×C) stretched so that white is 65535 (a shift would
+    leave it at 65472)."""
+    top = (1 << bits) - 1
+    wide = samples.astype(np.uint32, copy=False)
+    samples = ((wide * 65535 + top // 2) // top).astype(np.uint16)
     return samples[..., None] if samples.ndim == 2 else samples
 
 
@@ -551,16 +712,30 @@ _RAW_EXIF = b"Raw profile type exif\0"  # the keyword of a PNG text chunk holdin
 def _avif_colour(source: str | os.PathLike[str] | bytes) -> dict[str, int] | None:
     """An AVIF's colour description (its nclx 'colr' property's primaries and transfer codes, such as
     Display P3's), which Pillow's reader does not pass on; None where it has none."""
+    for kind, body in _avif_properties(source):
+        if kind == b"colr" and body[:4] == b"nclx" and len(body) >= 8:
+            primaries, transfer = struct.unpack_from(">HH", body, 4)
+            return {"color_primaries": primaries, "transfer_characteristics": transfer}
+    return None
+
+
+def _avif_bits(source: str | os.PathLike[str] | bytes) -> int:
+    """An AVIF's bits per channel (8, 10 or 12), which Pillow's reader does not pass on: its first AV1
+    configuration's ('av1C', the image's; its alpha's has the same) high_bitdepth and twelve_bit flags."""
+    for kind, body in _avif_properties(source):
+        if kind == b"av1C" and len(body) >= 3:
+            return (12 if body[2] & 0x20 else 10) if body[2] & 0x40 else 8
+    return 8
+
+
+def _avif_properties(source: str | os.PathLike[str] | bytes) -> list[tuple[bytes, bytes]]:
+    """An AVIF's item properties (kind and body of each box in meta/iprp/ipco), in file order."""
     with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as stream:
         meta = _top_level_box(stream, b"meta")
     boxes = [meta[4:]] if meta else []  # meta is a full box: its version and flags come first
-    for kind in (b"iprp", b"ipco", b"colr"):
+    for kind in (b"iprp", b"ipco"):
         boxes = [body for box in boxes for found, body in _iso_boxes(box) if found == kind]
-    for colr in boxes:
-        if colr[:4] == b"nclx" and len(colr) >= 8:
-            primaries, transfer = struct.unpack_from(">HH", colr, 4)
-            return {"color_primaries": primaries, "transfer_characteristics": transfer}
-    return None
+    return [found for box in boxes for found in _iso_boxes(box)]
 
 
 def _top_level_box(stream: BinaryIO, wanted: bytes, limit: int = 1 << 20) -> bytes | None:
@@ -611,9 +786,13 @@ def _png_chunks(png: bytes) -> Iterator[tuple[bytes, memoryview]]:
 
 
 def _unit_floats(samples: np.ndarray) -> np.ndarray:
-    """16-bit samples as float32 in [0, 1], made in one pass (a 50-megapixel photo's are 600 MB)."""
+    """16-bit or floating-point samples as float32 in [0, 1] (floats clipped to it), made in one pass
+    (a 50-megapixel photo's are 600 MB)."""
     values = np.empty(samples.shape, np.float32)
-    np.divide(samples, np.float32(65535), out=values)
+    if samples.dtype.kind == "f":
+        np.clip(samples, 0.0, 1.0, out=values)
+    else:
+        np.divide(samples, np.float32(65535), out=values)
     return values
 
 

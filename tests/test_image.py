@@ -319,7 +319,8 @@ def test_an_avif_tagged_display_p3_by_its_colour_description_is_converted_to_srg
 
 
 def _ten_bit_pixels() -> np.ndarray:
-    """What tests/data/ten-bit.heic stores (lossless, 10 bits, sRGB, EXIF orientation 6)."""
+    """What tests/data/ten-bit.heic and ten-bit.avif store (lossless, 10 bits, sRGB, to be turned a quarter
+    clockwise: the HEIC's EXIF orientation 6, the AVIF's 'irot' property)."""
     y, x = np.mgrid[0:40, 0:48]
     red = x * 1023 // 47
     return np.stack([red, (y * 37 + x * 3) % 1024, 1023 - red], axis=-1)
@@ -329,6 +330,60 @@ def test_a_10_bit_heic_keeps_its_precision_and_loads_upright() -> None:
     loaded = load_image(DATA / "ten-bit.heic")
     np.testing.assert_allclose(loaded.rgb, np.rot90(_ten_bit_pixels(), -1) / 1023, atol=1 / 65535)
     assert loaded.source_metadata.bits == 16
+
+
+def test_a_10_bit_avif_keeps_its_precision_and_loads_upright() -> None:
+    loaded = load_image(DATA / "ten-bit.avif")
+    np.testing.assert_allclose(loaded.rgb, np.rot90(_ten_bit_pixels(), -1) / 1023, atol=1 / 65535)
+    assert loaded.source_metadata.bits == 16
+
+
+def _levels(bits: int, channels: int = 3) -> np.ndarray:
+    """32×32 samples of an AVIF's depth climbing one level a pixel, so that neighbours are a level apart."""
+    ramp = np.arange(32 * 32 * channels).reshape(32, 32, channels) + 100
+    return (ramp % (1 << bits)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_a_deep_avif_keeps_every_level(bits: int) -> None:
+    pixels = _levels(bits)
+    loaded = load_image(imagecodecs.avif_encode(pixels, level=100, bitspersample=bits, pixelformat="444"))
+    np.testing.assert_allclose(loaded.rgb, pixels / ((1 << bits) - 1), atol=1 / 65535)
+    assert loaded.rgb[0, 1, 0] > loaded.rgb[0, 0, 0]  # neighbouring levels: one 8-bit value at 8 bits
+    assert loaded.source_metadata.bits == 16
+
+
+def test_a_10_bit_avifs_alpha_keeps_its_precision() -> None:
+    pixels = _levels(10, channels=4)
+    pixels[..., 3] = np.maximum(pixels[..., 3], 1)  # nothing fully transparent: the colour stays as it is
+    loaded = load_image(imagecodecs.avif_encode(pixels, level=100, bitspersample=10, pixelformat="444"))
+    np.testing.assert_allclose(loaded.alpha, pixels[..., 3] / 1023, atol=1 / 65535)
+    np.testing.assert_allclose(loaded.rgb, pixels[..., :3] / 1023, atol=1 / 65535)
+
+
+def test_a_10_bit_avif_tagged_display_p3_is_converted_to_srgb() -> None:
+    pixels = np.zeros((32, 32, 3), np.uint16)
+    pixels[..., 1] = 800
+    data = imagecodecs.avif_encode(pixels, level=100, bitspersample=10, pixelformat="444", primaries=12,
+                                   transfer=13)  # Display P3: its primaries, sRGB's tone curve
+    linear_green = 1.0419 * ((800 / 1023 + 0.055) / 1.055) ** 2.4  # P3 green in sRGB, red and blue clipped
+    np.testing.assert_allclose(load_image(data).rgb[0, 0], [0.0, _srgb_encode(linear_green), 0.0], atol=1e-3)
+
+
+def test_a_10_bit_avif_without_imagecodecs_avif_is_read_at_8_bits_with_a_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def avif_missing(*args: object, **kwargs: object) -> None:  # as imagecodecs built without libavif
+        raise imagecodecs.DelayedImportError("avif_decode")
+
+    monkeypatch.setattr(imagecodecs, "avif_decode", avif_missing)
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        loaded = load_image(DATA / "ten-bit.avif")
+    assert [r.getMessage() for r in caplog.records] == [
+        "image '" + str(DATA / "ten-bit.avif") + "' is read at 8 bits per channel, not 10 (that needs the "
+        "imagecodecs package with AVIF)"
+    ]
+    np.testing.assert_allclose(loaded.rgb, np.rot90(_ten_bit_pixels(), -1) / 1023, atol=0.5 / 255 + 1e-6)
 
 
 def _deep_rgb(height: int = 32, width: int = 48, channels: int = 3) -> np.ndarray:
@@ -409,13 +464,19 @@ def test_a_16_bit_alpha_keeps_its_precision(tmp_path: Path, suffix: str) -> None
     np.testing.assert_allclose(loaded.rgb, pixels[..., :3] / 65535.0, atol=1e-6)
 
 
-def test_a_16_bit_grey_png_with_alpha_loads_as_grey_rgb_and_alpha(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_a_16_bit_grey_image_with_alpha_loads_as_grey_rgb_and_alpha(tmp_path: Path, suffix: str) -> None:
     pixels = _deep_rgb(channels=2)
-    pixels[..., 1] = 65535
-    (tmp_path / "deep.png").write_bytes(_png16(pixels))
-    loaded = load_image(tmp_path / "deep.png")
+    pixels[..., 1] = np.maximum(pixels[..., 1], 1)  # nothing fully transparent: the grey stays as it is
+    path = tmp_path / f"deep{suffix}"
+    if suffix == ".png":
+        path.write_bytes(_png16(pixels))
+    else:
+        tifffile.imwrite(path, pixels, photometric="minisblack", extrasamples=["unassalpha"])
+    loaded = load_image(path)
     np.testing.assert_allclose(loaded.rgb, np.repeat(pixels[..., :1] / 65535.0, 3, axis=2), atol=1e-6)
-    np.testing.assert_allclose(loaded.alpha, 1.0)
+    np.testing.assert_allclose(loaded.alpha, pixels[..., 1] / 65535.0, atol=1e-6)
+    assert loaded.source_metadata.bits == 16
 
 
 def test_a_16_bit_photo_is_turned_upright(tmp_path: Path) -> None:
@@ -594,6 +655,93 @@ def test_a_16_bit_grey_tiff_whose_zero_is_white_is_not_read_as_a_negative(tmp_pa
     np.testing.assert_allclose(load_image(tmp_path / "grey.tif").rgb[..., 0], 1.0 - grey / 65535.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_floating_point_tiff_is_read_as_its_values(tmp_path: Path, dtype: type, channels: int) -> None:
+    values = np.random.default_rng(2).random((32, 48, channels)).astype(dtype)
+    values[..., 3:] = np.maximum(values[..., 3:], 0.01)  # nothing fully transparent
+    photometric, extra = ("minisblack", None) if channels == 1 else ("rgb", ["unassalpha"][:channels - 3])
+    tifffile.imwrite(tmp_path / "float.tif", values, photometric=photometric, extrasamples=extra)
+    loaded = load_image(tmp_path / "float.tif")
+    np.testing.assert_allclose(loaded.rgb, np.broadcast_to(values[..., :3], (32, 48, 3)), atol=1e-7)
+    if channels == 4:
+        np.testing.assert_allclose(loaded.alpha, values[..., 3], atol=1e-7)
+    assert loaded.source_metadata.bits == 16  # a PNG or TIFF output has 16 bits
+
+
+def test_a_floating_point_tiffs_values_outside_0_to_1_are_clipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    values = np.full((32, 32, 3), 0.25, np.float32)
+    values[0, 0] = (4.0, -0.5, 1.0)  # an HDR render's highlight, and a negative
+    tifffile.imwrite(tmp_path / "hdr.tif", values, photometric="rgb")
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        loaded = load_image(tmp_path / "hdr.tif")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image '{tmp_path / 'hdr.tif'}' has values from -0.5 to 4: those outside 0–1 are clipped (HDR "
+        "highlights lose their detail)"
+    ]
+    np.testing.assert_array_equal(loaded.rgb[0, 0], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(loaded.rgb[1:], 0.25)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_floating_point_tiff_with_nan_or_infinity_is_refused_on_one_line(
+    tmp_path: Path, bad: float
+) -> None:
+    values = np.full((32, 32), 0.5, np.float32)
+    values[3, 4] = bad
+    path = tmp_path / "broken.tif"
+    tifffile.imwrite(path, values, photometric="minisblack")
+    message = _assert_image_error(path, f"image '{path}' has NaN or infinite sample values")
+    assert message == f"image '{path}' has NaN or infinite sample values, which have no colour"
+
+
+def test_a_floating_point_grey_tiff_whose_zero_is_white_is_read_as_grey(tmp_path: Path) -> None:
+    grey = np.random.default_rng(3).random((32, 48)).astype(np.float16)
+    tifffile.imwrite(tmp_path / "grey.tif", grey, photometric="miniswhite")
+    np.testing.assert_allclose(load_image(tmp_path / "grey.tif").rgb[..., 0], 1.0 - grey.astype(np.float32),
+                               atol=1e-7)
+
+
+def test_a_floating_point_tiff_whose_codec_is_missing_is_refused_on_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, np.full((32, 32, 3), 0.5, np.float32), photometric="rgb", compression="lzw")
+    monkeypatch.setattr(tifffile.TIFF, "DECOMPRESSORS", {1: None})  # as without imagecodecs: no LZW
+    message = _assert_image_error(path, f"cannot read image '{path}'")
+    assert message == f"cannot read image '{path}': its LZW compression needs the imagecodecs package"
+
+
+def test_a_multi_page_floating_point_tiff_uses_its_first_page_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "stack.tif"
+    with tifffile.TiffWriter(path) as tiff:
+        for value in (0.25, 0.5):
+            tiff.write(np.full((32, 32), value, np.float32), photometric="minisblack")
+    with caplog.at_level(logging.WARNING, logger="stylekit.image"):
+        rgb = load_image(path).rgb
+    assert [r.getMessage() for r in caplog.records] == [f"image '{path}' has 2 pages: only the first is used"]
+    np.testing.assert_array_equal(rgb, 0.25)
+
+
+def test_a_floating_point_tiff_is_turned_upright_and_keeps_its_camera_tags_and_resolution(
+    tmp_path: Path
+) -> None:
+    values = np.random.default_rng(4).random((32, 48, 3)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "render.tif", values, photometric="rgb", resolution=(300, 300),
+                     resolutionunit="inch", extratags=[(271, "s", 0, "Canon", True), (274, "H", 1, 6, True)])
+    loaded = load_image(tmp_path / "render.tif")
+    np.testing.assert_allclose(loaded.rgb, np.rot90(values, -1), atol=1e-7)
+    exif = Image.Exif()
+    exif.load(loaded.source_metadata.exif)
+    assert exif[ExifTags.Base.Make] == "Canon"
+    assert ExifTags.Base.ImageDescription not in exif  # tifffile's note of the array's shape
+    assert loaded.source_metadata.dpi == pytest.approx((300, 300))
+
+
 def test_a_large_16_bit_cut_out_with_a_profile_loads_in_little_more_memory_than_its_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -635,10 +783,15 @@ def test_a_broken_profile_on_a_16_bit_photo_keeps_its_precision(tmp_path: Path) 
     np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, pixels / 65535.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
-def test_a_16_bit_input_gives_a_16_bit_png_or_tiff(tmp_path: Path, suffix: str) -> None:
+def test_a_16_bit_or_floating_point_input_gives_a_16_bit_png_or_tiff(
+    tmp_path: Path, suffix: str, dtype: type
+) -> None:
     source = tmp_path / "deep.tif"
-    tifffile.imwrite(source, _deep_rgb(channels=4), photometric="rgb", extrasamples=["unassalpha"])
+    pixels = _deep_rgb(channels=4)
+    stored = pixels if dtype is np.uint16 else (pixels / 65535.0).astype(dtype)
+    tifffile.imwrite(source, stored, photometric="rgb", extrasamples=["unassalpha"])
     loaded = load_image(source)
     path = tmp_path / f"styled{suffix}"
     save_image(path, loaded.rgb, loaded.alpha, metadata=METADATA, source_metadata=loaded.source_metadata)
