@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bench.reference import run_reference, score
-from bench.run import ROOT, SHARED_IMAGES, environment, record
+from bench.run import ROOT, SHARED_IMAGES, environment, record, section_name
 from pipeline.config import FolderConfig, WatchConfig
 from pipeline.watcher import watch
 from stylekit.engine import _fit_long_side, pick_runtime, resize, to_array, to_tensor
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                          "images_per_minute": 60 * args.count / reference_seconds,
                          "steps": args.steps, "mean_total_loss": mean_loss(reference_images)}}
     results = {"environment": environment(device), "weights": weights.description, "row": row}
-    record(results, markdown(results), f"hotfolder-{device.type}", args.output, not args.no_doc)
+    record(results, markdown(results), f"hotfolder-{section_name(device)}", args.output, not args.no_doc)
     return results
 
 

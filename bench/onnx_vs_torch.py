@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.run import ROOT, environment, record
+from bench.run import ROOT, environment, record, section_name
 from stylekit.engine import Runtime, TargetFn, pick_runtime, torch_targets
 from stylekit.features import FeatureExtractor, backbone_spec
 from stylekit.onnx_features import onnx_targets
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         rows.append(row)
     results = {"environment": environment(device), "provider": provider,
                "weights": weights.description, "repeats": args.repeats, "rows": rows}
-    record(results, markdown(results), f"onnx-{device.type}", args.output, not args.no_doc)
+    record(results, markdown(results), f"onnx-{section_name(device)}", args.output, not args.no_doc)
     return results
 
 

@@ -184,6 +184,15 @@ def _cpu_name() -> str:
         return platform.processor() or "CPU"
 
 
+def section_name(device: torch.device) -> str:
+    """docs/benchmarks.md's section for this device: 'cuda', or 'cpu-intel', 'cpu-amd' … by vendor,
+    so a run on another kind of CPU adds its table instead of replacing the last machine's."""
+    if device.type != "cpu":
+        return device.type
+    vendor = "".join(ch for ch in _cpu_name().split("(")[0].split(" ")[0].lower() if ch.isalnum())
+    return f"cpu-{vendor or 'other'}"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """Device name and versions, recorded with every result."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(json.dumps(row), flush=True)
     results = {"environment": environment(device), "images": names, "weights": weights.description,
                "steps": args.steps, "rows": rows}
-    record(results, markdown(results), device.type, args.output, not args.no_doc)
+    record(results, markdown(results), section_name(device), args.output, not args.no_doc)
     return results
 
 

@@ -6,7 +6,7 @@ from conftest import make_painting, make_photo
 
 from bench.hotfolder import main as hotfolder_main
 from bench.reference import run_reference, score
-from bench.run import main, markdown
+from bench.run import main, markdown, section_name, update_doc
 from stylekit import StyleOptions, StyleRequest, stylize
 from stylekit.engine import to_tensor
 
@@ -23,6 +23,18 @@ def test_bench_compares_stylekit_with_the_reference_at_the_same_loss(tmp_path):
     ours, theirs = row["stylekit"], row["reference"]
     assert (f"{ours['content_loss']:.3g} / {ours['style_loss']:.3g} "
             f"({theirs['content_loss']:.3g} / {theirs['style_loss']:.3g})") in table
+
+
+def test_a_cpu_of_another_vendor_adds_its_section_and_keeps_the_last_machines(tmp_path, monkeypatch):
+    doc = tmp_path / "benchmarks.md"
+    monkeypatch.setattr("bench.run.DOC", doc)
+    update_doc("AMD's table\n", "cpu-amd")
+    monkeypatch.setattr("bench.run._cpu_name", lambda: "Intel(R) Xeon(R) Processor @ 2.50GHz")
+    assert section_name(torch.device("cpu")) == "cpu-intel"
+    update_doc("Intel's table\n", section_name(torch.device("cpu")))
+    update_doc("Intel's second table\n", "cpu-intel")
+    text = doc.read_text()
+    assert "AMD's table" in text and "Intel's second table" in text and "Intel's table\n" not in text
 
 
 def test_bench_also_times_stylekit_to_the_lowest_loss_the_reference_passed(tmp_path):
