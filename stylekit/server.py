@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .engine import output_long_side, scale_sizes, stylize
@@ -404,33 +405,71 @@ def _too_large(settings: ServerSettings) -> HTTPException:
                               "(stylekit serve --max-upload-mb)")
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over the upload limit, announced or streamed."""
+REFUSED_BODY_TIMES, REFUSED_BODY_AT_LEAST = 4, 64 * 2**20  # how much of a refused body is read and dropped
 
-    def __init__(self, app, settings: ServerSettings) -> None:
+
+@dataclass
+class _Body:
+    """How much of a request's body has arrived, so an answer given before the end can read the rest."""
+
+    receive: Receive
+    pending: bool  # more body to come
+    expecting: bool  # the client sends the body only after a "100 Continue"
+    received: int = 0
+    read_any: bool = False
+
+    async def next(self) -> Message:
+        """Receive the next message, counting its bytes."""
+        message = await self.receive()
+        self.read_any = True
+        self.received += len(message.get("body", b""))
+        self.pending = message["type"] == "http.request" and message.get("more_body", False)
+        return message
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over the upload limit, announced or streamed, and let
+    every refusal given before the body is read (413, 401, 429) reach clients that are still sending."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
         self.app, self.settings = app, settings
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.settings.max_upload_bytes
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if length.isdigit() and int(length) > limit:
-            error = _too_large(self.settings)
-            await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, send)
-            return
-        received = 0
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        declared = int(length) if length.isdigit() else None
+        body = _Body(receive, pending=bool(declared) or b"transfer-encoding" in headers,
+                     expecting=headers.get(b"expect", b"").lower() == b"100-continue")
+        cap = max(REFUSED_BODY_TIMES * limit, REFUSED_BODY_AT_LEAST)
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
+        async def limited_receive() -> Message:
+            message = await body.next()
+            if body.received > limit:
                 raise _too_large(self.settings)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def answer_then_drain(message: Message) -> None:
+            if message["type"] == "http.response.start" and body.pending:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            if message["type"] != "http.response.body" or message.get("more_body") or not body.pending:
+                await send(message)
+                return
+            # Ended after the body is dropped: uvicorn reads none after an end; unread bytes reset senders.
+            await send({**message, "more_body": True})
+            if not (body.expecting and not body.read_any) and (declared or 0) <= cap:
+                while body.pending and body.received <= cap:
+                    await body.next()
+            await send({"type": "http.response.body", "body": b""})
+
+        if declared is not None and declared > limit:
+            error = _too_large(self.settings)
+            await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, answer_then_drain)
+            return
+        await self.app(scope, limited_receive, answer_then_drain)
 
 
 _BEARER = HTTPBearer(auto_error=False)

@@ -324,8 +324,7 @@ def test_refusals_become_advice(app_server, tmp_path, weights_file):
 
 
 def test_an_upload_over_the_servers_limit_is_advice_not_a_server_gone_away(app_server, weights_file):
-    # the server answers 413 before reading an upload over its limit and closes the connection, which
-    # reaches urllib, still sending, as a reset: as if the server had gone away
+    # refused before sending: the server would only drop it (and resets one far over its limit)
     url = app_server(ServerSettings(weights=str(weights_file), device="cpu", max_upload_bytes=2**20))
     server = client.Client(client.Config(url=url))
     noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 4), dtype=np.uint8)  # 4 MB, incompressible

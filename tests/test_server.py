@@ -10,7 +10,10 @@ import socket
 import stat
 import threading
 import time
+import urllib.error
+import urllib.request
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -353,6 +356,76 @@ def test_a_full_queue_is_refused_before_the_upload_is_read(raw_server):
         assert post_job(client, FAST).status_code == 202  # nothing runs: it stays queued
     status, detail = answer_to_a_partial_upload((host, port))
     assert status == 429 and "queue is full" in detail
+
+
+SMALL_LIMIT = 64 * 1024
+OVER_THE_BUFFERS = 8 * 2**20  # more than loopback's socket buffers hold: a server that closes on it unread
+# resets the client while it still sends, before it reads any answer
+UPLOAD_HEAD = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+MULTIPART = {"Content-Type": "multipart/form-data; boundary=x"}
+
+
+def streamed_upload(size: int) -> Iterator[bytes]:
+    """A multipart upload of `size` zero bytes in 64 kB pieces (sent chunked, with no Content-Length)."""
+    yield UPLOAD_HEAD
+    for _ in range(size // 65536):
+        yield bytes(65536)
+
+
+def send_with_urllib(url: str, body: bytes | Iterator[bytes]) -> tuple[int, dict]:
+    """POST with the standard library (which asks the server to close after answering)."""
+    request = urllib.request.Request(url, data=body, headers=MULTIPART, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def send_with_requests(url: str, body: bytes | Iterator[bytes]) -> tuple[int, dict]:
+    """POST with requests (which keeps the connection open for the next request)."""
+    requests = pytest.importorskip("requests")
+    answer = requests.post(url, data=body, headers=MULTIPART, timeout=60)
+    return answer.status_code, answer.json()
+
+
+@pytest.mark.parametrize("send", [send_with_urllib, send_with_requests], ids=["urllib", "requests"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["announced", "streamed"])
+def test_a_client_still_sending_an_upload_over_the_limit_gets_the_413(raw_server, send, streamed):
+    host, port = raw_server(ServerSettings(max_upload_bytes=SMALL_LIMIT))
+    body = streamed_upload(OVER_THE_BUFFERS) if streamed else UPLOAD_HEAD + bytes(OVER_THE_BUFFERS)
+    status, answer = send(f"http://{host}:{port}/v1/jobs", body)
+    assert status == 413 and "limit of 0.06 MB (stylekit serve --max-upload-mb)" in answer["detail"]
+    with httpx.Client(base_url=f"http://{host}:{port}") as client:
+        assert post_job(client, FAST).status_code == 202  # nothing runs: it stays queued
+
+
+def refused_then_closed(address: tuple[str, int], length: int, sent: bytes,
+                        headers: bytes = b"") -> tuple[int, bytes]:
+    """Announce an upload of `length` bytes and send only `sent`; returns the answer's status and what
+    the server sends after it (b"" once it closes, without waiting for the rest)."""
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\n" + headers
+            + b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: %d\r\n\r\n" % length)
+    with socket.create_connection(address, timeout=10) as client:
+        client.sendall(head + sent)
+        answer = http.client.HTTPResponse(client)
+        answer.begin()
+        answer.read()
+        client.settimeout(3)  # under uvicorn's 5 s keep-alive: the close must come with the answer
+        try:
+            return answer.status, client.recv(1)
+        except ConnectionResetError:  # closed with the sent part unread
+            return answer.status, b""
+
+
+def test_a_client_waiting_for_100_continue_is_answered_and_closed_without_sending_the_body(raw_server):
+    address = raw_server(ServerSettings(max_upload_bytes=SMALL_LIMIT))
+    assert refused_then_closed(address, OVER_THE_BUFFERS, b"", b"Expect: 100-continue\r\n") == (413, b"")
+
+
+def test_an_upload_announced_far_over_the_limit_is_answered_and_closed_without_reading_it(raw_server):
+    address = raw_server(ServerSettings(max_upload_bytes=SMALL_LIMIT))
+    assert refused_then_closed(address, 2**40, UPLOAD_HEAD) == (413, b"")
 
 
 def test_cancelling_a_queued_job_frees_its_pixels():

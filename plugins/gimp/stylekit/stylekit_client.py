@@ -153,8 +153,8 @@ class Client:
     def submit(self, image_png, params, style=None):
         """Queue a job; style is (file name, bytes) or None. Resubmitting the same id is safe.
 
-        An upload over the server's limit is refused here: the server answers one with 413 before reading
-        it and closes, which urllib, still sending, sees as a reset connection (a server gone away)."""
+        An upload over the server's limit is refused here, before it is sent: the server would read it
+        only to drop it, and one far over the limit it drops unread, a reset connection for urllib."""
         files = [("image", "layer.png", image_png)] + ([("style", style[0], style[1])] if style else [])
         body, content_type = multipart({"params": json.dumps(params)}, files)
         limit = self.health().get("max_upload_bytes", len(body))
