@@ -158,13 +158,14 @@ def add_stylekit(row: dict[str, object], content: np.ndarray, style: np.ndarray,
         spent = np.cumsum([count * point.width * point.height / (width * height)
                            for count, point in zip(new_evaluations, trace, strict=True)])
         reached = [(point.elapsed, cost) for point, cost in zip(trace, spent, strict=True)
-                   if point.scale == final_scale and point.loss <= reference["total_loss"]]
+                   if point.scale == final_scale and point.loss is not None
+                   and point.loss <= reference["total_loss"]]
         stylekit_row["time_to_quality"] = reached[0][0] if reached else None
         stylekit_row["evaluations_to_quality"] = float(reached[0][1]) if reached else None
         stylekit_row["speedup"] = reference["seconds"] / reached[0][0] if reached else None
         if "best_loss" in reference:
             best = next((point.elapsed for point in trace if point.scale == final_scale
-                         and point.loss <= reference["best_loss"]), None)
+                         and point.loss is not None and point.loss <= reference["best_loss"]), None)
             stylekit_row["time_to_best"] = best
             stylekit_row["speedup_to_best"] = reference["seconds_to_best"] / best if best else None
     row["stylekit"] = stylekit_row

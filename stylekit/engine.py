@@ -394,37 +394,55 @@ def plan_memory(size: tuple[int, int], batch: int, device: torch.device, free: i
                           longest if longest >= MIN_SIDE else None)
 
 
-NOT_FINITE = ("the loss is not a finite number at the start (it overflows): lower --style-weight, "
-              "--content-weight or --tv-weight (or, with --precision fp16, use fp32)")
+_OVERFLOW_ADVICE = ("lower --style-weight, --content-weight or --tv-weight "
+                    "(or, with --precision fp16, use fp32)")
+NOT_FINITE = ("the loss or its gradient is not a finite number at the start (it overflows): "
+              + _OVERFLOW_ADVICE)
+
+
+def overflow_warning(evaluations: int) -> str:
+    """What a run says whose loss overflowed part-way: its image is not the last one evaluated."""
+    return (f"the loss or its gradient overflowed (not a finite number) after {evaluations} evaluation"
+            f"{'' if evaluations == 1 else 's'}: the result is the best image whose loss was finite; "
+            + _OVERFLOW_ADVICE)
 
 
 def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
-              report, history: int, graphed: bool = False) -> int:
+              report, history: int, graphed: bool = False) -> tuple[int, int | None]:
     """Run one scale's optimiser for `steps` loss evaluations, leaving in `image` the best iterate.
 
     Line-search trials and Adam steps can be worse than earlier points, so each image keeps the
     lowest-loss pixels it has been evaluated at (a copy per step, no host synchronisation). A loss
-    that is not finite at the first evaluation (loss weights overflowing float32) is refused: no step
-    could improve on it. With `graphed`, each evaluation replays a CUDA graph (see gradients.py).
+    or gradient that is not finite at the first evaluation (loss weights overflowing float32) is
+    refused: no step could improve on it. A loss that overflows later is never the best (NaN and inf
+    are below no loss), so `image` ends finite. With `graphed`, each evaluation replays a CUDA
+    graph (see gradients.py).
+
+    Returns the evaluations spent and how many of them came before the first whose loss or gradient
+    was not finite (None: none was), counted on the device and read once at the end.
     """
     image.requires_grad_(True)
     gradient = gradient_function(lambda x: evaluate(x).total, image, graphed)
     count = 0
     best_image = image.detach().clone()
     best_loss = torch.full((image.shape[0],), float("inf"), device=image.device)
+    finite_before = torch.tensor(steps, device=image.device)  # evaluations before the first overflow
 
     def closure() -> torch.Tensor:
-        nonlocal count, best_image, best_loss
+        nonlocal count, best_image, best_loss, finite_before
         if count >= steps:
             raise _BudgetSpent  # a line search may ask for more than the budget: stop it there
         per_image = gradient(image)
-        if count == 0 and not bool(torch.isfinite(per_image).all()):  # one look at the host per scale
+        with torch.no_grad():
+            finite = (per_image.isfinite() & image.grad.flatten(1).isfinite().all(1)).all()
+        if count == 0 and not bool(finite):  # one look at the host per scale
             raise StylekitError(NOT_FINITE)
         loss = per_image.sum()
         with torch.no_grad():
             improved = per_image < best_loss
             best_loss = torch.where(improved, per_image, best_loss)
             best_image = torch.where(improved.view(-1, 1, 1, 1), image.detach(), best_image)
+            finite_before = torch.where(finite, finite_before, finite_before.clamp(max=count))
         count += 1
         report(count, loss)
         return loss
@@ -465,7 +483,8 @@ def _optimise(image: torch.Tensor, evaluate, steps: int, options: StyleOptions,
     image.grad = None
     with torch.no_grad():
         image.copy_(best_image)
-    return count
+    overflowed = int(finite_before)  # the host's one look at it, per scale
+    return count, overflowed if overflowed < count else None
 
 
 def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> Result:
@@ -592,6 +611,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
                               last_loss, time.perf_counter() - started))
 
     image: torch.Tensor | None = None
+    overflowed: int | None = None  # evaluations before the loss or its gradient first overflowed
     for scale, (w, h) in enumerate(sizes, start=1):
         emit("prepare", scale, (w, h))
         content = torch.cat([resize(c, w, h) for c in contents_full])
@@ -630,20 +650,24 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
                 now = time.perf_counter()
                 if count < last and now - last_report < throttle:
                     return
-                last_loss, last_report = float(loss) / len(requests), now
+                mean = float(loss) / len(requests)
+                last_loss, last_report = (mean if math.isfinite(mean) else None), now  # JSON has no NaN
                 emit("optimise", index, size)
 
             base = done
             graphed = (CUDA_GRAPHS and runtime.device.type == "cuda" and steps >= GRAPH_MIN_STEPS
                        and pixels <= CHECKPOINT_PIXELS)  # checkpointing recomputes
-            done = base + _optimise(image, evaluate, steps, options, report, history, graphed)
+            spent, finite = _optimise(image, evaluate, steps, options, report, history, graphed)
+            if finite is not None and overflowed is None:
+                overflowed = base + finite
+            done = base + spent
     assert image is not None
     output = color.keep_content_chroma(image, content) if options.preserve_color == "luminance" else image
     with torch.no_grad():
         final = evaluate(output)  # the losses of the pixels returned, the content's colours restored too
     emit("done", len(sizes), sizes[-1])
     warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings + (
-        (LEAN_WARNING,) if lean else ())
+        (LEAN_WARNING,) if lean else ()) + ((overflow_warning(overflowed),) if overflowed is not None else ())
     seconds, peak = time.perf_counter() - started, memory.peak_bytes(runtime.device)
     return [Result(
         image=to_array(output[i:i + 1]), seconds=seconds, iterations=done,

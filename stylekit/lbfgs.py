@@ -20,6 +20,7 @@ steps on the device instead, so that a GPU never waits for the host.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -173,7 +174,8 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
     """Lower closure() by moving `x` in place until no descent step is found or `evaluations` are spent.
 
     `closure` returns the loss and leaves its gradient in x.grad (it may raise to stop the run).
-    Each step is chosen by torch's strong-Wolfe search, from the loss and slope read on the host.
+    Each step is chosen by torch's strong-Wolfe search, from the loss and slope read on the host; a
+    point whose loss or gradient is not finite (an overflow) is one the search steps back from.
     With `bounds`, x stays inside them (every point is projected into the box before it is
     evaluated, and each accepted step after it), the gradient of a value held at a bound and pushed
     outwards counts as 0 and the direction holds such a value where it is (see `_hold`), and
@@ -190,11 +192,17 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
         if bounds:
             flat.clamp_(*bounds)
         with torch.enable_grad():
-            loss = float(closure().detach())
+            loss = closure().detach()
         spent += 1
         gradient = x.grad.reshape(-1).clone()  # a copy: x.grad may be rewritten in place next time
         _project(gradient, flat, bounds)
-        return loss, gradient
+        value, finite = torch.stack([loss.double(), gradient.isfinite().all().double()]).tolist()
+        if not (finite and math.isfinite(value)):
+            # An overflow: its loss is +inf (a NaN would pass none of the search's comparisons) and
+            # its slope unknown (NaN), so torch's search counts the point as too far and halves its
+            # bracket towards the finite end (its cubic step falls back to the midpoint).
+            return math.inf, gradient.fill_(math.nan)
+        return value, gradient
 
     def along(start: torch.Tensor, step: float, towards: torch.Tensor) -> tuple[float, torch.Tensor]:
         flat.add_(towards, alpha=step)
@@ -257,8 +265,9 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
     (kept within SHRINK of it) and tried again. All of that is `torch.where` on device tensors, so on
     a GPU the host only queues the evaluation and the update (a CUDA graph replay each) while the
     GPU runs ahead; the host looks at the state every CHECK_EVERY iterations, to stop once no step
-    moves the point. Taken points' losses only fall; `x` ends at the last one. `bounds` work as in
-    `minimise`.
+    moves the point. Taken points' losses only fall; `x` ends at the last one. A trial whose loss or
+    gradient is not finite (an overflow) is refused and cut like one that does not lower the loss.
+    `bounds` work as in `minimise`.
     """
     flat = x.detach().view(-1)
     if bounds:
@@ -291,7 +300,8 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
         """Take or refuse the trial just evaluated, then propose the next one."""
         moved = flat - start
         expected = gradient.dot(moved)
-        taken = (trial_loss < loss) & (trial_loss <= loss + ARMIJO * expected)
+        taken = ((trial_loss < loss) & (trial_loss <= loss + ARMIJO * expected)
+                 & trial_gradient.isfinite().all())
         cut = torch.nan_to_num(-expected / (2 * (trial_loss - loss - expected)), nan=SHRINK[0])
         remember(curvature, moved, trial_gradient - gradient, taken)
         start.copy_(torch.where(taken, flat, start))

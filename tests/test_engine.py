@@ -29,6 +29,7 @@ from stylekit.engine import (
     stylize_batch,
 )
 from stylekit.errors import NotEnoughMemory
+from stylekit.request import FLOAT32_MAX
 
 
 @pytest.fixture
@@ -176,8 +177,35 @@ def test_a_one_pixel_content_enlarged_to_the_size_asked_for_is_styled(weights_fi
 
 
 def test_loss_weights_that_overflow_the_loss_are_refused_not_returned_as_the_start(run):
-    with pytest.raises(StylekitError, match=r"^the loss is not a finite number at the start .*--style"):
+    with pytest.raises(StylekitError, match=r"^the loss or its gradient is not a finite number at the start "
+                                            r".*--style"):
         run(init="noise", content_weight=3e38, style_weight=3e38, tv_weight=3e38)
+
+
+def _overflowing_run(run, progress=None):
+    """Adam with a large learning rate and --tv-weight at float32's largest, from a grey content towards
+    a checkerboard: its jumps make a pattern whose TV passes 1, so the weighted loss overflows after
+    a few finite evaluations (and Adam's next steps are NaN)."""
+    ys, xs = np.mgrid[0:40, 0:40]
+    checkerboard = np.repeat(((xs + ys) % 2).astype(np.float32)[..., None], 3, axis=-1)
+    return run(progress=progress, content=np.full((40, 48, 3), 0.5, np.float32), styles=[checkerboard],
+               optimizer="adam", learning_rate=1.0, tv_weight=FLOAT32_MAX, steps=8, scales=1)
+
+
+def test_a_run_whose_loss_overflows_part_way_returns_its_best_finite_image_and_says_so(run):
+    seen = []
+    result = _overflowing_run(run, lambda p: seen.append(p.loss) if p.stage == "optimise" else None)
+    finite = [loss for loss in seen if loss is not None and math.isfinite(loss)]
+    assert len(finite) < len(seen)  # it did overflow
+    assert np.isfinite(result.image).all() and result.total_loss == pytest.approx(min(finite), rel=1e-5)
+    said = [message for message in result.warnings if "overflowed" in message]
+    assert said == [engine.overflow_warning(len(finite))]
+
+
+def test_progress_reports_no_loss_rather_than_a_non_finite_one(run):
+    seen = []
+    _overflowing_run(run, lambda p: seen.append(p.loss) if p.stage == "optimise" else None)
+    assert None in seen and all(loss is None or math.isfinite(loss) for loss in seen)
 
 
 def test_a_run_leaves_the_callers_random_state_alone(run):
@@ -536,11 +564,52 @@ def test_lbfgs_restarts_after_its_line_search_fails_instead_of_stalling(monkeypa
     monkeypatch.setattr(lbfgs, "minimise", lambda *a, **k: rounds.append(1) or minimise(*a, **k))
     torch.manual_seed(0)
     image = torch.rand(1, 3, 4, 4)
-    spent = _optimise(image, _gram_to_five, 200, StyleOptions(), lambda count, loss: None,
-                      HISTORY_SIZE)
+    spent, _ = _optimise(image, _gram_to_five, 200, StyleOptions(), lambda count, loss: None,
+                         HISTORY_SIZE)
     stalled = _torch_lbfgs_called_again(200)
     assert len(rounds) > 1 and spent <= 200  # restarted, and stopped once a round gained nothing
     assert float(_gram_to_five(image).total) < 0.01 < 1.1 < stalled
+
+
+def _walled(x):
+    """Pixels pulled towards 0.9, but no finite loss once one of an image's passes 0.7 (N values)."""
+    flat = x.flatten(1)
+    return SimpleNamespace(total=torch.where(flat.max(1).values > 0.7, math.inf, (flat - 0.9).pow(2).sum(1)))
+
+
+def _walled_run(steps):
+    """One L-BFGS scale of `_walled` from dark pixels: (the image, _optimise's answer, every loss seen)."""
+    seen = []
+
+    def evaluate(x):
+        losses = _walled(x)
+        seen.append(float(losses.total.detach()))
+        return losses
+    torch.manual_seed(0)
+    image = 0.5 * torch.rand(1, 3, 4, 4)
+    answer = _optimise(image, evaluate, steps, StyleOptions(), lambda count, loss: None, HISTORY_SIZE)
+    return image, answer, seen
+
+
+@pytest.mark.parametrize("steps", [40, 200], ids=["backtracking", "strong-wolfe"])
+def test_an_lbfgs_scale_whose_loss_overflows_part_way_ends_at_its_best_finite_image(steps):
+    image, _, seen = _walled_run(steps)
+    assert not all(map(math.isfinite, seen))
+    assert float(_walled(image).total) == min(seen) and float(image.max()) <= 0.7
+
+
+def test_a_scale_whose_loss_overflows_part_way_says_after_how_many_evaluations():
+    _, (spent, finite), seen = _walled_run(40)
+    assert finite == next(index for index, loss in enumerate(seen) if not math.isfinite(loss))
+    assert finite < spent == len(seen)
+
+
+def test_a_gradient_that_overflows_at_the_start_is_refused_like_a_loss():
+    def evaluate(x):  # a finite loss whose gradient passes float16 scaled by 1e5, as in an fp16 backward
+        return SimpleNamespace(total=1e5 * (1e-6 * x).half().float().flatten(1).sum(1))
+    with pytest.raises(StylekitError, match=r"^the loss or its gradient is not a finite number at the start"):
+        _optimise(torch.rand(1, 3, 4, 4), evaluate, 10, StyleOptions(), lambda count, loss: None,
+                  HISTORY_SIZE)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,5 +1,6 @@
 """stylekit's L-BFGS: torch's iteration, with directions computed without reading the device back."""
 
+import math
 import warnings
 
 import pytest
@@ -119,16 +120,38 @@ def test_reaches_the_minimum_where_the_gradient_vanishes(kind):
     assert float(x.grad.abs().max()) < 1e-6
 
 
-def test_backtracking_refuses_a_trial_whose_loss_is_not_finite_and_tries_shorter():
-    # Minimum at 2, but no loss past 1.5: the curvature's full steps land out there at first.
+@pytest.mark.parametrize("kind", MINIMISERS)
+@pytest.mark.parametrize("overflow", [math.inf, math.nan])
+def test_a_trial_whose_loss_is_not_finite_is_refused_and_a_shorter_one_tried(kind, overflow):
+    # Minimum at 2, but no finite loss past 1.5: the curvature's full steps land out there at first.
     def f(v):
-        return torch.where(v.max() > 1.5, torch.tensor(float("inf"), dtype=v.dtype), (v - 2).pow(2).sum())
+        return torch.where(v.max() > 1.5, torch.tensor(overflow, dtype=v.dtype), (v - 2).pow(2).sum())
     x, losses = torch.zeros(N, dtype=torch.float64, requires_grad=True), []
     closure = _closure(f, x, [])
-    lbfgs.minimise_backtracking(lambda: losses.append(float(closure().detach())) or torch.tensor(losses[-1]),
-                                x, history=4, evaluations=30)
-    assert float("inf") in losses
+    _minimise(kind, lambda: losses.append(float(closure().detach())) or torch.tensor(losses[-1]), x, 30)
+    assert not all(map(math.isfinite, losses))
     assert float(x.detach().max()) <= 1.5 and float(f(x.detach())) < min(losses[:2])
+
+
+def _fp16_backward(v):
+    """(v − 2)² summed, plus a small term past 1.5 whose gradient passes float16 scaled by 1e5, as a
+    heavily weighted loss's does in an fp16 backward: past 1.5 the loss is finite, the gradient inf."""
+    return (v - 2).pow(2).sum() + 1e5 * (torch.relu(v - 1.5) * 1e-6).half().float().sum()
+
+
+@pytest.mark.parametrize("kind", MINIMISERS)
+def test_a_trial_whose_gradient_overflows_is_refused_though_its_loss_is_lower(kind):
+    x, seen = torch.zeros(N, dtype=torch.float64, requires_grad=True), []
+    closure = _closure(_fp16_backward, x, [])
+
+    def watched():
+        seen.append(x.detach().clone())
+        return closure()
+    _minimise(kind, watched, x, 30)
+    assert any(float(point.max()) > 1.5 for point in seen)  # it was tried
+    assert all(bool(point.isfinite().all()) for point in seen)  # and no NaN step followed
+    first_steps = min(float(_fp16_backward(point)) for point in seen[:2])
+    assert float(x.detach().max()) <= 1.5 and float(_fp16_backward(x.detach())) < first_steps
 
 
 def test_a_pair_without_positive_curvature_is_not_stored():
