@@ -450,16 +450,20 @@ def test_a_16_bit_tiff_keeps_its_precision(tmp_path: Path, planar: str) -> None:
     np.testing.assert_allclose(load_image(tmp_path / "deep.tif").rgb, pixels / 65535.0, atol=1e-6)
 
 
+def _write_16_bit_with_alpha(path: Path, pixels: np.ndarray, photometric: str) -> Path:
+    """A 16-bit image whose last channel is (unassociated) alpha, as a PNG or a TIFF by path's suffix."""
+    if path.suffix == ".png":
+        path.write_bytes(_png16(pixels))
+    else:
+        tifffile.imwrite(path, pixels, photometric=photometric, extrasamples=["unassalpha"])
+    return path
+
+
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 def test_a_16_bit_alpha_keeps_its_precision(tmp_path: Path, suffix: str) -> None:
     pixels = _deep_rgb(channels=4)
     pixels[..., 3] = np.maximum(pixels[..., 3], 1)  # nothing fully transparent: the colour stays as it is
-    path = tmp_path / f"deep{suffix}"
-    if suffix == ".png":
-        path.write_bytes(_png16(pixels))
-    else:
-        tifffile.imwrite(path, pixels, photometric="rgb", extrasamples=["unassalpha"])
-    loaded = load_image(path)
+    loaded = load_image(_write_16_bit_with_alpha(tmp_path / f"deep{suffix}", pixels, "rgb"))
     np.testing.assert_allclose(loaded.alpha, pixels[..., 3] / 65535.0, atol=1e-6)
     np.testing.assert_allclose(loaded.rgb, pixels[..., :3] / 65535.0, atol=1e-6)
 
@@ -468,12 +472,7 @@ def test_a_16_bit_alpha_keeps_its_precision(tmp_path: Path, suffix: str) -> None
 def test_a_16_bit_grey_image_with_alpha_loads_as_grey_rgb_and_alpha(tmp_path: Path, suffix: str) -> None:
     pixels = _deep_rgb(channels=2)
     pixels[..., 1] = np.maximum(pixels[..., 1], 1)  # nothing fully transparent: the grey stays as it is
-    path = tmp_path / f"deep{suffix}"
-    if suffix == ".png":
-        path.write_bytes(_png16(pixels))
-    else:
-        tifffile.imwrite(path, pixels, photometric="minisblack", extrasamples=["unassalpha"])
-    loaded = load_image(path)
+    loaded = load_image(_write_16_bit_with_alpha(tmp_path / f"deep{suffix}", pixels, "minisblack"))
     np.testing.assert_allclose(loaded.rgb, np.repeat(pixels[..., :1] / 65535.0, 3, axis=2), atol=1e-6)
     np.testing.assert_allclose(loaded.alpha, pixels[..., 1] / 65535.0, atol=1e-6)
     assert loaded.source_metadata.bits == 16
