@@ -144,8 +144,7 @@ def validate(options: StyleOptions) -> None:
         raise StylekitError(str(exc)) from None
     for name in OPTION_KINDS:
         _check_type(name, getattr(options, name))
-    positive = {"steps": options.steps, "style_scale": options.style_scale,
-                "learning_rate": options.learning_rate}
+    positive = {"steps": options.steps, "style_scale": options.style_scale}
     if options.min_scale is not None:
         positive["min_scale"] = options.min_scale
     if options.size is not None:
@@ -155,6 +154,9 @@ def validate(options: StyleOptions) -> None:
     for name, value in positive.items():
         if not 0 < value <= FLOAT32_MAX:
             raise StylekitError(f"bad {name} {value} (must be a finite number greater than 0)")
+    if not 0 < options.learning_rate <= 1:  # larger crosses the whole [0, 1] range per step (and overflows)
+        raise StylekitError(f"bad learning_rate {options.learning_rate} (Adam's step in pixel units of a "
+                            "[0, 1] image: greater than 0 and at most 1)")
     if options.max_memory is not None and not 0 < options.max_memory < math.inf:
         raise StylekitError(f"bad max_memory {options.max_memory} (GiB, must be a number greater than 0)")
     if not 0 <= options.seed <= MAX_SEED:

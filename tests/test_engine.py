@@ -383,6 +383,8 @@ def test_missing_gpu_is_a_clear_error(run):
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("steps", 0, "steps"), ("style_weight", -1.0, "style_weight"), ("optimizer", "sgd", "optimizer"),
     ("content_layers", ("relu9_1",), "relu9_1"), ("style_layer_weights", (1.0,), "style layer weights"),
+    ("learning_rate", 0.0, "learning_rate"), ("learning_rate", 4e37, "learning_rate"),
+    ("learning_rate", math.nan, "learning_rate"),
 ])
 def test_bad_options_are_refused_with_their_name(run, option, value, message):
     with pytest.raises(StylekitError, match=message):
