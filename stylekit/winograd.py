@@ -59,8 +59,8 @@ def conv3x3(x: torch.Tensor, transformed: torch.Tensor, bias: torch.Tensor | Non
     th, tw = -(-h // 4), -(-w // 4)
     band = max(1, BAND_BYTES // (36 * n * tw * max(channels, transformed.shape[2]) * x.element_size()))
     library = native_transforms.transforms()
-    if library is not None:
-        return _conv3x3_c(library, x, transformed, bias, band)
+    if library is not None and x.dtype == transformed.dtype == torch.float32 and x.device.type == "cpu":
+        return _conv3x3_c(library, x, transformed, bias, band)  # C reads raw fp32 memory: nothing else
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * 4 + 1 - w, 1, th * 4 + 1 - h))  # N×H×W×C
     out = x.new_empty(n, th, 4, tw, 4, transformed.shape[2])  # channels-last: the products' own order
     for top in range(0, th, band):

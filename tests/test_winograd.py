@@ -92,6 +92,14 @@ def test_c_and_torch_transforms_give_the_same_convolution(monkeypatch):
     assert _relative_error(c, torch_made.double()) < 1e-5
 
 
+def test_a_double_precision_input_is_convolved_by_torchs_transforms_not_read_as_fp32():
+    x = torch.rand(1, 8, 12, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    weight, bias = _layer(8, 8)
+    exact = F.conv2d(x, weight.double(), bias.double(), padding=1)
+    out = winograd.conv3x3(x, winograd.transform_weight(weight).double(), bias.double())
+    assert out.dtype == torch.float64 and _relative_error(out, exact) < 1e-6  # fp32 kernels
+
+
 def test_cheaper_c_transforms_take_winograd_down_to_conv2_2(monkeypatch):
     conv2_2 = _layer(128, 128)[0]  # Cin·Cout / (Cin + Cout) = 64
     monkeypatch.setattr(native_transforms, "transforms", lambda: "a loaded library")
