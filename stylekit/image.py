@@ -433,12 +433,13 @@ def _pillow_image(
         width, height = im.size
         if width * height > max_pixels:
             raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
-        deep = _is_deep(im, source)  # asked before decoding: Pillow's tiles say how many bits a channel has
-        channels = _deep_channels(source, im, label) if deep else None
+        avif = _avif_description(source) if im.format == "AVIF" else None  # Pillow's reader omits these
+        deep = _is_deep(im, avif)  # asked before decoding: Pillow's tiles say how many bits a channel has
+        channels = _deep_channels(source, im, label, avif) if deep else None
         if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
-        nclx = _avif_colour(source) if im.format == "AVIF" else im.info.get("nclx_profile")
+        nclx = avif.nclx if avif else im.info.get("nclx_profile")
         profile = im.info.get("icc_profile") or icc.from_nclx(nclx, label)
         bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
         kept = dataclasses.replace(_source_metadata(im.getexif, im.info.get("dpi")), bits=bits)
@@ -531,13 +532,13 @@ def _beyond_pillow(directory: Image.Exif) -> bool:
     return photometric in (0, 1) and deep and 338 in directory  # ExtraSamples
 
 
-def _is_deep(im: Image.Image, source: str | os.PathLike[str] | bytes) -> bool:
+def _is_deep(im: Image.Image, avif: _AvifDescription | None) -> bool:
     """Whether this is a PNG or TIFF with 16-bit colour (or grey with alpha), or a HEIF or AVIF with 10
     or 12 bits (a phone's HDR photo), which Pillow cuts to 8 bits (or, planar, misreads)."""
     if im.format == "HEIF":
         return im.info.get("bit_depth", 8) > 8
-    if im.format == "AVIF":
-        return _avif_bits(source) > 8
+    if avif is not None:
+        return avif.bits > 8
     if im.mode not in ("RGB", "RGBA", "LA"):
         return False
     if im.format == "TIFF":  # 16-bit unsigned integers (BitsPerSample, SampleFormat)
@@ -547,7 +548,7 @@ def _is_deep(im: Image.Image, source: str | os.PathLike[str] | bytes) -> bool:
 
 
 def _deep_channels(
-    source: str | os.PathLike[str] | bytes, im: Image.Image, label: str
+    source: str | os.PathLike[str] | bytes, im: Image.Image, label: str, avif: _AvifDescription | None
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """A 16-bit PNG's or TIFF's, or a 10/12-bit HEIF's or AVIF's, colour (H×W×1 grey or ×3) and alpha,
     upright floats in [0, 1] at the precision Pillow cuts to 8 bits; None, after a warning, where
@@ -555,11 +556,11 @@ def _deep_channels(
     premultiplied = False
     if im.format == "HEIF":
         samples = _heif_samples(source, label)
-    if im.format == "AVIF":
-        samples = _avif_samples(source, label)
+    if avif is not None:
+        samples = _avif_samples(source, label, avif.bits)
         if samples is None:
             log.warning("image %s is read at 8 bits per channel, not %d (that needs the imagecodecs "
-                        "package with AVIF)", label, _avif_bits(source))
+                        "package with AVIF)", label, avif.bits)
             return None
     if im.format == "PNG":
         samples, exif = _png_samples(source if isinstance(source, bytes) else Path(source).read_bytes())
@@ -663,7 +664,7 @@ def _heif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndar
     return _stretched(samples, primary.info["bit_depth"])
 
 
-def _avif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndarray | None:
+def _avif_samples(source: str | os.PathLike[str] | bytes, label: str, bits: int) -> np.ndarray | None:
     """A deep AVIF's image as 16-bit samples (H×W×C, as stored: its rotation and mirroring, which
     Pillow's reader gives as an EXIF orientation, are left to the caller), decoded again by imagecodecs'
     libavif, as Pillow's reader gives 8 bits only; None where imagecodecs was built without AVIF."""
@@ -676,7 +677,7 @@ def _avif_samples(source: str | os.PathLike[str] | bytes, label: str) -> np.ndar
         return None
     except (RuntimeError, ValueError) as e:  # imagecodecs' AvifError: damaged
         raise _corrupt(label, e) from e
-    return _stretched(samples, _avif_bits(data))
+    return _stretched(samples, bits)
 
 
 def _stretched(samples: np.ndarray, bits: int) -> np.ndarray:
@@ -709,23 +710,25 @@ def _png_samples(png: bytes) -> tuple[np.ndarray, bytes | None]:
 _RAW_EXIF = b"Raw profile type exif\0"  # the keyword of a PNG text chunk holding EXIF as hex
 
 
-def _avif_colour(source: str | os.PathLike[str] | bytes) -> dict[str, int] | None:
-    """An AVIF's colour description (its nclx 'colr' property's primaries and transfer codes, such as
-    Display P3's), which Pillow's reader does not pass on; None where it has none."""
+@dataclasses.dataclass(frozen=True)
+class _AvifDescription:
+    """What an AVIF's item properties say that Pillow's reader does not pass on."""
+
+    bits: int  # per channel: 8, 10 or 12
+    nclx: dict[str, int] | None  # primaries and transfer codes (Display P3's, …); None where it has none
+
+
+def _avif_description(source: str | os.PathLike[str] | bytes) -> _AvifDescription:
+    """An AVIF's depth, from its first AV1 configuration ('av1C', the image's; its alpha's has the same)
+    high_bitdepth and twelve_bit flags, and its nclx 'colr' property, from one read of its boxes."""
+    bits, nclx = None, None
     for kind, body in _avif_properties(source):
-        if kind == b"colr" and body[:4] == b"nclx" and len(body) >= 8:
+        if kind == b"av1C" and len(body) >= 3 and bits is None:
+            bits = (12 if body[2] & 0x20 else 10) if body[2] & 0x40 else 8
+        if kind == b"colr" and body[:4] == b"nclx" and len(body) >= 8 and nclx is None:
             primaries, transfer = struct.unpack_from(">HH", body, 4)
-            return {"color_primaries": primaries, "transfer_characteristics": transfer}
-    return None
-
-
-def _avif_bits(source: str | os.PathLike[str] | bytes) -> int:
-    """An AVIF's bits per channel (8, 10 or 12), which Pillow's reader does not pass on: its first AV1
-    configuration's ('av1C', the image's; its alpha's has the same) high_bitdepth and twelve_bit flags."""
-    for kind, body in _avif_properties(source):
-        if kind == b"av1C" and len(body) >= 3:
-            return (12 if body[2] & 0x20 else 10) if body[2] & 0x40 else 8
-    return 8
+            nclx = {"color_primaries": primaries, "transfer_characteristics": transfer}
+    return _AvifDescription(bits or 8, nclx)
 
 
 def _avif_properties(source: str | os.PathLike[str] | bytes) -> list[tuple[bytes, bytes]]:
