@@ -76,16 +76,18 @@ def _conv3x3_c(library, x: torch.Tensor, transformed: torch.Tensor, bias: torch.
     th, tw, cout = -(-h // 4), -(-w // 4), transformed.shape[2]
     pixels = x.permute(0, 2, 3, 1).contiguous()  # N×H×W×C: free for the channels-last network
     bias = None if bias is None else bias.float().contiguous()
+    threads = torch.get_num_threads()  # torch's own count: with OpenMP the library shares its threads
     out = x.new_empty(n, h, w, cout)
     for top in range(0, th, band):
         bottom = min(th, top + band)
         tiles = x.new_empty(36, n * (bottom - top) * tw, channels)
-        if library.winograd_input(pixels.data_ptr(), tiles.data_ptr(), n, h, w, channels, tw, top, bottom):
+        if library.winograd_input(pixels.data_ptr(), tiles.data_ptr(), n, h, w, channels, tw, top, bottom,
+                                  threads):
             raise MemoryError("no memory for the Winograd input transform")
         products = torch.bmm(tiles, transformed)
         if library.winograd_output(products.data_ptr(), out.data_ptr(),
                                    None if bias is None else bias.data_ptr(),
-                                   n, h, w, cout, tw, top, bottom):
+                                   n, h, w, cout, tw, top, bottom, threads):
             raise MemoryError("no memory for the Winograd output transform")
     return out.permute(0, 3, 1, 2)
 

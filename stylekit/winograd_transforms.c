@@ -2,6 +2,9 @@
  * stylekit/winograd.py (built by stylekit/native_transforms.py). One pass over the pixels each,
  * zero padding read in place, every inner loop running over contiguous channels so the compiler
  * vectorises it: torch's elementwise form of the same transforms made a dozen passes per layer.
+ * Built with -fopenmp, the tiles are shared among `threads` threads of the OpenMP runtime torch has
+ * already loaded (the same libgomp, so the same worker threads: no second pool competes with
+ * torch's); built without it, the pragmas are ignored and one thread does all.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,36 +27,41 @@ static inline void input_rows(const float *d[6], float *o, int64_t step, int64_t
 
 /* Tiles of tile rows [row0, row1) of x (n×h×w×c) into tiles (36×n×(row1-row0)×tw×c), Bᵀ d B. */
 int winograd_input(const float *x, float *tiles, int64_t n, int64_t h, int64_t w, int64_t c,
-                   int64_t tw, int64_t row0, int64_t row1) {
-    int64_t rows = row1 - row0, plane = n * rows * tw * c;
-    float *zero = calloc((size_t)c, sizeof(float)), *m = malloc((size_t)(36 * c) * sizeof(float));
-    if (!zero || !m) {
-        free(zero);
-        free(m);
-        return 1;
-    }
-    for (int64_t b = 0; b < n; b++)
-        for (int64_t ti = row0; ti < row1; ti++)
-            for (int64_t tj = 0; tj < tw; tj++) {
-                for (int l = 0; l < 6; l++) { /* column l of the 6×6 input tile, rows transformed */
-                    const float *d[6];
-                    int64_t q = 4 * tj - 1 + l;
-                    for (int k = 0; k < 6; k++) {
-                        int64_t r = 4 * ti - 1 + k;
-                        d[k] = (r >= 0 && r < h && q >= 0 && q < w) ? x + ((b * h + r) * w + q) * c : zero;
-                    }
-                    input_rows(d, m + l * c, 6 * c, c);
+                   int64_t tw, int64_t row0, int64_t row1, int threads) {
+    int64_t rows = row1 - row0, plane = n * rows * tw * c, count = n * rows * tw;
+    float *zero = calloc((size_t)c, sizeof(float));
+    if (!zero) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *m = malloc((size_t)(36 * c) * sizeof(float)); /* this thread's half-transformed tile */
+        if (!m) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < count; t++) { /* every thread meets the loop, even one without m */
+            if (!m) continue;
+            int64_t b = t / (rows * tw), ti = row0 + t / tw % rows, tj = t % tw;
+            for (int l = 0; l < 6; l++) { /* column l of the 6×6 input tile, rows transformed */
+                const float *d[6];
+                int64_t q = 4 * tj - 1 + l;
+                for (int k = 0; k < 6; k++) {
+                    int64_t r = 4 * ti - 1 + k;
+                    d[k] = (r >= 0 && r < h && q >= 0 && q < w) ? x + ((b * h + r) * w + q) * c : zero;
                 }
-                float *out = tiles + ((b * rows + ti - row0) * tw + tj) * c;
-                for (int k = 0; k < 6; k++) { /* row k of m, columns transformed: tiles (k, 0..5) */
-                    const float *d[6];
-                    for (int l = 0; l < 6; l++) d[l] = m + (k * 6 + l) * c;
-                    input_rows(d, out + 6 * k * plane, plane, c);
-                }
+                input_rows(d, m + l * c, 6 * c, c);
             }
+            for (int k = 0; k < 6; k++) { /* row k of m, columns transformed: tiles (k, 0..5) */
+                const float *d[6];
+                for (int l = 0; l < 6; l++) d[l] = m + (k * 6 + l) * c;
+                input_rows(d, tiles + t * c + 6 * k * plane, plane, c);
+            }
+        }
+        free(m);
+    }
     free(zero);
-    free(m);
-    return 0;
+    return failed;
 }
 
 /* Aᵀ along one axis: six rows y[0..5] into four, each plus bias where given; only the first
@@ -80,26 +88,34 @@ static inline void output_rows(const float *y[6], float *o, int64_t step, int co
 
 /* Products of tile rows [row0, row1) (36×n×(row1-row0)×tw×c) into out (n×h×w×c), Aᵀ m A + bias. */
 int winograd_output(const float *y, float *out, const float *bias, int64_t n, int64_t h, int64_t w,
-                    int64_t c, int64_t tw, int64_t row0, int64_t row1) {
-    int64_t rows = row1 - row0, plane = n * rows * tw * c;
-    float *m = malloc((size_t)(24 * c) * sizeof(float));
-    if (!m) return 1;
-    for (int64_t b = 0; b < n; b++)
-        for (int64_t ti = row0; ti < row1; ti++)
-            for (int64_t tj = 0; tj < tw; tj++) {
-                const float *in = y + ((b * rows + ti - row0) * tw + tj) * c;
-                for (int l = 0; l < 6; l++) { /* column l: rows 0..5 into m (0..3, l) */
-                    const float *d[6];
-                    for (int k = 0; k < 6; k++) d[k] = in + (6 * k + l) * plane;
-                    output_rows(d, m + l * c, 6 * c, 4, NULL, c);
-                }
-                int64_t height = h - 4 * ti < 4 ? h - 4 * ti : 4, width = w - 4 * tj < 4 ? w - 4 * tj : 4;
-                for (int a = 0; a < height; a++) { /* output row a: columns transformed */
-                    const float *d[6];
-                    for (int l = 0; l < 6; l++) d[l] = m + (a * 6 + l) * c;
-                    output_rows(d, out + ((b * h + 4 * ti + a) * w + 4 * tj) * c, c, (int)width, bias, c);
-                }
+                    int64_t c, int64_t tw, int64_t row0, int64_t row1, int threads) {
+    int64_t rows = row1 - row0, plane = n * rows * tw * c, count = n * rows * tw;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *m = malloc((size_t)(24 * c) * sizeof(float)); /* this thread's half-transformed tile */
+        if (!m) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < count; t++) { /* every thread meets the loop, even one without m */
+            if (!m) continue;
+            int64_t b = t / (rows * tw), ti = row0 + t / tw % rows, tj = t % tw;
+            const float *in = y + t * c;
+            for (int l = 0; l < 6; l++) { /* column l: rows 0..5 into m (0..3, l) */
+                const float *d[6];
+                for (int k = 0; k < 6; k++) d[k] = in + (6 * k + l) * plane;
+                output_rows(d, m + l * c, 6 * c, 4, NULL, c);
             }
-    free(m);
-    return 0;
+            int64_t height = h - 4 * ti < 4 ? h - 4 * ti : 4, width = w - 4 * tj < 4 ? w - 4 * tj : 4;
+            for (int a = 0; a < height; a++) { /* output row a: columns transformed */
+                const float *d[6];
+                for (int l = 0; l < 6; l++) d[l] = m + (a * 6 + l) * c;
+                output_rows(d, out + ((b * h + 4 * ti + a) * w + 4 * tj) * c, c, (int)width, bias, c);
+            }
+        }
+        free(m);
+    }
+    return failed;
 }

@@ -67,3 +67,33 @@ def test_stylekit_native_0_turns_the_c_transforms_off(monkeypatch, tmp_path):
     monkeypatch.setenv(native_transforms.SWITCH, "0")
     assert native_transforms.transforms() is None
     assert not (tmp_path / "native").exists()
+
+
+def test_where_torch_runs_gnu_openmp_each_flag_set_is_tried_with_openmp_first(monkeypatch):
+    monkeypatch.setattr(native_transforms, "runs_libgomp", lambda: True)
+    sets = native_transforms.flag_sets()
+    assert sets[0::2] == [flags + native_transforms.OPENMP for flags in native_transforms.FLAG_SETS]
+    assert sets[1::2] == list(native_transforms.FLAG_SETS)
+
+
+def test_without_gnu_openmp_in_the_process_the_library_is_built_without_it(monkeypatch):
+    monkeypatch.setattr(native_transforms, "runs_libgomp", lambda: False)
+    assert native_transforms.flag_sets() == list(native_transforms.FLAG_SETS)
+
+
+def _mapped_libgomps() -> set[str]:
+    with open("/proc/self/maps") as handle:
+        return {line.split()[-1] for line in handle if "libgomp" in line}
+
+
+def test_the_openmp_build_shares_torchs_libgomp_instead_of_loading_a_second_runtime():
+    if not native_transforms.runs_libgomp():
+        pytest.skip("torch here does not run on GNU OpenMP")
+    compiler = _compiler()
+    before = _mapped_libgomps()
+    flags = native_transforms.FLAG_SETS[-1] + native_transforms.OPENMP
+    try:
+        native_transforms._loaded(native_transforms.built(compiler, flags), compiler, flags)
+    except (OSError, native_transforms.subprocess.SubprocessError):
+        pytest.skip("this compiler has no OpenMP")
+    assert _mapped_libgomps() == before and len(before) == 1

@@ -92,6 +92,22 @@ def test_c_and_torch_transforms_give_the_same_convolution(monkeypatch):
     assert _relative_error(c, torch_made.double()) < 1e-5
 
 
+def test_the_c_transforms_give_the_same_convolution_on_one_thread_as_on_several():
+    if native_transforms.transforms() is None:
+        pytest.skip("no C compiler here")
+    x = torch.rand(2, 32, 23, 18, generator=torch.Generator().manual_seed(9))
+    weight, bias = _layer(32, 40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # tiles split unevenly among threads, odd tile count
+        shared = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+        torch.set_num_threads(1)
+        alone = winograd.conv3x3(x, winograd.transform_weight(weight), bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(shared, alone)  # each tile is computed alike, whichever thread takes it
+
+
 def test_a_double_precision_input_is_convolved_by_torchs_transforms_not_read_as_fp32():
     x = torch.rand(1, 8, 12, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     weight, bias = _layer(8, 8)
