@@ -21,8 +21,11 @@ _KERNEL_TRANSFORM = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 /
 _KERNEL_PRODUCT = torch.kron(_KERNEL_TRANSFORM, _KERNEL_TRANSFORM).float()  # G ⊗ G: vec(G w Gᵀ) from vec(w)
 # The products scale with Cin·Cout, the transforms with Cin + Cout: below this ratio they cost more
 # than the products saved. With torch's transforms, VGG19 at 256×192 on two cores: conv2_2, 64, loses;
-# conv3_1, 85, wins. The C transforms are ~3× cheaper, and conv2_2 wins too (21.6 against 25.5 ms).
-MIN_CHANNEL_RATIO = {"c": 60, "torch": 80}
+# conv3_1, 85, wins. The C transforms are ~3× cheaper, and conv2_2 wins too (21.6 against 25.5 ms);
+# on torch's threads, conv2_1, 43, as well (best of 15: 6.0 against 8.0 ms forward, 7.0 against 9.2
+# backward at 256×192; 24–36 against 30–46 and 30–38 against 35–51 at 512×384). conv1_2, 32, is level
+# at 256×192 and loses at 512×384 (83–105 against 77–94 forward, 111–113 against 99–134 backward).
+MIN_CHANNEL_RATIO = {"c": 40, "torch": 80}
 MIN_PIXELS = 64  # smaller inputs are mostly padding, in tiles of 4×4
 BAND_BYTES = 8 << 20  # transformed tiles per band of tile rows: cache-sized, and no huge temporaries
 

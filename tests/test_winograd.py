@@ -116,12 +116,13 @@ def test_a_double_precision_input_is_convolved_by_torchs_transforms_not_read_as_
     assert out.dtype == torch.float64 and _relative_error(out, exact) < 1e-6  # fp32 kernels
 
 
-def test_cheaper_c_transforms_take_winograd_down_to_conv2_2(monkeypatch):
-    conv2_2 = _layer(128, 128)[0]  # Cin·Cout / (Cin + Cout) = 64
+def test_cheaper_c_transforms_take_winograd_down_to_conv2_1(monkeypatch):
+    conv2_1, conv1_2 = _layer(64, 128)[0], _layer(64, 64)[0]  # Cin·Cout / (Cin + Cout) = 43, 32
     monkeypatch.setattr(native_transforms, "transforms", lambda: "a loaded library")
-    assert winograd.pays_off(conv2_2, 1, 1, 1, 1)
+    assert winograd.pays_off(conv2_1, 1, 1, 1, 1)
+    assert not winograd.pays_off(conv1_2, 1, 1, 1, 1)
     monkeypatch.setattr(native_transforms, "transforms", lambda: None)
-    assert not winograd.pays_off(conv2_2, 1, 1, 1, 1)
+    assert not winograd.pays_off(conv2_1, 1, 1, 1, 1)
 
 
 def _normalised(extractor: FeatureExtractor, image: torch.Tensor) -> torch.Tensor:
@@ -161,9 +162,10 @@ def test_deep_layers_on_the_cpu_gradient_path_run_as_winograd(transforms):
     with torch.profiler.profile() as profile:
         network(image)
     direct = sum(event.count for event in profile.key_averages() if event.key == "aten::conv2d")
-    # Of VGG19's 13 convolutions up to relu5_1, conv1_1 to conv2_1 have too few channels, and so
-    # has conv2_2 for torch's transforms; conv5_1 (4×4 here) has too few pixels; the rest run as Winograd.
-    assert direct == {"c": 4, "torch": 5}[transforms]
+    # Of VGG19's 13 convolutions up to relu5_1, conv1_1 and conv1_2 have too few channels, and so
+    # have conv2_1 and conv2_2 for torch's transforms; conv5_1 (4×4 here) has too few pixels; the rest
+    # run as Winograd.
+    assert direct == {"c": 3, "torch": 5}[transforms]
 
 
 def test_winograd_features_and_gradient_match_plain_direct_convolutions(extractor):
