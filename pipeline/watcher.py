@@ -151,7 +151,8 @@ class Watcher:
                 self.settler.add(path, now)
 
     def _drain(self) -> None:
-        """Move the observer's paths into the settle check; a new folder is scanned, being new."""
+        """Move the observer's paths into the settle check; a new folder is scanned, being new. A path
+        that had settled and waits its turn settles again: it is being rewritten or replaced."""
         now = time.monotonic()
         while True:
             try:
@@ -162,6 +163,7 @@ class Watcher:
             hot = self._owner(path)
             if hot is None or not is_candidate(hot.layout, path):
                 continue
+            self.ready.pop(path, None)
             try:
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):

@@ -74,6 +74,30 @@ def test_a_file_written_slowly_is_taken_once_and_whole(boxes, weights_file):
     assert Image.open(outbox / "slow photo.png").size == (48, 40)
 
 
+def test_a_queued_file_rewritten_before_its_turn_is_taken_only_once_settled_again(boxes, weights_file):
+    inbox, outbox = boxes
+    data = photo_png(seed=3)
+    with watching(config_for(inbox, outbox, weights_file, settle=0.3, batch=1, overrides={"steps": 60})):
+        drop(inbox / "a.png", seed=1)
+        drop(inbox / "b.png", seed=2)  # both settle together; one runs, the other waits its turn
+        wait_for(lambda: count(inbox).processing == 1, what="the first image to start")
+        waiting = next(inbox.glob("?.png"))
+        with open(waiting, "wb") as stream:  # rewritten in place, a byte every 0.2 s, across the first's end
+            written = after_first = 0
+            while after_first < 3:
+                stream.write(data[written:written + 1])
+                stream.flush()
+                written += 1
+                time.sleep(0.2)
+                assert waiting.exists(), "taken while being rewritten"
+                assert written < len(data), "the first image did not end"
+                after_first += count(inbox).done
+            stream.write(data[written:])
+        wait_for(lambda: settled(inbox, 2), what="both images to be done")
+    assert (inbox / "done" / waiting.name).read_bytes() == data
+    assert files(outbox) == ["a.png", "b.png"]
+
+
 def test_temporary_names_wait_until_renamed(boxes, weights_file):
     inbox, outbox = boxes
     names = ["photo.png.part", ".hidden.png", "~$photo.png", "photo.png.crdownload", "photo.tmp"]
