@@ -169,9 +169,11 @@ def _choose_final(layout: Layout, job: Job) -> Path:
 def hand_back(layout: Layout, job: Job) -> Path:
     """Put a claimed input back where it was dropped (on shutdown) so the next start takes it again."""
     rel = Path(job.source)
-    target = free_name(layout.inbox / rel.parent, rel.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(claimed_path(layout, job), target)
+    folder = layout.inbox / rel.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / rel.name
+    while not link_no_clobber(claimed_path(layout, job), target):  # never over a file dropped meanwhile
+        target = free_name(folder, rel.name)
     journal_path(layout, job).unlink()
     return target
 
@@ -192,10 +194,10 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
     claimed = {job.claimed for job in jobs}
     for job in jobs:
         remove_temporaries(layout, job)
-        if job.final is not None or job.error is not None:
+        if job.final is None and not os.path.lexists(claimed_path(layout, job)):
+            journal_path(layout, job).unlink()  # never renamed in (a refused one too), or handed back
+        elif job.final is not None or job.error is not None:
             finished.append((job, finish(layout, job, job.error)))
-        elif not os.path.lexists(claimed_path(layout, job)):
-            journal_path(layout, job).unlink()  # never renamed in, or already handed back
         elif is_published(layout, job):
             finished.append((job, finish(layout, job)))
         elif job.attempts >= max_attempts:
@@ -205,10 +207,12 @@ def recover(layout: Layout, max_attempts: int) -> Recovery:
         else:
             again.append(job)
     for path in sorted(layout.processing.iterdir()):
+        if path.name in claimed:  # an input, even one whose cut suffix looks temporary ('….abc~')
+            continue
         if is_temporary(path.name):
             if not path.is_dir():  # a folder (a Mac's .AppleDouble) is not ours: left alone
                 path.unlink()  # a journal cut short while being written (or a Mac's ._ or .DS_Store)
-        elif path.name not in claimed and not path.name.endswith(JOURNAL_SUFFIX):
+        elif not path.name.endswith(JOURNAL_SUFFIX):
             job = Job(id=secrets.token_hex(6), source=path.name, claimed=path.name, preset=None,
                       output=None)
             finished.append((job, finish(layout, job, ORPHAN_REASON)))

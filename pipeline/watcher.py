@@ -255,8 +255,8 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
         hots = []
         for folder in config.folders:
             layout = Layout(folder.inbox, folder.out)
-            check_not_nested(layout.inbox)
             stack.enter_context(locked(layout))
+            check_not_nested(layout.inbox)  # after locking: two watchers starting together both see it
             layout.create()
             for place, what in ((layout.outbox, "output folder"), (layout.processing, "folder"),
                                 (layout.done, "folder"), (layout.failed, "folder")):

@@ -19,8 +19,8 @@ from stylekit import StyleOptions, StyleRequest
 from stylekit.engine import stylize_batch
 from stylekit.errors import NotEnoughMemory
 from stylekit.image import read_metadata, save_image
-from stylekit.pipeline.folders import Layout, free_name, is_temporary, link_no_clobber
-from stylekit.pipeline.jobs import ORPHAN_REASON, Job, claimed_path, output_temp, save
+from stylekit.pipeline.folders import Layout, free_name, inspect, is_temporary, link_no_clobber
+from stylekit.pipeline.jobs import ORPHAN_REASON, Job, claim, claimed_path, output_temp, recover, save
 from stylekit.pipeline.settle import Settler
 from stylekit.pipeline.worker import SHRINK, smaller_size, stylize_together
 
@@ -135,6 +135,26 @@ def test_an_out_of_memory_retry_without_a_named_size_shrinks_the_long_side():
     assert smaller_size(request, MemoryError()) == round(4000 * SHRINK)
     unsized = StyleRequest(make_photo(48, 40), [make_painting()])
     assert smaller_size(unsized, RuntimeError("can't allocate memory")) == round(48 * SHRINK)
+
+
+def test_a_claimed_name_that_looks_temporary_survives_a_restart(layout, weights_file):
+    original = drop(layout.inbox / "scan.abcdefghijklmn~2")  # its suffix cut to 16 ends in "~"
+    job = claim(layout, inspect(layout, layout.inbox / "scan.abcdefghijklmn~2"), PRESET, "scan.png")
+    assert job is not None and job.claimed.endswith("~")
+    with watching(config_for(layout.inbox, layout.outbox, weights_file)):
+        wait_for(lambda: settled(layout.inbox, 1), what="the restart to finish the job")
+    assert (layout.inbox / "done" / "scan.abcdefghijklmn~2").read_bytes() == original
+    assert files(layout.outbox) == ["scan.png"]
+
+
+def test_a_refused_drop_killed_before_its_move_is_not_reported_as_moved(layout):
+    drop(layout.inbox / "a" / "b" / "photo.png")
+    save(layout, Job(id=JOB_ID, source="a/b/photo.png", claimed=f"{JOB_ID}.png", preset=None, output=None,
+                     error="nested too deep"))  # claim's journal, written before its rename
+    found = recover(layout, max_attempts=3)
+    assert found.finished == [] and found.again == []
+    assert files(layout.processing) == [] and files(layout.inbox / "failed") == []
+    assert (layout.inbox / "a" / "b" / "photo.png").is_file()  # the next scan refuses it afresh
 
 
 def test_a_file_left_in_processing_without_its_record_goes_to_failed(layout, weights_file):
