@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from stylekit import icc
@@ -31,6 +31,7 @@ from stylekit.atomic import write_bytes
 from stylekit.errors import StylekitError, one_line
 
 log = logging.getLogger(__name__)
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # logs each damaged tag it skips, as errors
 
 DEFAULT_MAX_PIXELS = 50_000_000  # guard against decompression bombs
 
@@ -105,7 +106,13 @@ def load_image(
     """
     shown = name or ("<bytes>" if isinstance(source, bytes) else Path(source).name)
     label = _quote(name or _source_text(source))
-    rgb, alpha, kept = _tifffile_image(source, label, max_pixels) or _pillow_image(source, label, max_pixels)
+    try:
+        read = _tifffile_image(source, label, max_pixels) or _pillow_image(source, label, max_pixels)
+    except (StylekitError, OSError, MemoryError):
+        raise
+    except Exception as e:  # a decoder's own on a damaged file: tifffile, Pillow's EXIF, … raise many kinds
+        raise _corrupt(label, e) from e
+    rgb, alpha, kept = read
     if alpha is not None:
         _fill_hidden(rgb, alpha)
     return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, name=shown,
@@ -252,6 +259,7 @@ def _open_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", UserWarning)  # damaged metadata: said as an error, if at all
                 with Image.open(stream) as im:
                     yield im
         except UnidentifiedImageError:
@@ -437,17 +445,18 @@ def _pillow_image(
         deep = _is_deep(im, avif)  # asked before decoding: Pillow's tiles say how many bits a channel has
         channels = _deep_channels(source, im, label, avif) if deep else None
         if channels is None:  # Pillow decodes: a deep TIFF's 8-bit copy would only take memory
-            im.load()
-            ImageOps.exif_transpose(im, in_place=True)
+            im.load()  # a TIFF comes upright from it, its Orientation tag gone
         nclx = avif.nclx if avif else im.info.get("nclx_profile")
         profile = im.info.get("icc_profile") or icc.from_nclx(nclx, label)
         bits = 16 if deep or im.mode in _GREY16_MODES or im.mode == "F" else 8
         kept = dataclasses.replace(_source_metadata(im.getexif, im.info.get("dpi")), bits=bits)
         if channels is not None:
             rgb, alpha = _deep_rgb(*channels, profile)
-        else:
+        else:  # turned as arrays: Pillow's exif_transpose rewrites the EXIF, failing on some it can read
+            orientation = im.getexif().get(_Tag.Orientation, 1)
             colour, alpha = _split_alpha(im)
-            rgb = _rgb_array(colour, profile, label)
+            rgb = _upright(_rgb_array(colour, profile, label), orientation)
+            alpha = None if alpha is None else np.ascontiguousarray(_upright(alpha, orientation))
         _warn_if_animated(im, label)  # last: counting frames moves through the file
     return rgb, alpha, kept
 
@@ -473,16 +482,12 @@ def _tifffile_image(
         from tifffile import EXTRASAMPLE, RESUNIT, TiffFile
 
         stream.seek(0)
-        try:
-            tiff = TiffFile(stream)
+        with TiffFile(stream) as tiff:
             page = tiff.pages[0]
-        except (ValueError, IndexError) as e:  # tifffile's TiffFileError; no page it can read
-            raise _corrupt(label, e) from e
-        with tiff:
             width, height = page.imagewidth, page.imagelength
             if width * height > max_pixels:
                 raise _too_many_pixels(label, f"{width}×{height} = {width * height:,}", max_pixels)
-            samples = _tiff_samples(page, label)
+            samples = _tiff_samples(page)
             if samples is None:
                 compression = getattr(page.compression, "name", page.compression)  # a number: none known
                 raise ImageError(f"cannot read image {label}: its {compression} compression needs the "
@@ -572,7 +577,7 @@ def _deep_channels(
 
         with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tiff:
             page = tiff.pages[0]
-            samples = _tiff_samples(page, label)
+            samples = _tiff_samples(page)
             if samples is None:
                 log.warning("image %s is read at 8 bits per channel (its %s compression needs the "
                             "imagecodecs package for 16)", label, im.info.get("compression"))
@@ -587,7 +592,7 @@ def _deep_channels(
     return colour, alpha
 
 
-def _tiff_samples(page: Any, label: str) -> np.ndarray | None:
+def _tiff_samples(page: Any) -> np.ndarray | None:
     """A TIFF page's samples (a tifffile TiffPage's), H×W×C as stored: 16-bit or floating-point; None
     where tifffile lacks its codec."""
     import tifffile
@@ -599,8 +604,6 @@ def _tiff_samples(page: Any, label: str) -> np.ndarray | None:
         samples = page.asarray(maxworkers=1)
     except ImportError:
         return None
-    except RuntimeError as e:  # imagecodecs' (DeflateError, …): a damaged strip
-        raise _corrupt(label, e) from e
     if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and samples.ndim == 3:
         samples = np.moveaxis(samples, 0, -1)
     return samples[..., None] if samples.ndim == 2 else samples

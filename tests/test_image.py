@@ -14,7 +14,7 @@ import imagecodecs
 import numpy as np
 import pytest
 import tifffile
-from PIL import ExifTags, Image, ImageCms
+from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from stylekit import icc, image
 from stylekit.errors import StylekitError
@@ -278,6 +278,32 @@ def test_exif_orientation_6_rotates(tmp_path: Path) -> None:
     assert rgb.shape == (64, 32, 3)
     np.testing.assert_allclose(rgb[0, 31], [1.0, 0.0, 0.0])  # now the top-right corner
     np.testing.assert_allclose(rgb[0, 0], [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_exif_orientation_turns_a_jpeg_as_pillow_does(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(_random_rgb8(24, 40)).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg")), dtype=np.float32) / 255
+    np.testing.assert_allclose(load_image(tmp_path / "photo.jpg").rgb, expected, atol=1e-6)
+
+
+def test_a_jpeg_whose_exif_pillow_cannot_write_back_still_loads_upright(tmp_path: Path) -> None:
+    """A camera's EXIF with a tag of an unexpected type (ImageLength as text): Pillow reads it, but
+    its exif_transpose fails writing the EXIF back."""
+    after = 8 + 2 + 2 * 12 + 4  # where the text goes: past the header and the directory
+    entries = [(0x0101, 2, 6, struct.pack(">I", after)), (0x0112, 3, 1, struct.pack(">HH", 6, 0))]
+    ifd = struct.pack(">H", len(entries)) + b"".join(struct.pack(">HHI", *entry[:3]) + entry[3]
+                                                     for entry in entries) + bytes(4)
+    exif = b"MM\0*" + struct.pack(">I", 8) + ifd + b"Canon\0"
+    pixels = _random_rgb8(24, 40)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "camera.jpg", exif=b"Exif\0\0" + exif, quality=95)
+    with pytest.raises(struct.error):  # what this test stands for
+        ImageOps.exif_transpose(Image.open(tmp_path / "camera.jpg"))
+    upright = np.rot90(load_image(tmp_path / "plain.jpg").rgb, -1)  # orientation 6: a quarter clockwise
+    np.testing.assert_array_equal(load_image(tmp_path / "camera.jpg").rgb, upright)
 
 
 DATA = Path(__file__).parent / "data"
@@ -549,6 +575,19 @@ def test_a_damaged_compressed_16_bit_tiff_is_reported_as_such_naming_the_file(tm
     (tmp_path / "damaged.tif").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
     with pytest.raises(ImageError, match=r"^image '.*damaged\.tif' is truncated or corrupt \(.*\)$"):
         load_image(tmp_path / "damaged.tif")
+
+
+@pytest.mark.parametrize(("kind", "keep"), [("uncompressed float", 0.5), ("uncompressed 16-bit", 0.5),
+                                            ("header only", 0.1)])
+def test_a_cut_tiff_is_reported_naming_the_file_and_nothing_else_is_printed(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], kind: str, keep: float) -> None:
+    buffer = io.BytesIO()
+    pixels = _deep_rgb(64, 64) if "16" in kind else _deep_rgb(64, 64).astype(np.float32) / 65535
+    tifffile.imwrite(buffer, pixels, photometric="rgb")
+    (tmp_path / "cut.tif").write_bytes(buffer.getvalue()[:int(len(buffer.getvalue()) * keep)])
+    with pytest.raises(ImageError, match=r"^image '.*cut\.tif' is truncated or corrupt \(.*\)$"):
+        load_image(tmp_path / "cut.tif")
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("curve", [b"para" + bytes(4) + struct.pack(">HH", 1, 0) + _s15(2.2) + bytes(8),
