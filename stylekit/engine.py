@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -235,16 +235,21 @@ def resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 def _fit_long_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
     """Resize keeping the aspect ratio so the longer side is long_side."""
-    h, w = image.shape[-2:]
-    ratio = long_side / max(h, w)
-    return resize(image, max(1, round(w * ratio)), max(1, round(h * ratio)))
+    return resize(image, *_fitted_size(*image.shape[-2:], long_side))
 
 
-def _style_long_side(style: torch.Tensor, long_side: int) -> int:
-    """A style image's long side at a scale: as asked, but never so small that its short side is under
-    MIN_SIDE (no deep features), which a small --style-scale or a panorama style would give."""
-    h, w = style.shape[-2:]
-    return max(long_side, math.ceil(MIN_SIDE * max(h, w) / min(h, w)))
+def _fitted_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """Width and height keeping the aspect ratio with the longer side long_side."""
+    ratio = long_side / max(height, width)
+    return max(1, round(width * ratio)), max(1, round(height * ratio))
+
+
+def _style_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """A style image's width and height at a scale: its long side as asked, but never so small that its
+    short side is under MIN_SIDE (no deep features), which a small --style-scale or a panorama style
+    would give."""
+    return _fitted_size(height, width, max(long_side, math.ceil(MIN_SIDE * max(height, width)
+                                                                / min(height, width))))
 
 
 @dataclass
@@ -383,15 +388,37 @@ def plan_memory(size: tuple[int, int], batch: int, device: torch.device, free: i
     need = memory.needed_bytes(pixels, footprints[-1], MIN_HISTORY)
     fits = memory.pixels_that_fit(footprints[-1], budget, MIN_HISTORY)
     longest = int(max(width, height) * (fits / pixels) ** 0.5 * NAMED_SIZE_SLACK)
-    where = "the CPU" if device.type == "cpu" else "the GPU"
     images = f"{batch} images of {width}×{height}" if batch > 1 else f"a {width}×{height} image"
+    raise _refusal(images, device, need, budget, free, longest)
+
+
+def check_style_pass(style_shapes: Iterable[tuple[int, int]], style_scale: float, size: tuple[int, int],
+                     device: torch.device, plan: MemoryPlan, free: int | None) -> None:
+    """Refuse style images (heights and widths) whose pass to their targets would not fit at the output's
+    size times --style-scale, far larger than the output's own at a large scale; name what fits."""
+    long_style = round(max(size) * style_scale)
+    width, height = max((_style_size(h, w, long_style) for h, w in style_shapes), key=lambda s: s[0] * s[1])
+    fits = 0 if plan.budget is None else memory.style_pixels_that_fit(plan.budget)
+    if plan.budget is None or width * height <= fits:
+        return
+    need = int(memory.HEADROOM * (memory.RUN_BYTES + width * height * memory.STYLE_PIXEL_BYTES))
+    shrink = (fits / (width * height)) ** 0.5 * NAMED_SIZE_SLACK
+    raise _refusal(f"the style image at {width}×{height} (the output's size × --style-scale {style_scale:g})",
+                   device, need, plan.budget, free, int(max(size) * shrink),
+                   f"a --style-scale of {style_scale * shrink:.2g} or less, or ")
+
+
+def _refusal(what: str, device: torch.device, need: int, budget: int, free: int | None, longest: int,
+             first_hint: str = "") -> NotEnoughMemory:
+    """The refusal of a run or a style pass too large for memory, naming what would fit."""
+    where = "the CPU" if device.type == "cpu" else "the GPU"
     room = (f"{budget / memory.GIB:.1f} GiB are free" if budget == free
             else f"max_memory allows {budget / memory.GIB:.3g} GiB")
-    hint = (f"a long side of {longest} px or less fits" if longest >= MIN_SIDE
+    hint = (f"{first_hint}a long side of {longest} px or less fits" if longest >= MIN_SIDE
             else "close other programs to free some" if budget == free else "raise max_memory")
-    raise NotEnoughMemory(f"not enough memory for {images} on {where}: it needs about "
-                          f"{need / memory.GIB:.1f} GiB and {room} ({hint})",
-                          longest if longest >= MIN_SIDE else None)
+    return NotEnoughMemory(f"not enough memory for {what} on {where}: it needs about "
+                           f"{need / memory.GIB:.1f} GiB and {room} ({hint})",
+                           longest if longest >= MIN_SIDE else None)
 
 
 _OVERFLOW_ADVICE = ("lower --style-weight, --content-weight or --tv-weight "
@@ -582,8 +609,10 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     long_side = output_long_side(width, height, options.size)
     sizes = scale_sizes(width, height, long_side, options.scales, options.min_scale, options.steps)
     limit = None if options.max_memory is None else int(options.max_memory * memory.GIB)
-    plan = plan_memory(sizes[-1], len(requests), runtime.device,
-                       memory.available_bytes(runtime.device), limit)
+    free = memory.available_bytes(runtime.device)
+    plan = plan_memory(sizes[-1], len(requests), runtime.device, free, limit)
+    check_style_pass([style.shape[:2] for r in requests for style in r.styles], options.style_scale,
+                     sizes[-1], runtime.device, plan, free)
     lean = plan.footprint == "cpu-lean"
     if lean:
         heap.hand_back_freed_memory()
@@ -618,7 +647,7 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
         long_style = round(max(w, h) * options.style_scale)
         per_image: list[dict[str, torch.Tensor]] = [{} for _ in requests]
         for full, _, indices in style_groups:
-            styles = [_fit_long_side(s, _style_long_side(s, long_style)) for s in full]
+            styles = [resize(s, *_style_size(*s.shape[-2:], long_style)) for s in full]
             blend = options.style_blend or (1.0,) * len(styles)
             grams = losses.blend_grams(
                 [{name: g[f"gram_{name}"] for name in style_layers}

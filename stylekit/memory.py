@@ -18,6 +18,10 @@ saved activations, the backward's transients, the targets' pass and, on the CPU,
 for reuse (heap.py). Measured on the CPU with ONNX targets: 3.6–3.9 KB (up to 4.4 KB in other runs),
 2.6–2.85 KB with freed blocks handed back to the kernel ("cpu-lean", ~20% slower); on a GPU up to
 1.5 KB."""
+STYLE_PIXEL_BYTES = 1152
+"""Peak bytes per pixel of a style image's pass to its targets (forward only, before the optimisation,
+so never at the same time as the run's own peak). Measured on the CPU at 1.2 and 4.9 Mpx: 0.9–1.0 KB
+with torch's targets, 1.1 KB with ONNX's."""
 PAIR_PIXEL_BYTES = 2 * 3 * 4  # an L-BFGS pair: a step and a gradient change, 3 fp32 values per pixel
 RUN_BYTES = 512 << 20  # the rest: the style images' targets, the result's copies, allocator slack
 HEADROOM = 1.1  # a run counts as fitting only with a tenth to spare (the estimate is not exact)
@@ -82,3 +86,8 @@ def pixels_that_fit(footprint: str, available: int, pairs: int) -> int:
     """The largest batch, in pixels, whose run with `pairs` pairs fits into `available` bytes."""
     return max(0, int((available / HEADROOM - RUN_BYTES)
                       // (PIXEL_BYTES[footprint] + pairs * PAIR_PIXEL_BYTES)))
+
+
+def style_pixels_that_fit(available: int) -> int:
+    """The largest style image, in pixels, whose targets' pass fits into `available` bytes."""
+    return max(0, int((available / HEADROOM - RUN_BYTES) // STYLE_PIXEL_BYTES))

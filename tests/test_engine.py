@@ -19,8 +19,10 @@ from stylekit.engine import (
     HISTORY_SIZE,
     MIN_HISTORY,
     SHORT_RUN_STEPS,
+    MemoryPlan,
     Runtime,
     _optimise,
+    check_style_pass,
     history_size,
     pick_runtime,
     plan_memory,
@@ -460,6 +462,26 @@ def test_a_refusal_names_a_size_that_fits():
     plan_memory((longest, longest * 3 // 4), 1, cpu, free)
     with pytest.raises(NotEnoughMemory):
         plan_memory((longest + 100, (longest + 100) * 3 // 4), 1, cpu, free)
+
+
+def test_a_style_pass_too_large_for_memory_is_refused_before_the_run_starts(run):
+    stages = []
+    with pytest.raises(NotEnoughMemory, match=r"^not enough memory for the style image at \d+×\d+ \(the "
+                                              r"output's size × --style-scale 8\) on the CPU"):
+        run(size=700, style_scale=8, max_memory=4, progress=lambda p: stages.append(p.stage))
+    assert "optimise" not in stages  # a 5600 px style pass fits no 4 GiB, though the 700 px run does
+
+
+def test_a_style_pass_refusal_names_a_style_scale_and_a_size_that_fit():
+    cpu, plan = torch.device("cpu"), MemoryPlan(4 << 30, "cpu")
+    with pytest.raises(NotEnoughMemory) as refused:
+        check_style_pass([(300, 400)], 8.0, (700, 525), cpu, plan, None)
+    found = re.search(r"a --style-scale of ([\d.]+) or less, or a long side of (\d+) px or less fits",
+                      str(refused.value))
+    scale, longest = float(found[1]), int(found[2])
+    assert 1 < scale < 8 and refused.value.long_side == longest < 700
+    check_style_pass([(300, 400)], scale, (700, 525), cpu, plan, None)
+    check_style_pass([(300, 400)], 8.0, (longest, longest * 3 // 4), cpu, plan, None)
 
 
 def test_a_batch_is_refused_by_its_whole_size():
