@@ -1,14 +1,15 @@
 """What a run will take in memory and what the machine has free, so a run too large is refused at once.
 
 Linux over-commits memory: a CPU run at `--size 4000` on a 23 GB machine never saw a MemoryError,
-the kernel's OOM killer ended it minutes in (exit 137, no message). Knows bytes, /proc/meminfo and
-torch's CUDA memory counters only; the figures are measured (docs/benchmarks.md, "Memory").
+the kernel's OOM killer ended it minutes in (exit 137, no message). Knows bytes, /proc/meminfo, memory
+cgroups and torch's CUDA memory counters only; the figures are measured (docs/benchmarks.md, "Memory").
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -33,7 +34,56 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return _proc_bytes("/proc/meminfo", "MemAvailable:") if device.type == "cpu" else None
+    if device.type != "cpu":
+        return None
+    rooms = (_proc_bytes("/proc/meminfo", "MemAvailable:"), cgroup_room())
+    return min((room for room in rooms if room is not None), default=None)
+
+
+# Per cgroup version: where its memory controller is mounted below the root, and its limit, usage and
+# reclaimable page cache (a memory.stat key)
+_CGROUP_FILES = {"v2": ("", "memory.max", "memory.current", "inactive_file"),
+                 "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_room(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup and its parents still allow, the tightest of them; None where
+    none sets a limit. Inside a container /proc/meminfo shows the host's memory, and a run that
+    passes it is killed at the container's limit."""
+    try:
+        with open(proc, encoding="utf-8") as lines:
+            entries = [line.rstrip("\n").split(":", 2) for line in lines]
+    except OSError:
+        return None
+    rooms = []
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        version = "v2" if entry[:2] == ["0", ""] else "v1" if "memory" in entry[1].split(",") else None
+        if version is None:
+            continue
+        mount, *names = _CGROUP_FILES[version]
+        base = Path(root, mount)
+        folder = base / entry[2].lstrip("/")  # missing where the container's mount is its own cgroup
+        for place in (folder, *folder.parents):
+            rooms.append(_cgroup_limit_room(place, *names))
+            if place == base:
+                break
+    return min((room for room in rooms if room is not None), default=None)
+
+
+def _cgroup_limit_room(folder: Path, limit_name: str, usage_name: str, cache_key: str) -> int | None:
+    """A cgroup's limit less its usage, its reclaimable page cache counted free; None without a limit."""
+    try:
+        limit = (folder / limit_name).read_text(encoding="ascii").strip()
+        if limit == "max" or int(limit) >= 1 << 62:  # v1 says "no limit" with a page-rounded 2⁶³ − 1
+            return None
+        usage = int((folder / usage_name).read_text(encoding="ascii"))
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text(encoding="ascii").splitlines()
+                    if line.strip())
+        return max(0, int(limit) - usage + int(stat.get(cache_key, 0)))
+    except (OSError, ValueError):
+        return None
 
 
 def _proc_bytes(path: str, key: str) -> int | None:
