@@ -32,6 +32,7 @@ from .request import (
     OPTIMIZERS,
     POOLINGS,
     PRECISIONS,
+    STYLE_SCALES,
     TARGET_ENGINES,
     StyleOptions,
     StyleRequest,
@@ -79,7 +80,7 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
         click.option("--style-layers", help="Comma-separated, e.g. relu1_1,relu2_1,relu3_1."),
         click.option("--style-layer-weights", help="One weight per style layer, comma-separated."),
         click.option("--style-blend", help="One weight per --style image, e.g. 0.7,0.3."),
-        click.option("--style-scale", type=click.FloatRange(min=0.05, max=8),
+        click.option("--style-scale", type=click.FloatRange(*STYLE_SCALES),
                      help="Size of the style's strokes: its image's long side relative to the "
                           "output's (default 1)."),
         click.option("--preserve-color", type=click.Choice(COLOR_MODES),

@@ -80,7 +80,7 @@ def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
         min_scale = min_scale or max(1, long_side // (4 if steps <= SHORT_RUN_STEPS else 2))
         scales = 1 + int(math.log2(long_side / min_scale)) if long_side >= 2 * min_scale else 1
     sizes = []
-    for index in reversed(range(scales)):
+    for index in reversed(range(min(scales, long_side.bit_length()))):  # coarser: under a pixel, dropped
         ratio = round(long_side / 2**index) / max(width, height)
         size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
         if index == 0 or min(size) >= MIN_COARSE_SIDE:

@@ -14,6 +14,7 @@ from .backbones import BACKBONES, backbone_spec
 from .errors import StylekitError
 
 OPTIMIZERS = ("lbfgs", "adam")
+STYLE_SCALES = (0.05, 8.0)  # the style image's long side relative to the output's: from, to
 INITS = ("content", "noise", "style")
 COLOR_MODES = ("none", "luminance", "histogram")
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -40,7 +41,7 @@ class StyleOptions:
     style_layers: tuple[str, ...] | None = None
     style_layer_weights: tuple[float, ...] | None = None  # None: 1 for every style layer
     style_blend: tuple[float, ...] | None = None  # None: equal weights over the style images
-    style_scale: float = 1.0  # style image long side relative to the output's
+    style_scale: float = 1.0  # style image long side relative to the output's, within STYLE_SCALES
     preserve_color: str = "none"
     scales: int | None = None  # number of coarse-to-fine scales; None picks from min_scale
     min_scale: int | None = None  # coarsest long side when scales is None; None: half the output's
@@ -144,7 +145,10 @@ def validate(options: StyleOptions) -> None:
         raise StylekitError(str(exc)) from None
     for name in OPTION_KINDS:
         _check_type(name, getattr(options, name))
-    positive = {"steps": options.steps, "style_scale": options.style_scale}
+    if not STYLE_SCALES[0] <= options.style_scale <= STYLE_SCALES[1]:  # past 8, a style pass of gigapixels
+        raise StylekitError(f"bad style_scale {options.style_scale} (must be from {STYLE_SCALES[0]:g} to "
+                            f"{STYLE_SCALES[1]:g})")
+    positive = {"steps": options.steps}
     if options.min_scale is not None:
         positive["min_scale"] = options.min_scale
     if options.size is not None:

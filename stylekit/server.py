@@ -36,7 +36,7 @@ from .errors import Cancelled, StylekitError
 from .image import LoadedImage, encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
-from .request import Progress, Result, StyleOptions, StyleRequest, validate
+from .request import STYLE_SCALES, Progress, Result, StyleOptions, StyleRequest, validate
 
 log = logging.getLogger("stylekit.server")
 
@@ -47,7 +47,7 @@ KEEP_FINISHED = 64  # finished jobs (and their PNGs) kept for clients to fetch; 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _OPTION_BOUNDS = {  # keep one job's compute finite; the CLI's own ranges where it has them
     "size": Field(None, ge=16), "steps": Field(None, ge=1, le=100_000),
-    "scales": Field(None, ge=1, le=8), "style_scale": Field(None, ge=0.05, le=8.0),
+    "scales": Field(None, ge=1, le=8), "style_scale": Field(None, ge=STYLE_SCALES[0], le=STYLE_SCALES[1]),
     "min_scale": Field(None, ge=16, le=4096)}
 
 
@@ -617,7 +617,10 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(info[0], socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Rebind at once after a restart (a closed port lingers in TIME_WAIT); Windows' SO_REUSEADDR
+        # would instead let another process bind the same port and take the requests meant for us.
+        exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+        sock.setsockopt(socket.SOL_SOCKET, exclusive or socket.SO_REUSEADDR, 1)
         sock.bind(info[4])
     except OSError as exc:
         raise StylekitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -386,7 +386,8 @@ def test_missing_gpu_is_a_clear_error(run):
     ("steps", 0, "steps"), ("style_weight", -1.0, "style_weight"), ("optimizer", "sgd", "optimizer"),
     ("content_layers", ("relu9_1",), "relu9_1"), ("style_layer_weights", (1.0,), "style layer weights"),
     ("learning_rate", 0.0, "learning_rate"), ("learning_rate", 4e37, "learning_rate"),
-    ("learning_rate", math.nan, "learning_rate"),
+    ("learning_rate", math.nan, "learning_rate"), ("style_scale", 0.01, "style_scale"),
+    ("style_scale", 1e3, r"style_scale 1000.0 \(must be from 0.05 to 8\)"),
 ])
 def test_bad_options_are_refused_with_their_name(run, option, value, message):
     with pytest.raises(StylekitError, match=message):
@@ -420,6 +421,10 @@ def test_a_batch_refuses_different_sizes(weights_file):
 def test_coarse_scales_too_small_to_help_are_dropped():
     assert scale_sizes(1000, 60, 1000, 3, 128, 300) == [(1000, 60)]
     assert scale_sizes(1000, 100, 1000, 3, 128, 300) == [(500, 50), (1000, 100)]
+
+
+def test_scales_past_a_pixel_cost_nothing():
+    assert scale_sizes(400, 300, 512, 10**12, None, 300) == scale_sizes(400, 300, 512, 20, None, 300)
 
 
 def test_an_output_under_sixteen_pixels_is_refused(run):
