@@ -694,6 +694,8 @@ def _run_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | No
     output = color.keep_content_chroma(image, content) if options.preserve_color == "luminance" else image
     with torch.no_grad():
         final = evaluate(output)  # the losses of the pixels returned, the content's colours restored too
+    mean = float(final.total.mean())  # the result's, not the last trial's; and done is all there was
+    last_loss, total_steps = (mean if math.isfinite(mean) else None), done
     emit("done", len(sizes), sizes[-1])
     warnings = ((weights.warning,) if weights.warning else ()) + targets.warnings + (
         (LEAN_WARNING,) if lean else ()) + ((overflow_warning(overflowed),) if overflowed is not None else ())

@@ -332,6 +332,19 @@ def test_progress_reports_every_evaluation_in_order(run):
     assert iterations == [1, 2, 3] and seen[-1].stage == "done" and seen[-1].fraction == 1.0
 
 
+def test_a_run_that_converges_early_still_ends_its_progress_at_all_of_it(run):
+    seen = []
+    result = run(progress=seen.append, steps=20, scales=1, content_weight=0, style_weight=0, tv_weight=0)
+    assert result.iterations < 20  # nothing to lower: L-BFGS stops at once
+    assert seen[-1].stage == "done" and seen[-1].fraction == 1.0 and seen[-1].iteration == result.iterations
+
+
+def test_the_done_progress_carries_the_loss_of_the_image_returned(run):
+    seen = []
+    result = run(progress=seen.append, steps=3, preserve_color="luminance")  # not the last one evaluated
+    assert seen[-1].stage == "done" and seen[-1].loss == pytest.approx(result.total_loss, rel=1e-6)
+
+
 def test_cancelling_from_the_callback_stops_the_run(run):
     def cancel_at_two(progress):
         if progress.iteration >= 2:
