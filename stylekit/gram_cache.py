@@ -1,10 +1,10 @@
 """Style Grams kept on disk, so applying a preset again skips the style forward pass.
 
 Entries are keyed by the exact input pixels (which carry the style image, its scale and the output
-size), the layers asked for, and a context string naming the weights checksum, backbone, pooling and
-target engine; any change among those is a different file, so stale entries are never read. Every
-output size makes its own entry (~2.4 MB for VGG19's five style layers), so the folder is kept under
-a size limit by dropping the least recently used entries.
+size), the layers asked for, and a context string naming the weights checksum, backbone, pooling,
+target engine and forward precision; any change among those is a different file, so stale entries
+are never read. Every output size makes its own entry (~2.4 MB for VGG19's five style layers), so
+the folder is kept under a size limit by dropping the least recently used entries.
 """
 
 from __future__ import annotations

@@ -168,6 +168,20 @@ def _hold(towards: torch.Tensor, flat: torch.Tensor, gradient: torch.Tensor,
                              | ((flat >= bounds[1]) & ((gradient <= 0) | (towards > 0))), 0)
 
 
+def _evaluate(closure: Callable[[], torch.Tensor], x: torch.Tensor,
+              bounds: tuple[float, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss at x, moved into the box first, and its projected gradient: a copy, as the closure may
+    rewrite x.grad in place next time."""
+    flat = x.detach().view(-1)
+    if bounds:
+        flat.clamp_(*bounds)
+    with torch.enable_grad():
+        loss = closure().detach().reshape(())
+    gradient = x.grad.reshape(-1).clone()
+    _project(gradient, flat, bounds)
+    return loss, gradient
+
+
 @torch.no_grad()
 def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int, evaluations: int,
              bounds: tuple[float, float] | None = None) -> None:
@@ -189,13 +203,8 @@ def minimise(closure: Callable[[], torch.Tensor], x: torch.Tensor, history: int,
 
     def evaluate() -> tuple[float, torch.Tensor]:
         nonlocal spent
-        if bounds:
-            flat.clamp_(*bounds)
-        with torch.enable_grad():
-            loss = closure().detach()
+        loss, gradient = _evaluate(closure, x, bounds)
         spent += 1
-        gradient = x.grad.reshape(-1).clone()  # a copy: x.grad may be rewritten in place next time
-        _project(gradient, flat, bounds)
         value, finite = torch.stack([loss.double(), gradient.isfinite().all().double()]).tolist()
         if not (finite and math.isfinite(value)):
             # An overflow: its loss is +inf (a NaN would pass none of the search's comparisons) and
@@ -270,13 +279,8 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
     `bounds` work as in `minimise`.
     """
     flat = x.detach().view(-1)
-    if bounds:
-        flat.clamp_(*bounds)
-    with torch.enable_grad():
-        loss = closure().detach().reshape(())
+    loss, gradient = _evaluate(closure, x, bounds)
     spent = 1
-    gradient = x.grad.reshape(-1).clone()
-    _project(gradient, flat, bounds)
     curvature = empty_curvature(history, gradient)
     # What the update reads and writes, in place: the point the trial stepped from with its loss
     # and gradient, the trial's loss and gradient, the direction and the step along it.
@@ -324,10 +328,9 @@ def minimise_backtracking(closure: Callable[[], torch.Tensor], x: torch.Tensor, 
         # The one read back, every CHECK_EVERY iterations (the first evaluation is no iteration).
         if (spent - 1) % CHECK_EVERY == 0 and not float(room) > 0:
             break
-        with torch.enable_grad():
-            trial_loss.copy_(closure().detach().reshape(()))
+        evaluated = _evaluate(closure, x, bounds)  # into the update's own tensors, which it replays on
+        trial_loss.copy_(evaluated[0])
+        trial_gradient.copy_(evaluated[1])
         spent += 1
-        trial_gradient.copy_(x.grad.reshape(-1))
-        _project(trial_gradient, flat, bounds)
         room = advance()
     flat.copy_(start)

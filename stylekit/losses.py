@@ -68,7 +68,7 @@ def tv_loss(image: torch.Tensor) -> torch.Tensor:
 
 def blend_grams(grams: Sequence[Mapping[str, torch.Tensor]],
                 blend: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of several styles' Grams: same gradient as the weighted sum of their losses."""
+    """Weighted mean of several styles' Grams: the same gradient as the weighted mean of their losses."""
     total = float(sum(blend))
     return {name: sum(w / total * g[name] for w, g in zip(blend, grams, strict=True))
             for name in grams[0]}

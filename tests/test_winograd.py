@@ -30,7 +30,8 @@ def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
     return float((value - exact).abs().max() / exact.abs().max())
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 12, 16), (2, 16, 13, 11), (1, 8, 9, 40)])
+@pytest.mark.parametrize("shape", [(1, 16, 12, 16), (2, 16, 13, 11), (1, 8, 9, 40),
+                                   (1, 8, 1, 70), (1, 8, 70, 1), (2, 8, 2, 3)])  # a panorama's conv5_1
 def test_winograd_convolution_equals_conv2d_within_fp32_rounding(shape, transforms):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     weight, bias = _layer(shape[1], 24)
