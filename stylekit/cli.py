@@ -192,12 +192,6 @@ def flag_changes(flags: dict) -> tuple[dict[str, object], str | None]:
     return changes, init_file
 
 
-def options_from_flags(base: StyleOptions, flags: dict) -> tuple[StyleOptions, str | None]:
-    """Apply the flags the user gave (None = not given) over base; returns options and an init file."""
-    changes, init_file = flag_changes(flags)
-    return base.replace(**changes), init_file
-
-
 def _same_path(a: Path, b: str) -> bool:
     """Whether two paths name one file, existing (links included) or about to be written."""
     if a.exists() and os.path.exists(b):
@@ -670,12 +664,13 @@ class _LastLine:
 
 
 _LAST_LINE = _LastLine()
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click ≥ 8.2; before, an Exit
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI so every failure is one line on stderr and a non-zero exit (--debug: traceback)."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or bool(os.environ.get("STYLEKIT_DEBUG"))
+    debug = "--debug" in args or os.environ.get("STYLEKIT_DEBUG", "") not in ("", "0")
     _LAST_LINE.as_json = "--log-json" in args
     try:
         cli.main(args=args, prog_name="stylekit", standalone_mode=False)
@@ -684,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     except (click.Abort, KeyboardInterrupt):
         _LAST_LINE("interrupted", "stylekit: interrupted")
         return 130
+    except _NO_ARGS_IS_HELP as exc:  # `stylekit`, `stylekit presets`: the help as it is, not one line
+        exc.show()
+        return exc.exit_code
     except click.ClickException as exc:
         if debug:
             traceback.print_exc()

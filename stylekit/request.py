@@ -169,6 +169,9 @@ def validate(options: StyleOptions) -> None:
         _check_weights(name, (getattr(options, name),))
     for name in ("style_layer_weights", "style_blend"):
         _check_weights(name, getattr(options, name) or ())
+    for name, default in (("content_layers", spec.content_layers), ("style_layers", spec.style_layers)):
+        if getattr(options, name) == ():  # None takes the backbone's own; none at all is no loss
+            raise StylekitError(f"bad {name}: none given (e.g. {', '.join(default)})")
     for layer in (options.content_layers or ()) + (options.style_layers or ()):
         if layer not in spec.layers:
             raise StylekitError(f"unknown layer '{layer}' for {options.backbone} "

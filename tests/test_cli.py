@@ -351,6 +351,21 @@ def test_debug_shows_the_traceback(tmp_path, painting_path):
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
+@pytest.mark.parametrize("value", ["", "0"])
+def test_stylekit_debug_off_or_0_shows_no_traceback(monkeypatch, capsys, value):
+    monkeypatch.setenv("STYLEKIT_DEBUG", value)
+    assert main(["presets", "show", "no-such-preset"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [[], ["presets"], ["weights"]])
+def test_a_command_group_alone_prints_its_help_as_it_is(capsys, args):
+    assert main(args) == 2  # as click does: no command chosen is a usage error
+    err = capsys.readouterr().err
+    assert err.startswith(f"Usage: stylekit{''.join(' ' + a for a in args)} [OPTIONS] COMMAND")
+    assert "\nCommands:\n" in err and "error" not in err
+
+
 def test_weights_import_then_imagenet_gives_the_same_pixels(apply, weights_file, capsys, monkeypatch,
                                                             tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

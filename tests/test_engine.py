@@ -401,6 +401,8 @@ def test_missing_gpu_is_a_clear_error(run):
     ("learning_rate", 0.0, "learning_rate"), ("learning_rate", 4e37, "learning_rate"),
     ("learning_rate", math.nan, "learning_rate"), ("style_scale", 0.01, "style_scale"),
     ("style_scale", 1e3, r"style_scale 1000.0 \(must be from 0.05 to 8\)"),
+    ("style_layers", (), r"^bad style_layers: none given \(e.g. relu1_1, "),
+    ("content_layers", (), r"^bad content_layers: none given \(e.g. relu4_2\)"),
 ])
 def test_bad_options_are_refused_with_their_name(run, option, value, message):
     with pytest.raises(StylekitError, match=message):
