@@ -480,6 +480,8 @@ def presets_validate(file: Path) -> None:
               help="Network weights for every job.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where every job runs (auto: CUDA, then Apple's MPS, then the CPU).")
+@click.option("--backbone", type=click.Choice(BACKBONE_NAMES), default="vgg19", show_default=True,
+              help="Network for every job (a preset's own is overridden, as its weights are).")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0.01), default=25.0, show_default=True,
               help="Largest request body (image plus style image).")
 @click.option("--max-pixels", type=click.IntRange(min=256), default=16_000_000, show_default=True,
@@ -487,7 +489,7 @@ def presets_validate(file: Path) -> None:
 @click.option("--max-queue", type=click.IntRange(min=1), default=8, show_default=True,
               help="Jobs waiting at most; more get HTTP 429.")
 def serve(host: str, port: int, token_file: Path | None, require_token: bool, weights: str,
-          device: str, max_upload_mb: float, max_pixels: int, max_queue: int) -> None:
+          device: str, backbone: str, max_upload_mb: float, max_pixels: int, max_queue: int) -> None:
     """Run the HTTP server the GIMP plug-in talks to (API at /v1, schema at /openapi.json).
 
     Example: stylekit serve --weights imagenet
@@ -501,10 +503,10 @@ def serve(host: str, port: int, token_file: Path | None, require_token: bool, we
         token_path = token_file or tokens.default_token_file()
         token = tokens.load_or_create_token(token_path)
         click.echo(f"clients must send 'Authorization: Bearer <token>' (token in {token_path})", err=True)
-    settings = server.ServerSettings(weights=weights, device=device,
+    settings = server.ServerSettings(weights=weights, device=device, backbone=backbone,
                                      max_upload_bytes=round(max_upload_mb * 2**20),
                                      max_pixels=max_pixels, max_queue=max_queue, token=token)
-    click.echo(f"loading the network ({weights} weights, device {device})...", err=True)
+    click.echo(f"loading the network ({backbone}, {weights} weights, device {device})...", err=True)
     warm = server.warm_up(settings)
     for message in warm.warnings:
         _warn(message)

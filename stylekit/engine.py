@@ -26,8 +26,7 @@ from .request import (
     Result,
     StyleOptions,
     StyleRequest,
-    check_image,
-    validate,
+    check_request,
 )
 from .weights import Weights, resolve_weights
 from .weights_cache import names_a_file
@@ -527,26 +526,7 @@ def _check_batch(requests: Sequence[StyleRequest]) -> None:
     if not requests:
         raise ValueError("stylize_batch needs at least one request")
     for request in requests:
-        if not isinstance(request.options, StyleOptions):
-            raise StylekitError("options must be a stylekit.StyleOptions, not "
-                                f"{type(request.options).__name__}")
-        validate(request.options)  # first: the blend's weights are compared below
-        if not isinstance(request.style_key, str | None):
-            raise StylekitError(f"style_key must be a string, not {type(request.style_key).__name__}")
-        if isinstance(request.styles, np.ndarray) or not request.styles:
-            raise StylekitError("at least one style image is needed, in a list")
-        check_image(request.content, "the content image")
-        for index, style in enumerate(request.styles, start=1):
-            check_image(style, f"style image {index}")
-        if request.init_image is not None:
-            check_image(request.init_image, "the init image")
-        blend = request.options.style_blend or (1.0,) * len(request.styles)
-        if len(blend) != len(request.styles):
-            images = f"{len(request.styles)} style image{'s' if len(request.styles) > 1 else ''}"
-            raise StylekitError(f"style_blend has {len(blend)} weights for {images} (one weight each)")
-        if min(blend) < 0 or sum(blend) <= 0:
-            raise StylekitError(f"bad style_blend {', '.join(map(str, blend))} "
-                                "(weights must be ≥ 0 and not all 0)")
+        check_request(request)
     first = requests[0]
     for request in requests[1:]:
         if request.options != first.options:

@@ -261,3 +261,27 @@ class Result:
                 "peak_memory_bytes": self.peak_memory_bytes, "weights": self.weights,
                 "targets": self.targets, "warnings": list(self.warnings),
                 "options": self.options.as_dict()}
+
+
+def check_request(request: StyleRequest) -> None:
+    """Refuse a request the engine cannot run, naming what is wrong: its options, its images, its blend."""
+    if not isinstance(request.options, StyleOptions):
+        raise StylekitError("options must be a stylekit.StyleOptions, not "
+                            f"{type(request.options).__name__}")
+    validate(request.options)  # first: the blend's weights are compared below
+    if not isinstance(request.style_key, str | None):
+        raise StylekitError(f"style_key must be a string, not {type(request.style_key).__name__}")
+    if isinstance(request.styles, np.ndarray) or not request.styles:
+        raise StylekitError("at least one style image is needed, in a list")
+    check_image(request.content, "the content image")
+    for index, style in enumerate(request.styles, start=1):
+        check_image(style, f"style image {index}")
+    if request.init_image is not None:
+        check_image(request.init_image, "the init image")
+    blend = request.options.style_blend or (1.0,) * len(request.styles)
+    if len(blend) != len(request.styles):
+        images = f"{len(request.styles)} style image{'s' if len(request.styles) > 1 else ''}"
+        raise StylekitError(f"style_blend has {len(blend)} weights for {images} (one weight each)")
+    if min(blend) < 0 or sum(blend) <= 0:
+        raise StylekitError(f"bad style_blend {', '.join(map(str, blend))} "
+                            "(weights must be ≥ 0 and not all 0)")

@@ -36,7 +36,7 @@ from .errors import Cancelled, StylekitError
 from .image import LoadedImage, encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
-from .request import STYLE_SCALES, Progress, Result, StyleOptions, StyleRequest, validate
+from .request import STYLE_SCALES, Progress, Result, StyleOptions, StyleRequest, check_request
 
 log = logging.getLogger("stylekit.server")
 
@@ -53,10 +53,11 @@ _OPTION_BOUNDS = {  # keep one job's compute finite; the CLI's own ranges where 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What `stylekit serve` fixes for every job: weights, device, limits and the optional token."""
+    """What `stylekit serve` fixes for every job: network, weights, device, limits and the optional token."""
 
     weights: str = "auto"
     device: str = "auto"
+    backbone: str = "vgg19"
     max_upload_bytes: int = 25 * 2**20
     max_pixels: int = 16_000_000
     max_queue: int = 8
@@ -338,7 +339,7 @@ def parse_params(text: str) -> _Params:
         for name in SERVER_OWNED:
             if name in raw:
                 raise ApiError(422, f"'{name}' is fixed when the server starts "
-                                    "(stylekit serve --weights/--device), not per job")
+                                    f"(stylekit serve --{name}), not per job")
     try:
         return _Params.model_validate(raw)
     except ValidationError as exc:
@@ -366,12 +367,13 @@ def build_request(params: _Params, content: np.ndarray, style: np.ndarray | None
     else:
         assert style is not None
         request = StyleRequest(content=content, styles=[style], options=StyleOptions().replace(**overrides))
-    options = request.options.replace(weights=settings.weights, device=settings.device,
+    options = request.options.replace(weights=settings.weights, device=settings.device,  # a preset's too
+                                      backbone=settings.backbone,
                                       style_weight=request.options.style_weight * params.strength)
     height, width = content.shape[:2]
     long_side = output_long_side(width, height, options.size)
     try:
-        validate(options)
+        check_request(replace(request, options=options))  # all the engine would refuse, refused now
         scale_sizes(width, height, long_side, options.scales, options.min_scale, options.steps)  # too small?
     except StylekitError as exc:
         raise ApiError(422, str(exc)) from None
@@ -559,10 +561,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @api.get("/presets", response_model=list[PresetView])
     def presets() -> list[PresetView]:
-        """The presets a job can name."""
+        """The presets a job can name, with the options a job of theirs keeps (the server's own left out)."""
         return [PresetView(name=p.name, title=p.title, builtin=p.builtin,
                            styles=[path.name for path in p.style_paths],
-                           options=json.loads(json.dumps(p.options, default=str)))
+                           options=json.loads(json.dumps({name: value for name, value in p.options.items()
+                                                          if name not in SERVER_OWNED}, default=str)))
                 for p in list_presets()]
 
     def submit(response: Response,
@@ -636,7 +639,8 @@ def warm_up(settings: ServerSettings) -> Result:
     s per evaluation against 0.111–0.123 s with the warm-up off the main thread).
     """
     pixels = np.full((16, 16, 3), 0.5, dtype=np.float32)
-    options = StyleOptions(steps=1, size=16, scales=1, weights=settings.weights, device=settings.device)
+    options = StyleOptions(steps=1, size=16, scales=1, weights=settings.weights, device=settings.device,
+                           backbone=settings.backbone)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(stylize, StyleRequest(content=pixels, styles=[pixels], options=options)).result()
 

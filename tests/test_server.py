@@ -147,6 +147,21 @@ def test_preset_job_uses_the_preset_and_strength(server):
     assert options["weights"] != "auto" and options["device"] == "cpu"  # the server's, not a client's
 
 
+def test_a_presets_own_network_and_weights_give_way_to_the_servers(server, painting_path):
+    assert main(["presets", "add", "own-network", "--style", str(painting_path), "--backbone", "vgg16",
+                 "--weights", "random:7", "--steps", "3", "--targets", "torch"]) == 0
+    try:
+        listed = {p["name"]: p for p in server.get("/v1/presets").json()}["own-network"]
+        assert listed["options"] == {"steps": 3, "targets": "torch"}  # no server path, nothing it overrides
+        answer = post_job(server, {"preset": "own-network"}, style=None)
+        view = wait_for(server, answer.json()["id"], ("done", "failed"))
+        assert view["status"] == "done", view
+        assert view["report"]["options"]["backbone"] == "vgg19"
+        assert view["report"]["options"]["weights"] != "random:7"
+    finally:
+        main(["presets", "remove", "own-network"])
+
+
 def test_cancel_queued_running_and_after_done(server):
     assert post_job(server, {**ENDLESS, "id": "long"}).status_code == 202
     queued = post_job(server, {**FAST, "id": "waiting"}).json()
@@ -195,7 +210,10 @@ def test_resubmitting_the_same_id_returns_the_same_job(server):
 @pytest.mark.parametrize(("params", "style", "message"), [
     ({"weights": "/etc/passwd"}, PAINTING, "fixed when the server starts"),
     ({"device": "cuda"}, PAINTING, "fixed when the server starts"),
+    ({"backbone": "vgg16"}, PAINTING, "is fixed when the server starts (stylekit serve --backbone)"),
     ({"init": "/etc/passwd"}, PAINTING, "bad init"),
+    ({"preset": "swirl", "style_blend": [1.0, 2.0]}, None, "style_blend has 2 weights for 1 style image"),
+    ({"style_layers": []}, PAINTING, "bad style_layers: none given"),
     ({"preset": "../../etc/passwd"}, None, "bad preset name"),
     ({"preset": "no-such-preset"}, None, "unknown preset 'no-such-preset'"),
     ({"preset": "ink-wash"}, PAINTING, "not both or neither"),
