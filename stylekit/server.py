@@ -17,7 +17,7 @@ import threading
 import time
 import typing
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
@@ -180,6 +180,7 @@ class JobQueue:
         self._jobs: dict[str, Job] = {}
         self._pending: collections.deque[Job] = collections.deque()
         self._running: Job | None = None
+        self._admitting = 0  # uploads being read and decoded, each holding a place in the queue
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -206,12 +207,25 @@ class JobQueue:
         with self._cond:
             return len(self._pending), self._running.id if self._running else None
 
-    def check_room(self) -> None:
-        """Refuse a new job (429) while the queue is full."""
+    def check_room(self, also: int = 0) -> None:
+        """Refuse a new job (429) while the queue is full (counting `also` uploads on their way in)."""
         with self._cond:
-            if len(self._pending) >= self.settings.max_queue:
-                raise ApiError(429, f"the queue is full ({len(self._pending)} jobs waiting); "
-                                    "try again later")
+            if len(self._pending) + also >= self.settings.max_queue:
+                raise ApiError(429, f"the queue is full ({len(self._pending)} jobs waiting"
+                                    f"{f', {also} on their way in' if also else ''}); try again later")
+
+    @contextmanager
+    def admitting(self) -> typing.Iterator[None]:
+        """Hold a place in the queue while an upload is read, decoded and queued (429 when there is
+        none), so that uploads arriving together are refused before they are read, not after."""
+        with self._cond:
+            self.check_room(also=self._admitting)
+            self._admitting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitting -= 1
 
     def submit(self, job: Job) -> tuple[JobView, bool]:
         """Queue a job; an id already known returns that job (created=False) if it is the same job."""
@@ -485,30 +499,33 @@ class _EarlyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            await self.refuse_early(request)
-            return await handler(request)
+            async with self.admitted(request):
+                return await handler(request)
 
         return checked
 
-    async def refuse_early(self, request: Request) -> None:
+    @asynccontextmanager
+    async def admitted(self, request: Request) -> typing.AsyncIterator[None]:
         """Raise the 401 for a missing or wrong bearer token, when the server has one."""
-        if request.app.state.token is None:
-            return
-        credentials: HTTPAuthorizationCredentials | None = await _BEARER(request)
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, request.app.state.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
-                                     "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+        if request.app.state.token is not None:
+            credentials: HTTPAuthorizationCredentials | None = await _BEARER(request)
+            given = credentials.credentials.encode() if credentials else b""
+            if not hmac.compare_digest(given, request.app.state.token.encode()):
+                raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
+                                         "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+        yield
 
 
 class _SubmitRoute(_EarlyRoute):
     """POST /v1/jobs: a full queue is refused before the upload is read and decoded, so refused
-    uploads cost no memory (submit checks again: the queue may fill meanwhile)."""
+    uploads cost no memory; an admitted one holds its place until it is queued or refused."""
 
-    async def refuse_early(self, request: Request) -> None:
+    @asynccontextmanager
+    async def admitted(self, request: Request) -> typing.AsyncIterator[None]:
         """The token's 401 first, then the full queue's 429."""
-        await super().refuse_early(request)
-        request.app.state.jobs.check_room()
+        async with super().admitted(request):
+            with request.app.state.jobs.admitting():
+                yield
 
 
 _ERRORS = {status: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}

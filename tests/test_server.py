@@ -376,6 +376,22 @@ def test_a_full_queue_is_refused_before_the_upload_is_read(raw_server):
     assert status == 429 and "queue is full" in detail
 
 
+
+def test_an_upload_on_its_way_in_holds_its_place_in_the_queue(raw_server):
+    host, port = raw_server(ServerSettings(max_queue=1))
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 20000000\r\n\r\n--x\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n")
+    with httpx.Client(base_url=f"http://{host}:{port}") as client:
+        with socket.create_connection((host, port), timeout=10) as slow:
+            slow.sendall(head + bytes(1000))  # admitted, and still being read
+            time.sleep(1.0)
+            refused = post_job(client, FAST)
+            assert refused.status_code == 429 and "1 on their way in" in refused.json()["detail"]
+        deadline = time.monotonic() + 10  # the slow client gone, its place is free again
+        while (answer := post_job(client, FAST)).status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer.status_code == 202
+
 SMALL_LIMIT = 64 * 1024
 OVER_THE_BUFFERS = 8 * 2**20  # more than loopback's socket buffers hold: a server that closes on it unread
 # resets the client while it still sends, before it reads any answer
