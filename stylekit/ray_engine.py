@@ -284,7 +284,7 @@ def run_items(pool: Pool, recipe: Recipe, items: Sequence[Item]) -> Iterator[Out
         for index, item in enumerate(items):
             try:
                 pictures[index], request = load(item, recipe)
-            except StylekitError as error:
+            except Exception as error:  # as run_local: one unreadable image must not stop the batch
                 yield index, error
                 continue
             yield index, request
