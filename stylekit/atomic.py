@@ -21,7 +21,7 @@ def replacing(target: str | os.PathLike, exclusive: bool = False) -> Iterator[Pa
     processes creating the same file exactly one wins, and readers still never see it half written.
     """
     target = Path(target)
-    temp = target.with_name(f".{target.name[:64]}.{secrets.token_hex(4)}.tmp")
+    temp = target.with_name(f".{name_start(target.name)}.{secrets.token_hex(4)}.tmp")
     try:
         yield temp
         fd = os.open(temp, os.O_RDONLY)
@@ -38,11 +38,18 @@ def replacing(target: str | os.PathLike, exclusive: bool = False) -> Iterator[Pa
             temp.unlink()
 
 
-def write_bytes(target: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
+def name_start(name: str, limit: int = 64) -> str:
+    """A file name's first `limit` bytes, for a name made from it that must still fit the file system's
+    255 (cut by characters, 64 of an emoji's four bytes each would not)."""
+    return os.fsdecode(os.fsencode(name)[:limit])
+
+
+def write_bytes(target: str | os.PathLike, data: bytes, exclusive: bool = False, mode: int = 0o666) -> None:
     """Replace target's content with data atomically (readers see the old file or the new one);
-    exclusive: create it only if it does not exist yet (see replacing)."""
+    exclusive: create it only if it does not exist yet (see replacing). mode (less the umask) is the
+    file's from its first byte: 0o600 keeps a secret from ever being readable by others."""
     with replacing(target, exclusive) as temp:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
         with os.fdopen(fd, "wb") as stream:
             stream.write(data)
 

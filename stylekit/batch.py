@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .atomic import write_json
+from .atomic import name_start, write_json
 from .engine import stylize
 from .errors import DISK_REFUSALS, StylekitError, disk_refusal
 from .image import (
@@ -285,7 +285,7 @@ def _claim_path(item: Item) -> Path:
     """The hidden file whose lock says which process is styling an item (its name cut short, with a
     hash of the whole, so that it fits wherever the output's own name does)."""
     digest = hashlib.sha256(item.output.name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    return item.output.with_name(f".{item.output.name[:64]}.{digest}.lock")
+    return item.output.with_name(f".{name_start(item.output.name)}.{digest}.lock")
 
 
 def claim(item: Item) -> None:

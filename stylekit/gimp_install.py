@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from .atomic import write_bytes
 from .errors import StylekitError
 from .loopback import is_loopback
 from .token_file import read_token
@@ -81,9 +82,8 @@ def install(gimp_dir: Path, url: str, command: list[str], token: str | None) -> 
             path.write_bytes(data)
             path.chmod(0o755 if name == f"{PLUGIN}.py" else 0o644)
         config = {"url": url, "command": command, "token": token or ""}
-        config_path = target / CONFIG_NAME
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        config_path.chmod(0o600 if token else 0o644)
+        write_bytes(target / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode("utf-8"),
+                    mode=0o600 if token else 0o644)  # the token never readable by others, even briefly
     except OSError as exc:
         raise StylekitError(f"cannot install the plug-in into '{target}': {exc.strerror or exc}") from None
     return target

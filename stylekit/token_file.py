@@ -12,7 +12,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .atomic import replacing
+from .atomic import write_bytes
 from .errors import StylekitError
 
 
@@ -32,10 +32,7 @@ def load_or_create_token(path: Path) -> str:
     token = secrets.token_urlsafe(32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path, exclusive=True) as temporary:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(token + "\n")
+        write_bytes(path, f"{token}\n".encode(), exclusive=True, mode=0o600)
     except FileExistsError:
         return read_token(path)
     except OSError as exc:

@@ -1332,6 +1332,12 @@ def test_save_leaves_only_the_target(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [path]
 
 
+def test_a_name_of_250_bytes_in_four_byte_characters_can_be_saved(tmp_path: Path) -> None:
+    path = tmp_path / ("\N{GRINNING FACE}" * 61 + ".png")  # 248 bytes: its temporary name must fit too
+    save_image(path, _gradient())
+    assert list(tmp_path.iterdir()) == [path] and load_image(path).rgb.shape == _gradient().shape
+
+
 def test_missing_parent_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="does not exist"):
         save_image(tmp_path / "no" / "such" / "out.png", _gradient())
