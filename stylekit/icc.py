@@ -99,7 +99,7 @@ def _profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
         table += signature + struct.pack(">II", offset + len(data), len(body))
         data += body
     header = struct.pack(">I4sI4s4s4s", offset + len(data), b"", 0x02100000, b"mntr", space, b"XYZ ")
-    header += bytes(12) + b"acsp" + bytes(24) + b"".join(map(_s15, _D50))
+    header += bytes(12) + b"acsp" + bytes(28) + b"".join(map(_s15, _D50))  # the illuminant at byte 68
     return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
 
 

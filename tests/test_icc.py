@@ -94,3 +94,11 @@ def test_colour_converted_a_band_of_rows_at_a_time_is_converted_as_it_would_be_w
     icc.deep_to_srgb(banded, p3)
     np.testing.assert_array_equal(banded, whole)
     assert np.abs(whole - rgb).max() > 0.05  # really converted
+
+
+def test_a_profile_made_from_nclx_has_a_valid_header():
+    profile = icc.from_nclx(P3, "'x.heic'")
+    assert len(profile) == struct.unpack(">I", profile[:4])[0] and profile[36:40] == b"acsp"
+    assert struct.unpack(">I", profile[64:68])[0] == 0  # perceptual rendering intent
+    illuminant = [value / 65536 for value in struct.unpack(">3i", profile[68:80])]
+    assert illuminant == pytest.approx([0.9642, 1.0, 0.8249], abs=1e-4)  # D50, where ICC puts it
