@@ -69,4 +69,5 @@ def prune(folder: Path, pattern: str, limit: int, in_use_s: float = 0.0) -> None
             path.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot prune cached file %s (%s)", path, exc)
+            continue  # still there: the next one goes instead
         total -= size

@@ -64,6 +64,8 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a .pth file safely (tensors only, no pickled code)."""
+    if path.is_dir():
+        raise StylekitError(f"weights file '{path}' is a folder")
     if not path.is_file():
         raise StylekitError(f"weights file '{path}' not found")
     with open(path, "rb") as stream:

@@ -91,6 +91,11 @@ def test_file_that_is_not_weights_is_refused(tmp_path):
         w.resolve_weights(str(path), "vgg19")
 
 
+def test_a_folder_given_as_weights_is_named_as_one(tmp_path):
+    with pytest.raises(StylekitError, match=r"^weights file '.*' is a folder$"):
+        w.resolve_weights(str(tmp_path), "vgg19")
+
+
 def test_weights_of_the_wrong_shape_are_refused(tmp_path):
     state = w.random_state_dict("vgg19", seed=2)
     state["features.0.weight"] = torch.zeros(8, 3, 3, 3)
