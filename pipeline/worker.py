@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from stylekit import __version__, ray_engine
-from stylekit.batch import warm_up_request
+from stylekit.batch import JPEG_ALPHA_WARNING, failure_reason, warm_up_request
 from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError, disk_refusal
-from stylekit.image import LoadedImage, load_image, output_suffix, save_image
+from stylekit.image import LoadedImage, load_image, output_format, output_suffix, save_image
 from stylekit.presets import Preset, get_preset, preset_request
 from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest
 
@@ -338,10 +338,8 @@ class Worker:
             size = request.options.size or "full"
             why = f": {outcome}" if isinstance(outcome, StylekitError) else ""  # a refusal says what fits
             self.fail(hot, job, f"out of memory after {job.tried}, the last at size {size}{why}")
-        elif isinstance(outcome, StylekitError):
-            self.fail(hot, job, str(outcome))
         else:
-            self.fail(hot, job, f"{type(outcome).__name__}: {outcome}".replace("\n", " "))
+            self.fail(hot, job, failure_reason(outcome))
 
     def _deliver(self, hot: Hotfolder, preset: Preset, job: Job, picture: LoadedImage,
                  result: Result) -> None:
@@ -362,7 +360,8 @@ class Worker:
             self.fail(hot, job, str(error) if isinstance(error, StylekitError)
                       else f"cannot write the output: {error.strerror or error}")
             return
-        for message in result.warnings:
+        flattened = picture.alpha is not None and output_format(temp) == "JPEG"
+        for message in result.warnings + ((JPEG_ALPHA_WARNING,) if flattened else ()):
             self.warn(message, job)
         where = finish(hot.layout, hot.live.pop(job.id))
         self.log("done", f"{job.source} → {output} ({result.width}×{result.height}, "

@@ -29,6 +29,7 @@ from pipeline_support import (
     watching,
 )
 
+from stylekit.batch import JPEG_ALPHA_WARNING
 from stylekit.cli import main
 from stylekit.engine import LEAN_WARNING
 from stylekit.errors import StylekitError
@@ -326,6 +327,16 @@ def test_a_run_warning_is_logged_once_naming_the_first_image(boxes, weights_file
         wait_for(lambda: settled(inbox, 2), what="both images to be styled")
     warnings = [line for line in capsys.readouterr().err.splitlines() if " warning " in line]
     assert len(warnings) == 1 and re.search(rf"warning  [ab]\.png: {re.escape(LEAN_WARNING)}$", warnings[0])
+
+
+def test_a_transparent_image_made_a_jpeg_says_its_transparency_is_flattened(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    with watching(config_for(inbox, outbox, weights_file, format="jpg")):
+        Image.fromarray(np.dstack([(make_photo() * 255).astype(np.uint8), np.full((40, 48), 128, np.uint8)])
+                        ).save(inbox / "clear.png")
+        wait_for(lambda: settled(inbox, 1), what="the image to be styled")
+    assert files(outbox) == ["clear.jpg"]
+    assert re.search(rf"warning  clear\.png: {re.escape(JPEG_ALPHA_WARNING)}$", capsys.readouterr().err, re.M)
 
 
 def test_a_warning_of_the_set_up_is_logged_before_watching_starts(boxes, weights_file, capsys,
