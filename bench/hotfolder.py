@@ -19,11 +19,11 @@ import torch
 
 from bench.reference import run_reference, score
 from bench.run import ROOT, SHARED_IMAGES, environment, record, section_name
-from pipeline.config import FolderConfig, WatchConfig
-from pipeline.watcher import watch
 from stylekit.engine import _fit_long_side, pick_runtime, resize, to_array, to_tensor
 from stylekit.examples import example_pair
 from stylekit.image import load_image, save_image
+from stylekit.pipeline.config import FolderConfig, WatchConfig, checked
+from stylekit.pipeline.watcher import watch
 from stylekit.presets import get_preset, preset_request
 from stylekit.weights import resolve_weights
 
@@ -71,8 +71,8 @@ def run_hotfolder(images: list[np.ndarray], preset: str, overrides: dict[str, ob
     inbox, outbox = folder / "in", folder / "out"
     inbox.mkdir()
     outbox.mkdir()
-    config = WatchConfig(folders=(FolderConfig(inbox, outbox, preset=preset, format="png",
-                                               overrides=overrides),), settle=0.2)
+    config = checked(WatchConfig(folders=(FolderConfig(inbox, outbox, preset=preset, format="png",
+                                                       overrides=overrides),), settle=0.2))
     stop = threading.Event()
     timing: dict[str, object] = {}
 

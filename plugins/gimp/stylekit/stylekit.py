@@ -13,9 +13,8 @@ import gi
 
 gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
-from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
-
 import stylekit_client as client  # noqa: E402  (beside this file; GIMP puts its folder on sys.path)
+from gi.repository import Gegl, Gimp, Gio, GLib, GObject  # noqa: E402
 
 PROCEDURE = "plug-in-stylekit-style-transfer"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -129,32 +128,43 @@ def choose_style(config):
 def insert_result(image, source, png, source_rgba, bits, name):
     """Add the result above the source: same size and offsets, the source's alpha (source_rgba: its
     pixels at bits per channel), the selection and the source's mask as mask."""
-    width, height = source.get_width(), source.get_height()
-    _, x, y = source.get_offsets()
     handle, path = tempfile.mkstemp(prefix="stylekit-", suffix=".png")
     image.undo_group_start()
+    inserted = None
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(png)
         layer = Gimp.file_load_layer(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path))
         layer.set_name(name)
         image.insert_layer(layer, source.get_parent(), image.get_item_position(source))
-        if (layer.get_width(), layer.get_height()) != (width, height):
-            layer.scale(width, height, False)
-        layer.set_offsets(x, y)
-        if not layer.has_alpha():
-            layer.add_alpha()
-        pixels = bytearray(read_rgba(layer, bits))
-        sample = bits // 8  # bytes per channel
-        for byte in range(3 * sample, 4 * sample):  # each byte of every pixel's alpha
-            pixels[byte::4 * sample] = source_rgba[byte::4 * sample]
-        write_rgba(layer, bytes(pixels), bits)
-        add_mask(image, source, layer)
-        image.set_selected_layers([layer])
+        inserted = layer
+        finish_layer(image, source, layer, source_rgba, bits)
+    except BaseException:
+        if inserted is not None:  # no half-made layer left in the image beside the error
+            image.remove_layer(inserted)
+        raise
     finally:
         image.undo_group_end()
         os.unlink(path)
     Gimp.displays_flush()
+
+
+def finish_layer(image, source, layer, source_rgba, bits):
+    """Give the inserted result the source's size, offsets and alpha, and its mask; select it."""
+    width, height = source.get_width(), source.get_height()
+    _, x, y = source.get_offsets()
+    if (layer.get_width(), layer.get_height()) != (width, height):
+        layer.scale(width, height, False)
+    layer.set_offsets(x, y)
+    if not layer.has_alpha():
+        layer.add_alpha()
+    pixels = bytearray(read_rgba(layer, bits))
+    sample = bits // 8  # bytes per channel
+    for byte in range(3 * sample, 4 * sample):  # each byte of every pixel's alpha
+        pixels[byte::4 * sample] = source_rgba[byte::4 * sample]
+    write_rgba(layer, bytes(pixels), bits)
+    add_mask(image, source, layer)
+    image.set_selected_layers([layer])
 
 
 def add_mask(image, source, layer):

@@ -5,6 +5,7 @@ HTTP with urllib, writes PNG with zlib, and starts `stylekit serve` when no serv
 """
 
 import array
+import contextlib
 import http.client
 import ipaddress
 import json
@@ -213,7 +214,7 @@ def start_server(config):
     options = {"creationflags": 0x00000008 | 0x00000200 | 0x08000000} if sys.platform == "win32" \
         else {"start_new_session": True}  # DETACHED_PROCESS | NEW_PROCESS_GROUP | NO_WINDOW
     try:
-        log = open(log_path, "wb")
+        log = open(log_path, "wb")  # noqa: SIM115 (its own error message; closed just below)
     except OSError as exc:
         raise ClientError(f"Cannot write the stylekit server's log {log_path} ({exc.strerror or exc}).") \
             from None
@@ -303,7 +304,7 @@ def _follow(client, job, on_progress, patiently):
         if job["status"] == "cancelled":
             raise ClientError(f"The job was cancelled on the server ({job['message']}).")
         time.sleep(POLL_SECONDS)
-        job = patiently(lambda: client.status(job["id"]))
+        job = patiently(lambda job_id=job["id"]: client.status(job_id))
     png = patiently(lambda: client.result(job["id"]))
     tidy(client, job["id"])
     return png, (job.get("report") or {}).get("warnings", [])
@@ -312,10 +313,8 @@ def _follow(client, job, on_progress, patiently):
 def tidy(client, job_id):
     """Drop a finished job from the server, if it still answers: the result is in hand already, and
     the server forgets finished jobs in time anyway, so a failure here must not cost the user it."""
-    try:
+    with contextlib.suppress(ClientError):
         client.forget(job_id)
-    except ClientError:
-        pass
 
 
 def _outlast(client, call, on_wait):

@@ -11,7 +11,8 @@ gi.require_version("Gegl", "0.4")
 from gi.repository import Gegl, Gimp, Gio  # noqa: E402
 
 WORK = os.environ["STYLEKIT_GIMP_WORK"]  # the test's folder, as seen inside the chroot
-SPEC = json.load(open(os.path.join(WORK, "spec.json")))
+with open(os.path.join(WORK, "spec.json")) as spec:
+    SPEC = json.load(spec)
 PROCEDURE = Gimp.get_pdb().lookup_procedure("plug-in-stylekit-style-transfer")
 PRECISION = SPEC.get("precision")  # a Gimp.Precision name: the image is converted to it first
 PIXELS = "R'G'B'A u16" if PRECISION else "R'G'B'A u8"  # how layers are dumped
