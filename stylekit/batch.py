@@ -107,14 +107,16 @@ class Summary:
     """Counts for the line printed at the end, and the failures with their reasons."""
 
     done: int = 0
-    skipped: int = 0
+    skipped: int = 0  # their outputs were there already
+    left: int = 0  # another batch is styling them, or they disappeared (each said as it happened)
     failures: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
 
     def line(self) -> str:
         """One line for people."""
-        return (f"{self.done} done, {self.skipped} skipped (already there), {len(self.failures)} failed "
-                f"in {self.seconds:.1f} s")
+        left = f", {self.left} left alone (another batch's, or gone)" if self.left else ""
+        return (f"{self.done} done, {self.skipped} skipped (already there){left}, {len(self.failures)} "
+                f"failed in {self.seconds:.1f} s")
 
 
 Engine = Callable[[Recipe, Sequence[Item]], Iterator[Outcome]]
@@ -437,7 +439,7 @@ def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
             if outcome.status == "done":
                 summary.done += 1
             elif outcome.status == "skipped":
-                summary.skipped += 1
+                summary.left += 1
             else:
                 summary.failures.append(outcome)
             if outcome.reason != TAKEN:  # another batch's: its failure record is that batch's to keep
@@ -454,8 +456,8 @@ def run_batch(out: Path, items: Sequence[Item], recipe: Recipe, engine: Engine,
                 raise
             refused = refused or str(record)
     if refused:
-        left = len(items) - summary.done - summary.skipped - len(summary.failures)
-        what = f"stopped with {left} image{'s' * (left != 1)} to go" if left else \
+        to_go = len(items) - summary.done - summary.skipped - summary.left - len(summary.failures)
+        what = f"stopped with {to_go} image{'s' * (to_go != 1)} to go" if to_go else \
             "the failure record could not be written"
         raise OutputRefused(f"{summary.line()}; {what}, because {refused}")
     return summary

@@ -396,7 +396,8 @@ def test_an_image_another_batch_is_styling_is_left_to_it(batch, tmp_path):
     (tmp_path / "out").mkdir()
     with claimed_elsewhere(Item(sources[0], tmp_path / "out" / output_name(sources[0]))):
         code, err = batch(tmp_path / "in")
-    assert code == 0 and "batch: 1 done, 1 skipped (already there), 0 failed" in err, err
+    summary = "batch: 1 done, 0 skipped (already there), 1 left alone (another batch's, or gone), 0 failed"
+    assert code == 0 and summary in err, err
     assert f"skipped: {sources[0]}: {TAKEN}" in err.splitlines()
     assert [(tmp_path / "out" / output_name(source)).exists() for source in sources] == [False, True]
 
@@ -497,7 +498,7 @@ def test_an_input_that_disappears_during_the_run_is_skipped_not_failed(tmp_path,
     seen: list[Outcome] = []
     move_the_last_away = at_outcome(1, lambda: sources[2].replace(tmp_path / "elsewhere.png"), seen)
     summary = run_batch(out, plan(sources, out, PRESET), recipe, run_local, move_the_last_away)
-    assert (summary.done, summary.skipped, summary.failures) == (2, 1, [])
+    assert (summary.done, summary.skipped, summary.left, summary.failures) == (2, 0, 1, [])
     assert (seen[2].item.source, seen[2].status, seen[2].reason) == (sources[2], "skipped", GONE)
     assert not (out / FAILED_FILE).exists()
 
