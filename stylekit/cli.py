@@ -79,7 +79,8 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
         click.option("--content-layers", help="Comma-separated layer names, e.g. relu4_2."),
         click.option("--style-layers", help="Comma-separated, e.g. relu1_1,relu2_1,relu3_1."),
         click.option("--style-layer-weights", help="One weight per style layer, comma-separated."),
-        click.option("--style-blend", help="One weight per --style image, e.g. 0.7,0.3."),
+        click.option("--style-blend", help="One weight per style image (--style's, or the preset's), "
+                                             "e.g. 0.7,0.3."),
         click.option("--style-scale", type=click.FloatRange(*STYLE_SCALES),
                      help="Size of the style's strokes: its image's long side relative to the "
                           "output's (default 1)."),
@@ -448,8 +449,8 @@ def presets_add(name: str, styles: tuple[str, ...], title: str | None, force: bo
 def presets_remove(name: str) -> None:
     """Delete user preset NAME and its copied style images (built-ins cannot be removed)."""
     path = remove_preset(name)
-    click.echo(f"removed {path} (the style images it copied are deleted in an hour: runs that loaded "
-               "it still finish)")
+    click.echo(f"removed {path} (the style images it copied go with the next presets add or remove an "
+               "hour from now or later: runs that loaded it still finish)")
 
 
 @presets.command("validate")
