@@ -7,10 +7,7 @@ import sys
 from datetime import datetime, timezone
 from typing import TextIO
 
-
-def shown(text: str) -> str:
-    """A file name safe to print on one line: control and undecodable characters become '?'."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+from stylekit.errors import printable
 
 
 class EventLog:
@@ -27,7 +24,7 @@ class EventLog:
             line = json.dumps({"time": now.isoformat(timespec="milliseconds"), "event": event,
                                **fields, "message": message})
         else:
-            line = f"{now:%Y-%m-%d %H:%M:%S} {event:<8} {shown(message)}"
+            line = f"{now:%Y-%m-%d %H:%M:%S} {event:<8} {printable(message)}"
         stream = self.stream or sys.stderr
         stream.write(line + "\n")
         stream.flush()

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from stylekit import __version__, ray_engine
-from stylekit.batch import JPEG_ALPHA_WARNING, failure_reason, warm_up_request
+from stylekit.batch import JPEG_ALPHA_WARNING, failure_reason
 from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError, disk_refusal
 from stylekit.image import LoadedImage, load_image, output_format, output_suffix, save_image
 from stylekit.presets import Preset, get_preset, preset_request
-from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest
+from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest, warm_up_request
 
 from .config import FolderConfig, WatchConfig
 from .folders import Drop, Layout, free_name

@@ -44,10 +44,9 @@ from .image import (
 )
 from .pipeline.folders import lock_holder
 from .presets import Preset, preset_request
-from .request import Result, StyleRequest, validate
+from .request import Result, StyleRequest, validate, warm_up_request
 
 FAILED_FILE = "stylekit-failed.json"
-WARM_UP_SIDE = 32
 JPEG_ALPHA_WARNING = ("JPEG has no transparency: transparent parts are flattened onto white "
                       "(--format png, webp, avif or tif keep them)")
 TAKEN = "another stylekit batch is styling it"
@@ -232,13 +231,6 @@ def make_recipe(preset: Preset, overrides: dict[str, object] | None = None) -> R
     template = preset_request(preset, np.zeros((1, 1, 3), np.float32), overrides)
     validate(template.options)
     return Recipe(preset.name, template, tuple(path.name for path in preset.style_paths))
-
-
-def warm_up_request(request: StyleRequest) -> StyleRequest:
-    """A one-step request on a small grey image: loads the network, shows setup errors at once."""
-    blank = np.full((WARM_UP_SIDE, WARM_UP_SIDE, 3), 0.5, np.float32)
-    options = request.options.replace(size=WARM_UP_SIDE, steps=1, scales=1)
-    return dataclasses.replace(request, content=blank, options=options)
 
 
 def failure_reason(error: BaseException) -> str:

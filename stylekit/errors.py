@@ -23,6 +23,12 @@ class Cancelled(Exception):
     """Raised by a progress callback to stop a running job; the caller decides what that means."""
 
 
+def printable(text: str) -> str:
+    """Text safe to show on one line (a file name, a preset name): control and undecodable
+    characters become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def one_line(error: BaseException, limit: int = 160) -> str:
     """An exception's first line, shortened, for a user message (its type name when it has no text)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -28,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from stylekit import icc
 from stylekit.atomic import write_bytes
-from stylekit.errors import StylekitError, one_line
+from stylekit.errors import StylekitError, one_line, printable
 
 log = logging.getLogger(__name__)
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # logs each damaged tag it skips, as errors
@@ -206,7 +206,7 @@ def _source_text(source: str | os.PathLike[str] | bytes) -> str:
 
 def _quote(text: str) -> str:
     """Quote a file name for a one-line message, replacing control characters."""
-    return "'" + "".join(c if c.isprintable() else "?" for c in text) + "'"
+    return f"'{printable(text)}'"
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import tomli_w
 
 from . import builtin_presets
 from .atomic import write_bytes
-from .errors import StylekitError
+from .errors import StylekitError, printable
 from .image import load_image
 from .request import OPTION_KINDS, StyleOptions, StyleRequest, describe_kind, is_kind, validate
 from .weights_cache import names_a_file
@@ -80,8 +80,8 @@ def user_presets_dir() -> Path:
 def check_name(name: str) -> str:
     """Refuse names that are not [a-z0-9-]+, so a name can never escape the preset folder."""
     if not NAME_PATTERN.fullmatch(name):
-        shown = "".join(c if c.isprintable() else "?" for c in name)
-        raise StylekitError(f"bad preset name '{shown}' (use 1–64 lowercase letters, digits and '-')")
+        raise StylekitError(f"bad preset name '{printable(name)}' "
+                            "(use 1–64 lowercase letters, digits and '-')")
     return name
 
 

@@ -19,11 +19,11 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from .batch import Engine, Item, Outcome, Recipe, conclude, failure_reason, load, warm_up_request
+from .batch import Engine, Item, Outcome, Recipe, conclude, failure_reason, load
 from .engine import stylize
 from .errors import StylekitError
 from .image import LoadedImage
-from .request import Result, StyleRequest
+from .request import Result, StyleRequest, warm_up_request
 
 INSTALL_HINT = "--engine ray needs Ray: pip install 'stylekit[ray]'"
 MAX_ATTEMPTS = 3

@@ -6,7 +6,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -285,3 +285,13 @@ def check_request(request: StyleRequest) -> None:
     if min(blend) < 0 or sum(blend) <= 0:
         raise StylekitError(f"bad style_blend {', '.join(map(str, blend))} "
                             "(weights must be ≥ 0 and not all 0)")
+
+
+WARM_UP_SIDE = 32
+
+
+def warm_up_request(request: StyleRequest) -> StyleRequest:
+    """A one-step request on a small grey image: loads the network, shows setup errors at once."""
+    grey = np.full((WARM_UP_SIDE, WARM_UP_SIDE, 3), 0.5, np.float32)
+    options = request.options.replace(size=WARM_UP_SIDE, steps=1, scales=1)
+    return replace(request, content=grey, options=options)

@@ -34,6 +34,7 @@ from stylekit.engine import MIN_SIDE
 from stylekit.image import encode_png, load_image, read_metadata
 from stylekit.loopback import is_loopback
 from stylekit.presets import get_preset
+from stylekit.request import WARM_UP_SIDE
 from stylekit.server import ServerSettings, create_app, listen
 from stylekit.token_file import load_or_create_token
 
@@ -589,7 +590,7 @@ def test_warm_up_keeps_torch_off_the_calling_thread(weights_file, monkeypatch):
     monkeypatch.setattr(server, "stylize",
                         lambda request: threads.append(threading.current_thread()) or real(request))
     result = server.warm_up(ServerSettings(weights=str(weights_file), device="cpu"))
-    assert result.width == 16 and threads and threading.current_thread() not in threads
+    assert result.width == WARM_UP_SIDE and threads and threading.current_thread() not in threads
 
 
 def test_warm_up_reports_bad_weights_as_a_stylekit_error(tmp_path):
