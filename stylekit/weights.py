@@ -31,7 +31,6 @@ from .weights_cache import (
     imagenet_file_name,
     imported_files,
     imported_path,
-    sha256_of,
     sha256_of_stream,
 )
 
@@ -62,14 +61,15 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a .pth file safely (tensors only, no pickled code)."""
+def _open_weights(path: Path) -> BinaryIO:
+    """A user's weights file opened for reading (hashed, checked and loaded through this one handle,
+    so a file still being written or replaced cannot be one file for the check and another for the
+    rest), with a one-line error for a missing file or a folder."""
     if path.is_dir():
         raise StylekitError(f"weights file '{path}' is a folder")
     if not path.is_file():
         raise StylekitError(f"weights file '{path}' not found")
-    with open(path, "rb") as stream:
-        return _load_state_dict(stream, path)
+    return open(path, "rb")
 
 
 def _load_state_dict(stream: BinaryIO, path: Path) -> dict[str, torch.Tensor]:
@@ -123,8 +123,10 @@ def detect_backbone(data: dict[str, torch.Tensor], origin: str) -> str:
 def load_weights_file(path: str | os.PathLike, backbone: str) -> Weights:
     """A user's file, used exactly as given: no rescaling, so the loss stays canonical."""
     path = Path(path)
-    state = check_state_dict(_read_state_dict(path), backbone, str(path))
-    return Weights(backbone, state, "file", f"file {path}", sha256_of(path))
+    with _open_weights(path) as stream:
+        digest = sha256_of_stream(stream)
+        state = check_state_dict(_load_state_dict(stream, path), backbone, str(path))
+    return Weights(backbone, state, "file", f"file {path}", digest)
 
 
 def download_imagenet(backbone: str, progress: bool = True) -> Path:
@@ -174,15 +176,18 @@ def import_weights(file: str | os.PathLike) -> tuple[str, Path]:
     """Check a torchvision-format file and copy it into the cache so `imagenet` finds it offline; the
     files of earlier imports are deleted (of two imports at once, the one that finished last wins)."""
     source = Path(file)
-    state = _read_state_dict(source)
-    backbone = detect_backbone(state, str(source))
-    check_state_dict(state, backbone, str(source))
-    digest = sha256_of(source)
-    official = digest.startswith(expected_digest(imagenet_cache_path(backbone)) or "")
-    target = imagenet_cache_path(backbone) if official else imported_path(backbone, digest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(target) as temp:
-        shutil.copyfile(source, temp)
+    with _open_weights(source) as stream:
+        digest, size = sha256_of_stream(stream), stream.tell()
+        state = _load_state_dict(stream, source)
+        backbone = detect_backbone(state, str(source))
+        check_state_dict(state, backbone, str(source))
+        official = digest.startswith(expected_digest(imagenet_cache_path(backbone)) or "")
+        target = imagenet_cache_path(backbone) if official else imported_path(backbone, digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(target) as temp, open(temp, "wb") as copy:
+            stream.seek(0)
+            shutil.copyfileobj(stream, copy)
+            copy.truncate(size)  # the bytes hashed and checked, not what was written after them
     for older in [] if official else imported_files(backbone)[1:]:
         with contextlib.suppress(OSError):  # gone already, or open on Windows: deleted next time
             older.unlink()

@@ -153,10 +153,11 @@ def test_a_quiet_download_attempt_writes_nothing_to_stderr(offline, capsys):
 
 def test_a_download_with_the_named_checksum_lands_in_the_cache(offline, weights_server, monkeypatch,
                                                               weights_file):
-    serve_as_torchvision_file(weights_server, monkeypatch, weights_file, w.sha256_of(weights_file))
+    digest = weights_cache.sha256_of(weights_file)
+    serve_as_torchvision_file(weights_server, monkeypatch, weights_file, digest)
     resolved = w.resolve_weights("imagenet", "vgg19", progress=False)
     assert resolved.source == "imagenet" and w.imagenet_cache_path("vgg19").is_file()
-    assert resolved.sha256 == w.sha256_of(weights_file)
+    assert resolved.sha256 == weights_cache.sha256_of(weights_file)
 
 
 def test_a_download_with_the_wrong_checksum_is_refused_and_not_cached(offline, weights_server,
@@ -219,7 +220,24 @@ def test_a_run_during_an_import_uses_the_old_weights_or_the_new_ones_whole(offli
     seen = []
     _after_each_rename(monkeypatch, lambda: seen.append(w.resolve_weights("imagenet", "vgg19").sha256))
     w.import_weights(other_weights_file)
-    assert seen == [w.sha256_of(other_weights_file)]
+    assert seen == [weights_cache.sha256_of(other_weights_file)]
+
+
+def test_an_import_caches_the_bytes_it_checked_though_the_file_grows_meanwhile(offline, weights_file,
+                                                                              tmp_path, monkeypatch):
+    source = tmp_path / "arriving.pth"
+    source.write_bytes(original := weights_file.read_bytes())
+    detect = w.detect_backbone
+
+    def still_downloading(state, origin):  # a writer appends between the check and the copy
+        with open(source, "ab") as more:
+            more.write(b"the rest of a download")
+        return detect(state, origin)
+
+    monkeypatch.setattr(w, "detect_backbone", still_downloading)
+    _, target = w.import_weights(source)
+    assert target.read_bytes() == original
+    assert w.resolve_weights("imagenet", "vgg19").sha256 == weights_cache.sha256_of(weights_file)
 
 
 def test_of_two_imports_at_once_one_wins_whole(offline, weights_file, other_weights_file, monkeypatch):
@@ -232,7 +250,7 @@ def test_of_two_imports_at_once_one_wins_whole(offline, weights_file, other_weig
 
     _after_each_rename(monkeypatch, import_the_other_once)
     w.import_weights(weights_file)
-    assert w.resolve_weights("imagenet", "vgg19").sha256 == w.sha256_of(other_weights_file)
+    assert w.resolve_weights("imagenet", "vgg19").sha256 == weights_cache.sha256_of(other_weights_file)
     assert {row["backbone"]: row["state"] for row in weights_cache.weights_status()}["vgg19"] == "cached"
 
 
