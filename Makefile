@@ -39,7 +39,7 @@ bench: install
 	$(BIN)/python -m bench.onnx_vs_torch
 
 lint: install
-	$(BIN)/ruff check stylekit pipeline tests bench
+	$(BIN)/ruff check stylekit pipeline tests bench plugins
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
