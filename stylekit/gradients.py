@@ -66,5 +66,5 @@ def gradient_function(evaluate: Evaluate, image: torch.Tensor, use_graph: bool) 
         try:
             return graphed_gradient(evaluate, image)
         except RuntimeError:  # an operation that cannot be recorded: the plain path still works
-            image.grad = None
+            pass  # (and starts each evaluation from no gradient, whatever the recording left)
     return eager_gradient(evaluate)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stylekit import StyleOptions, StyleRequest, engine, losses, stylize
+from stylekit import StyleOptions, StyleRequest, engine, gradients, losses, stylize
 from stylekit.features import FeatureExtractor
 from stylekit.gradients import eager_gradient, graphed_gradient
 from stylekit.weights import random_state_dict
@@ -44,6 +44,19 @@ def _vgg_loss(device: torch.device):
     def evaluate(image: torch.Tensor) -> torch.Tensor:
         return losses.style_loss(extractor(image), targets, weights) + losses.tv_loss(image)
     return evaluate, torch.rand(1, 3, 64, 48, generator=gen).to(device)
+
+
+def test_an_evaluation_a_cuda_graph_cannot_record_runs_as_plain_autograd(monkeypatch):
+    image = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+
+    def half_recorded(evaluate, x):  # a capture that fails part-way, a gradient already written
+        x.grad = torch.full_like(x, 7.0)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(gradients, "graphed_gradient", half_recorded)
+    totals = gradients.gradient_function(_squares, image, use_graph=True)(image)
+    torch.testing.assert_close(totals, image.detach().pow(2).flatten(1).sum(1))
+    torch.testing.assert_close(image.grad, 2 * image.detach())  # not added to what the recording left
 
 
 @needs_cuda
