@@ -204,3 +204,13 @@ def test_cpu_network_runs_channels_last_with_the_plain_layouts_features_and_grad
         assert features[name].is_contiguous(memory_format=torch.channels_last)
         assert _relative_error(features[name], plain_features[name]) < 2e-5
     assert float((gradient - plain_gradient).norm() / plain_gradient.norm()) < 2e-5
+
+
+def test_c_transforms_that_find_no_scratch_memory_raise_memory_error():
+    class NoScratch:  # the C library's answer when its malloc fails
+        def winograd_input(self, *args):
+            return 1
+
+    weight, bias = _layer(8, 8)
+    with pytest.raises(MemoryError, match="no memory for the Winograd input transform"):
+        winograd._conv3x3_c(NoScratch(), torch.rand(1, 8, 12, 12), winograd.transform_weight(weight), bias, 4)
