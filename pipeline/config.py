@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from stylekit.errors import StylekitError
+from stylekit.errors import StylekitError, UsageError
 from stylekit.request import OPTION_KINDS, StyleOptions, describe_kind, is_kind, validate
 
 if sys.version_info >= (3, 11):
@@ -56,13 +56,13 @@ def from_cli(inbox: Path | None, config_file: Path | None, preset: str | None, o
     """Build the configuration from `stylekit watch` arguments; command-line values win."""
     if config_file is not None:
         if inbox is not None or preset is not None or out is not None or out_format is not None:
-            raise StylekitError("give either --config or INBOX with --preset/--out/--format, not both")
+            raise UsageError("give either --config or INBOX with --preset/--out/--format, not both")
         config = load(config_file)
         folders = tuple(replace(f, overrides={**f.overrides, **overrides}, quality=quality or f.quality)
                         for f in config.folders)
     else:
         if inbox is None or out is None:
-            raise StylekitError("give INBOX and --out OUTBOX (and usually --preset), or --config FILE")
+            raise UsageError("give INBOX and --out OUTBOX (and usually --preset), or --config FILE")
         folders = (FolderConfig(inbox=inbox, out=out, preset=preset, format=out_format or "same",
                                 quality=quality or FolderConfig.quality, overrides=dict(overrides)),)
         config = WatchConfig(folders=())

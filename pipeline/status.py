@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from stylekit.atomic import write_json
-from stylekit.errors import StylekitError
+from stylekit.errors import StylekitError, UsageError
 
 from .config import FolderConfig, load
 from .folders import ERROR_SUFFIX, Layout, is_temporary, lock_holder, pid_locked, scan
@@ -57,7 +57,7 @@ def report(target: Path | None) -> tuple[str, str | None]:
     """`stylekit watch --status INBOX_OR_CONFIG`: one line per inbox, and what is wrong if an inbox
     does not exist (None if all do: the command fails otherwise, so that a monitoring check notices)."""
     if target is None:
-        raise StylekitError("--status needs the INBOX folder or a pipeline.toml to report on")
+        raise UsageError("--status needs the INBOX folder or a pipeline.toml to report on")
     if target.is_dir():
         inboxes = [(target, "")]
     elif target.is_file():

@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .atomic import check_writable_folder, write_json
-from .errors import StylekitError
+from .errors import StylekitError, UsageError
 from .gimp_install import gimp
 from .image import LOSSY_FORMATS, load_image, output_format, save_image
 from .loopback import is_loopback
@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         _LAST_LINE("error", f"stylekit: error: {exc}")
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     except OSError as exc:  # the system said no (disk full, read-only, permissions): no bug of ours
         if debug:
             traceback.print_exc()

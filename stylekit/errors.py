@@ -10,6 +10,10 @@ class StylekitError(Exception):
     """A failure caused by the user's input or environment; the CLI prints its message alone."""
 
 
+class UsageError(StylekitError):
+    """Arguments that cannot go together, or one missing: exit code 2, as click's own usage errors."""
+
+
 class NotEnoughMemory(StylekitError, MemoryError):
     """A run refused before it starts because it would not fit into free memory; a MemoryError too,
     so that callers which retry out-of-memory failures at a smaller size retry it the same way."""

@@ -579,6 +579,12 @@ def test_bad_arguments_are_one_line_errors(args, message, boxes, tmp_path, capsy
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args", [["watch"], ["watch", "--status"], ["watch", "in", "--config", "c.toml"]])
+def test_arguments_that_cannot_go_together_exit_2_as_other_usage_errors(args, capsys):
+    assert main(args) == 2
+    assert capsys.readouterr().err.startswith("stylekit: error: ")
+
+
 def test_quality_on_the_command_line_wins_over_the_configs_and_its_default(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text('[[folder]]\ninbox = "a"\nout = "a-out"\nquality = 80\n'
