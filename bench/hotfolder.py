@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--stylekit-steps", type=int, help="Override the preset's steps (tests).")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-doc", action="store_true", help="Do not touch docs/benchmarks.md.")
+    parser.add_argument("--weights", default="auto", help="auto (ImageNet where cached, else random: "
+                                                          "seed 0), random[:SEED] or a file.")
     args = parser.parse_args(argv)
     device = pick_runtime(args.device, "auto").device
-    weights = resolve_weights("auto", "vgg19", progress=False)
-    spec = "auto" if weights.source == "imagenet" else "random"
+    weights = resolve_weights(args.weights, "vgg19", progress=False)
+    spec = "random" if args.weights == "auto" and weights.source != "imagenet" else args.weights  # the same
     args.size = args.size or (512 if device.type == "cuda" else 128)
     images = photos(args.count, args.size)
     overrides = {"weights": spec, "device": device.type, "size": args.size}

@@ -288,12 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         help="Largest size at which the reference also runs.")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-doc", action="store_true", help="Do not touch docs/benchmarks.md.")
+    parser.add_argument("--weights", default="auto", help="auto (ImageNet where cached, else random: "
+                                                          "seed 0), random[:SEED] or a file.")
     args = parser.parse_args(argv)
     device = pick_runtime(args.device, "auto").device
     sizes = args.sizes or ([256, 512] if device.type == "cpu" else [512, 1024, 2048, 4096])
     content, style, names = images()
-    weights = resolve_weights("auto", "vgg19", progress=False)
-    spec = "auto" if weights.source == "imagenet" else "random"
+    weights = resolve_weights(args.weights, "vgg19", progress=False)
+    spec = "random" if args.weights == "auto" and weights.source != "imagenet" else args.weights  # the same
     # The reference loops run first, in a process stylekit has not yet touched: on the CPU stylekit
     # sets glibc's malloc to reuse freed memory (stylekit/heap.py), a process-wide setting that the
     # textbook loop, run the way users run it, does not have.

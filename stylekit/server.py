@@ -125,6 +125,7 @@ class Health(BaseModel):
     device: str
     weights: str
     queued: int
+    arriving: int  # uploads being received, each holding a place in the queue
     running: str | None
     max_upload_bytes: int
     max_pixels: int
@@ -211,10 +212,10 @@ class JobQueue:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def counts(self) -> tuple[int, str | None]:
-        """(queued jobs, id of the running job) for the health answer."""
+    def counts(self) -> tuple[int, int, str | None]:
+        """(queued jobs, uploads on their way in, id of the running job) for the health answer."""
         with self._cond:
-            return len(self._pending), self._running.id if self._running else None
+            return len(self._pending), self._admitting, self._running.id if self._running else None
 
     def check_room(self, also: int = 0) -> None:
         """Refuse a new job (429) while the queue is full (counting `also` uploads on their way in)."""
@@ -580,10 +581,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @api.get("/health", response_model=Health)
     def health() -> Health:
         """Whether the server is up, what it runs on, and how busy it is."""
-        queued, running = jobs.counts()
+        queued, arriving, running = jobs.counts()
         return Health(status="ok", version=__version__, device=warm["device"], weights=warm["weights"],
-                      queued=queued, running=running, max_upload_bytes=settings.max_upload_bytes,
-                      max_pixels=settings.max_pixels, max_queue=settings.max_queue)
+                      queued=queued, arriving=arriving, running=running,
+                      max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                      max_queue=settings.max_queue)
 
     @api.get("/presets", response_model=list[PresetView])
     def presets() -> list[PresetView]:

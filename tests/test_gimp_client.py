@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,12 @@ spec.loader.exec_module(client)
 
 
 BLANK = client.encode_png(48, 40, bytes(48 * 40 * 4))  # a blank 48×40 layer, as the plug-in sends it
+
+
+@pytest.fixture(autouse=True)
+def own_temporary_folder(tmp_path, monkeypatch):
+    """The server logs the plug-in starts go to a folder of the test's, not over the user's in /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def blank_params(steps: int) -> dict:
@@ -168,7 +175,7 @@ def test_another_program_on_the_port_is_named_as_not_a_stylekit_server():
 def test_each_user_gets_a_server_log_of_their_own(tmp_path):
     process, log = client.start_server(client.Config(command=[sys.executable, "-c", "print('up')"]))
     process.wait(30)
-    assert log.endswith(f"stylekit-server-{os.getuid()}.log") and "up" in Path(log).read_text()
+    assert log == str(tmp_path / f"stylekit-server-{os.getuid()}.log") and "up" in Path(log).read_text()
 
 
 def test_config_defaults_and_broken_file(tmp_path):

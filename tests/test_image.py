@@ -1030,14 +1030,14 @@ def test_directory_is_reported(tmp_path: Path) -> None:
     folder = tmp_path / "folder.png"
     folder.mkdir()
     message = _assert_image_error(folder, "folder.png")
-    assert "folder" in message
+    assert message.endswith("folder.png' is a folder, not a file")
 
 
 def test_empty_file_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
     message = _assert_image_error(path, "empty.png")
-    assert "empty" in message
+    assert message.endswith("empty.png' is empty (0 bytes)")
 
 
 def test_text_file_is_reported(tmp_path: Path) -> None:

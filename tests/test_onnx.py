@@ -93,8 +93,10 @@ def test_export_refuses_an_unknown_layer_in_one_line(weights, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_automatic_export_is_cached_and_reused(weights):
+def test_automatic_export_is_cached_and_reused(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEKIT_CACHE_DIR", str(tmp_path))  # no export of another test's to find
     path = export_cache_path(weights, SMALL, SMALL, "max")
+    assert not path.exists()
     cached_session(weights, SMALL, SMALL, "max")
     assert path.is_file() and path.parent.parent.name == "onnx"
     before = file_identity(path)

@@ -105,12 +105,13 @@ def test_temporary_names_wait_until_renamed(boxes, weights_file):
     with watching(config_for(inbox, outbox, weights_file, settle=0.1)):
         for index, name in enumerate(names):
             (inbox / name).write_bytes(photo_png(seed=index))
-        time.sleep(1.0)
+        drop(inbox / "barrier.png")  # dropped after them: once it is done, they were seen and passed over
+        wait_for(lambda: settled(inbox, 1), what="the barrier to be done")
         assert sorted(p.name for p in inbox.iterdir() if p.is_file() and p.name in names) == sorted(names)
-        assert files(outbox) == []
+        assert files(outbox) == ["barrier.png"]
         os.rename(inbox / "photo.png.part", inbox / "photo.png")
-        wait_for(lambda: settled(inbox, 1), what="the renamed file to be done")
-    assert files(outbox) == ["photo.png"]
+        wait_for(lambda: settled(inbox, 2), what="the renamed file to be done")
+    assert files(outbox) == ["barrier.png", "photo.png"]
 
 
 def test_bad_files_land_in_failed_with_their_reason(boxes, weights_file):
