@@ -271,6 +271,12 @@ def test_failures_are_messages_saying_what_to_do(gimp_run):
     assert gimp_run["layers_at_end"] == len(gimp_run["after_repeat"])  # failures add nothing
 
 
+def test_a_layer_in_a_group_gets_its_result_in_that_group_right_above_it(gimp_run):
+    assert gimp_run["calls"][8] == {"status": "success", "message": None}
+    result, source = gimp_run["in_group"]
+    assert result.startswith("Ink wash") and source == "inner"  # "Ink wash #2": GIMP keeps names unique
+
+
 def test_a_servers_warning_is_shown_as_a_gimp_message(gimp_constrained_run):
     # gimp-console prints a plug-in's messages headed with its name; the GUI shows them in a dialog
     assert "Style Transfer-Warning: ImageNet weights unavailable" in gimp_constrained_run["output"]

@@ -108,6 +108,15 @@ if PROCEDURE is not None:
         report["calls"].append(call(image, top, preset=SPEC["preset"], quality="fast",
                                     style_file=load("painting.png")))
         report["after_both"] = describe(image, "both")
+
+        # 7. a layer inside a layer group: the result goes into that group, right above it
+        group = Gimp.GroupLayer.new(image, "group")
+        image.insert_layer(group, None, 0)
+        inner = top.copy()
+        image.insert_layer(inner, group, 0)
+        inner.set_name("inner")
+        report["calls"].append(call(image, inner, preset=SPEC["preset"], quality="fast"))
+        report["in_group"] = [layer.get_name() for layer in group.get_children()]
     image.delete()
 
 with open(os.path.join(WORK, "report.json"), "w") as stream:
