@@ -395,10 +395,12 @@ def check_style_pass(style_shapes: Iterable[tuple[int, int]], style_scale: float
                      device: torch.device, plan: MemoryPlan, free: int | None) -> None:
     """Refuse style images (heights and widths) whose pass to their targets would not fit at the output's
     size times --style-scale, far larger than the output's own at a large scale; name what fits."""
+    if plan.budget is None:  # free memory unknown: nothing to refuse against
+        return
     long_style = round(max(size) * style_scale)
     width, height = max((_style_size(h, w, long_style) for h, w in style_shapes), key=lambda s: s[0] * s[1])
-    fits = 0 if plan.budget is None else memory.style_pixels_that_fit(plan.budget)
-    if plan.budget is None or width * height <= fits:
+    fits = memory.style_pixels_that_fit(plan.budget)
+    if width * height <= fits:
         return
     need = int(memory.HEADROOM * (memory.RUN_BYTES + width * height * memory.STYLE_PIXEL_BYTES))
     shrink = (fits / (width * height)) ** 0.5 * NAMED_SIZE_SLACK

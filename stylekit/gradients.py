@@ -5,6 +5,7 @@ Knows tensors and autograd only: what the loss is comes in as a function.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -62,9 +63,7 @@ def graphed_gradient(evaluate: Evaluate, image: torch.Tensor) -> Gradient:
 
 def gradient_function(evaluate: Evaluate, image: torch.Tensor, use_graph: bool) -> Gradient:
     """A CUDA graph when asked for and the recording works, else plain autograd (same numbers)."""
-    if use_graph:
-        try:
+    if use_graph:  # an operation that cannot be recorded: the plain path still works (and starts each
+        with contextlib.suppress(RuntimeError):  # evaluation from no gradient, whatever recording left)
             return graphed_gradient(evaluate, image)
-        except RuntimeError:  # an operation that cannot be recorded: the plain path still works
-            pass  # (and starts each evaluation from no gradient, whatever the recording left)
     return eager_gradient(evaluate)
