@@ -23,6 +23,7 @@ from stylekit.engine import _fit_long_side, pick_runtime, resize, to_array, to_t
 from stylekit.examples import example_pair
 from stylekit.image import load_image, save_image
 from stylekit.pipeline.config import FolderConfig, WatchConfig, checked
+from stylekit.pipeline.stopping import Stopping
 from stylekit.pipeline.watcher import watch
 from stylekit.presets import get_preset, preset_request
 from stylekit.weights import resolve_weights
@@ -97,7 +98,7 @@ def run_hotfolder(images: list[np.ndarray], preset: str, overrides: dict[str, ob
     feeder = threading.Thread(target=feed, name="bench-feeder", daemon=True)
     feeder.start()
     try:
-        watch(config, stop)
+        watch(config, Stopping(stop))
     finally:
         stop.set()
         feeder.join()

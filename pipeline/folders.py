@@ -160,16 +160,26 @@ def link_no_clobber(source: Path, target: Path) -> bool:
 def locked(layout: Layout) -> Iterator[None]:
     """Hold the inbox's lock for the watcher's lifetime so two watchers never take the same files:
     on the inbox folder itself, which cannot be deleted away meanwhile as the lock file can, and on
-    the lock file, which names the watcher's pid (and is all some network file systems can lock)."""
+    the lock file, which names the watcher's pid (and is all some network file systems can lock).
+    An inbox nested with another watcher's is refused under the lock (two watchers starting together
+    both see it), and a refused start takes away the lock file it made."""
     refusal = f"another stylekit watch (pid {{pid}}) is already watching '{layout.inbox}'"
+    lock = layout.inbox / LOCK_NAME
+    made = not os.path.lexists(lock)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_flocked(layout.inbox, os.O_RDONLY | os.O_DIRECTORY))
         except BlockingIOError:
-            raise StylekitError(refusal.format(pid=_pid_in(layout.inbox / LOCK_NAME))) from None
+            raise StylekitError(refusal.format(pid=_pid_in(lock))) from None
         except OSError:  # a file system that cannot lock folders: the lock file alone holds
             pass
-        stack.enter_context(pid_locked(layout.inbox / LOCK_NAME, refusal))
+        stack.enter_context(pid_locked(lock, refusal))
+        try:
+            check_not_nested(layout.inbox)
+        except StylekitError:
+            if made:
+                lock.unlink(missing_ok=True)
+            raise
         yield
 
 

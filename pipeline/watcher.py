@@ -34,7 +34,7 @@ from stylekit.atomic import check_writable_folder
 from stylekit.errors import StylekitError
 
 from .config import WatchConfig
-from .folders import Drop, Layout, check_not_nested, inspect, is_candidate, locked, scan
+from .folders import Drop, Layout, inspect, is_candidate, locked, scan
 from .jobs import Job, recover
 from .log import EventLog
 from .settle import Settler, Stamp, stamp
@@ -133,9 +133,9 @@ class Watcher:
         """Finish or requeue what the last run left in processing/ (after kill -9 or a crash)."""
         found = recover(hot.layout, max_attempts=self.config.retries + 1)
         for job, where in found.finished:
-            self.log("recovered", f"{job.source}: finished from the last run "
-                                  f"(moved to {where.relative_to(hot.layout.inbox)})",
-                     file=job.source, moved_to=str(where))
+            how = job.error or "finished from the last run"  # failed: its reason, as in error.json
+            self.log("recovered", f"{job.source}: {how} (moved to {where.relative_to(hot.layout.inbox)})",
+                     file=job.source, moved_to=str(where), **({"error": job.error} if job.error else {}))
         for job in found.again:
             hot.live[job.id] = job
             self.again.append((hot, [job]))  # one at a time: a crash now counts against its one image
@@ -244,9 +244,10 @@ class Watcher:
         return True
 
 
-def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
-    """Run the hot folders until stop is set (by SIGINT/SIGTERM when running in the main thread)."""
-    stopping = Stopping(stop or threading.Event())
+def watch(config: WatchConfig, stopping: Stopping | None = None) -> None:
+    """Run the hot folders until stopping's event is set (by SIGINT/SIGTERM when running in the main
+    thread; the CLI takes them earlier, while this module loads, through the same Stopping)."""
+    stopping = stopping or Stopping(threading.Event())
     signals = threading.current_thread() is threading.main_thread()
     log = EventLog(config.log_json)
     with contextlib.ExitStack() as stack:
@@ -256,7 +257,6 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
         for folder in config.folders:
             layout = Layout(folder.inbox, folder.out)
             stack.enter_context(locked(layout))
-            check_not_nested(layout.inbox)  # after locking: two watchers starting together both see it
             layout.create()
             for place, what in ((layout.outbox, "output folder"), (layout.processing, "folder"),
                                 (layout.done, "folder"), (layout.failed, "folder")):
@@ -265,6 +265,9 @@ def watch(config: WatchConfig, stop: threading.Event | None = None) -> None:
         if config.status_file is not None:
             check_writable_folder(config.status_file.parent, "status file folder")
             stack.enter_context(status_locked(config.status_file))
+        if stopping.event.is_set():  # asked while the command loaded: no engine to load for nothing
+            log("stopped", "stopped while starting")
+            return
         try:
             with stopping.abortable():  # nothing is claimed yet: a second Ctrl-C may stop at once
                 engine = stack.enter_context(open_engine(config))

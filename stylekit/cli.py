@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -549,8 +550,9 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
               stylekit watch --config pipeline.toml --engine ray
               stylekit watch --status inbox
     """
-    from .pipeline import config, status, watcher  # watchdog loads only for this command
+    from .pipeline import config, status  # light: watchdog and torch load below
     from .pipeline.log import EventLog
+    from .pipeline.stopping import Stopping
 
     if show_status:
         text, problem = status.report(inbox or config_file)
@@ -558,19 +560,23 @@ def watch(inbox: Path | None, preset: str | None, outbox: Path | None, config_fi
         if problem:  # an inbox is missing: exit 1, so that a monitoring check notices
             raise StylekitError(problem)
         return
-    log_json = log_json or config.asks_for_json(config_file)
-    _LAST_LINE.as_json = log_json  # and so is the error that may end the command
-    for library in ("stylekit", "watchdog"):  # a library warning is an event like the watcher's own
-        _print_library_log(EventLog(log_json), library)
-    overrides, init_file = flag_changes(flags)
-    if init_file:
-        raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
-    settings = config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle, log_json,
-                               status_file, quality=quality if _given("quality") else None,
-                               engine=engine_name, ray_address=ray_address, gpus_per_task=gpus_per_task)
-    if "same" not in {folder.format for folder in settings.folders}:  # else a JPEG may come in
-        _check_quality({output_format(f"x.{folder.format}") for folder in settings.folders})
-    watcher.watch(settings)
+    stopping = Stopping(threading.Event())
+    with stopping.on_signals():  # from here a signal is a clean stop, also while torch loads (seconds)
+        from .pipeline import watcher
+
+        log_json = log_json or config.asks_for_json(config_file)
+        _LAST_LINE.as_json = log_json  # and so is the error that may end the command
+        for library in ("stylekit", "watchdog"):  # a library warning is an event like the watcher's own
+            _print_library_log(EventLog(log_json), library)
+        overrides, init_file = flag_changes(flags)
+        if init_file:
+            raise click.UsageError("watch cannot use an --init FILE (use content, noise or style)")
+        settings = config.from_cli(inbox, config_file, preset, outbox, out_format, overrides, settle,
+                                   log_json, status_file, quality=quality if _given("quality") else None,
+                                   engine=engine_name, ray_address=ray_address, gpus_per_task=gpus_per_task)
+        if "same" not in {folder.format for folder in settings.folders}:  # else a JPEG may come in
+            _check_quality({output_format(f"x.{folder.format}") for folder in settings.folders})
+        watcher.watch(settings, stopping)
 
 
 @cli.command()

@@ -168,7 +168,7 @@ def pick_runtime(device: str, precision: str) -> Runtime:
     dtype = {"fp32": torch.float32, "bf16-grad": torch.float32, "bf16": torch.bfloat16,
              "fp16": torch.float16}[precision]
     if dtype == torch.float16 and device == "cpu":
-        raise StylekitError("--precision fp16 needs a GPU; use bf16-grad, bf16 or fp32 on the CPU")
+        raise StylekitError("precision fp16 needs a GPU; use bf16-grad, bf16 or fp32 on the CPU")
     return Runtime(torch.device(device), dtype,
                    torch.bfloat16 if precision == "bf16-grad" else None)
 

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -90,6 +91,7 @@ class LoadedImage:
     alpha: np.ndarray | None  # float32, H×W in [0, 1], or None when the source had no alpha
     name: str  # file name for messages ("<bytes>" when loaded from bytes)
     source_metadata: SourceMetadata = field(default_factory=SourceMetadata)  # for save_image
+    warnings: tuple[str, ...] = ()  # what loading it logged, for callers that report per image
 
 
 def load_image(
@@ -106,17 +108,43 @@ def load_image(
     """
     shown = name or ("<bytes>" if isinstance(source, bytes) else Path(source).name)
     label = _quote(name or _source_text(source))
-    try:
-        read = _tifffile_image(source, label, max_pixels) or _pillow_image(source, label, max_pixels)
-    except (StylekitError, OSError, MemoryError):
-        raise
-    except Exception as e:  # a decoder's own on a damaged file: tifffile, Pillow's EXIF, … raise many kinds
-        raise _corrupt(label, e) from e
+    with _logged_here() as said:
+        try:
+            read = _tifffile_image(source, label, max_pixels) or _pillow_image(source, label, max_pixels)
+        except (StylekitError, OSError, MemoryError):
+            raise
+        except Exception as e:  # a decoder's own on a damaged file: tifffile, Pillow's EXIF… raise many kinds
+            raise _corrupt(label, e) from e
     rgb, alpha, kept = read
     if alpha is not None:
         _fill_hidden(rgb, alpha)
     return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, name=shown,
-                       source_metadata=kept)
+                       source_metadata=kept, warnings=tuple(said))
+
+
+class _ThreadsWarnings(logging.Handler):
+    """Collects the messages of the warnings one thread logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _logged_here() -> Iterator[list[str]]:
+    """The warnings this thread logs from this module while the block runs (they are logged as well):
+    a server loads several uploads at once, and each job reports only its own."""
+    handler = _ThreadsWarnings()
+    log.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)
 
 
 def output_format(path: str | os.PathLike[str]) -> str:

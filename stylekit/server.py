@@ -6,6 +6,7 @@ client names, and its weights and device are fixed when it starts.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import hashlib
@@ -17,21 +18,32 @@ import threading
 import time
 import typing
 import uuid
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, Response, Security, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    HTTPException,
+    Request,
+    Response,
+    Security,
+    UploadFile,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .engine import output_long_side, scale_sizes, stylize
+from .engine import output_long_side, pick_runtime, scale_sizes, stylize
 from .errors import Cancelled, StylekitError
 from .image import LoadedImage, encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
@@ -71,6 +83,7 @@ class ServerSettings:
     max_pixels: int = 16_000_000
     max_queue: int = 8
     token: str | None = None
+    upload_idle_seconds: float = 30.0  # an upload sending nothing this long is refused: it held a place
 
 
 class JobParams(BaseModel):
@@ -153,6 +166,7 @@ class Job:
     preset: str | None
     abandon_after: float | None
     bits: int = 8  # bits per channel of the upload: a 16-bit one gets a 16-bit result
+    warnings: tuple[str, ...] = ()  # what decoding the uploads said (only the first frame used, …)
     created: float = field(default_factory=time.time)
     seen: float = field(default_factory=time.monotonic)
     status: str = "queued"
@@ -326,7 +340,8 @@ class JobQueue:
         assert job.request is not None
         try:
             result = stylize(job.request, on_progress)
-            png = encode_png(result.image, job.alpha, metadata=_metadata(job, result), bits=job.bits)
+            report = {**result.report(), "warnings": [*job.warnings, *result.warnings]}
+            png = encode_png(result.image, job.alpha, metadata=_metadata(job, report), bits=job.bits)
         except Cancelled:
             reason = "" if job.cancel.is_set() else ": no client asked about it any more"
             return "cancelled", f"cancelled{reason}", None, None
@@ -335,7 +350,7 @@ class JobQueue:
         except Exception as exc:  # a job must never take the worker down with it
             log.exception("job %s failed", job.id)
             return "failed", f"internal error: {type(exc).__name__}: {exc}", None, None
-        return "done", f"done in {result.seconds:.1f} s", png, result.report()
+        return "done", f"done in {result.seconds:.1f} s", png, report
 
     def _finish(self, job: Job, status: str, message: str) -> None:
         """Record a final state, free the inputs, and drop the oldest finished jobs over the limit."""
@@ -347,10 +362,9 @@ class JobQueue:
             del self._jobs[old.id]
 
 
-def _metadata(job: Job, result: Result) -> dict[str, object]:
+def _metadata(job: Job, report: dict[str, object]) -> dict[str, object]:
     """What the result PNG records about how it was made."""
-    return {"software": f"stylekit {__version__}", "job": job.id, "preset": job.preset,
-            **result.report()}
+    return {"software": f"stylekit {__version__}", "job": job.id, "preset": job.preset, **report}
 
 
 def parse_params(text: str) -> _Params:
@@ -398,6 +412,7 @@ def build_request(params: _Params, content: np.ndarray, style: np.ndarray | None
     long_side = output_long_side(width, height, options.size)
     try:
         check_request(replace(request, options=options))  # all the engine would refuse, refused now
+        pick_runtime(options.device, options.precision)  # e.g. fp16 on a server without a GPU
         scale_sizes(width, height, long_side, options.scales, options.min_scale, options.steps)  # too small?
     except StylekitError as exc:
         raise ApiError(422, str(exc)) from None
@@ -434,6 +449,10 @@ def _too_large(settings: ServerSettings) -> HTTPException:
 REFUSED_BODY_TIMES, REFUSED_BODY_AT_LEAST = 4, 64 * 2**20  # how much of a refused body is read and dropped
 
 
+class _Stalled(Exception):
+    """The client stopped sending its body: nothing more is read, and the connection is closed."""
+
+
 @dataclass
 class _Body:
     """How much of a request's body has arrived, so an answer given before the end can read the rest."""
@@ -441,12 +460,22 @@ class _Body:
     receive: Receive
     pending: bool  # more body to come
     expecting: bool  # the client sends the body only after a "100 Continue"
+    idle_seconds: float  # how long the body may pause before the client counts as gone
     received: int = 0
     read_any: bool = False
+    stalled: bool = False
 
     async def next(self) -> Message:
-        """Receive the next message, counting its bytes."""
-        message = await self.receive()
+        """Receive the next message, counting its bytes; _Stalled when the body pauses too long (a
+        half-open connection would otherwise hold its place in the queue for ever)."""
+        try:
+            if self.pending:
+                message = await asyncio.wait_for(self.receive(), self.idle_seconds)
+            else:
+                message = await self.receive()
+        except TimeoutError:
+            self.pending, self.stalled = False, True
+            raise _Stalled from None
         self.read_any = True
         self.received += len(message.get("body", b""))
         self.pending = message["type"] == "http.request" and message.get("more_body", False)
@@ -469,17 +498,22 @@ class _BodyLimit:
         length = headers.get(b"content-length", b"")
         declared = int(length) if length.isdigit() else None
         body = _Body(receive, pending=bool(declared) or b"transfer-encoding" in headers,
-                     expecting=headers.get(b"expect", b"").lower() == b"100-continue")
+                     expecting=headers.get(b"expect", b"").lower() == b"100-continue",
+                     idle_seconds=self.settings.upload_idle_seconds)
         cap = max(REFUSED_BODY_TIMES * limit, REFUSED_BODY_AT_LEAST)
 
         async def limited_receive() -> Message:
-            message = await body.next()
+            try:
+                message = await body.next()
+            except _Stalled:
+                raise HTTPException(408, f"the upload stalled: nothing arrived for "
+                                         f"{self.settings.upload_idle_seconds:g} s") from None
             if body.received > limit:
                 raise _too_large(self.settings)
             return message
 
         async def answer_then_drain(message: Message) -> None:
-            if message["type"] == "http.response.start" and body.pending:
+            if message["type"] == "http.response.start" and (body.pending or body.stalled):
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             if message["type"] != "http.response.body" or message.get("more_body") or not body.pending:
                 await send(message)
@@ -487,15 +521,29 @@ class _BodyLimit:
             # Ended after the body is dropped: uvicorn reads none after an end; unread bytes reset senders.
             await send({**message, "more_body": True})
             if not (body.expecting and not body.read_any) and (declared or 0) <= cap:
-                while body.pending and body.received <= cap:
-                    await body.next()
+                with suppress(_Stalled):
+                    while body.pending and body.received <= cap:
+                        await body.next()
             await send({"type": "http.response.body", "body": b""})
 
-        if declared is not None and declared > limit:
-            error = _too_large(self.settings)
-            await JSONResponse({"detail": error.detail}, error.status_code)(scope, receive, answer_then_drain)
+        if declared is not None and declared > limit:  # refused unread, but a stranger learns no limits
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            error = _token_refusal(given, self.settings.token) or _too_large(self.settings)
+            await JSONResponse({"detail": error.detail}, error.status_code, error.headers)(
+                scope, receive, answer_then_drain)
             return
         await self.app(scope, limited_receive, answer_then_drain)
+
+
+def _token_refusal(authorization: str, token: str | None) -> HTTPException | None:
+    """The 401 for a missing or wrong bearer token when the server has one; None when it may pass."""
+    if token is None:
+        return None
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    return HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the server's token "
+                              "file>)", headers={"WWW-Authenticate": "Bearer"})
 
 
 _BEARER = HTTPBearer(auto_error=False)
@@ -517,12 +565,8 @@ class _EarlyRoute(APIRoute):
     @asynccontextmanager
     async def admitted(self, request: Request) -> typing.AsyncIterator[None]:
         """Raise the 401 for a missing or wrong bearer token, when the server has one."""
-        if request.app.state.token is not None:
-            credentials: HTTPAuthorizationCredentials | None = await _BEARER(request)
-            given = credentials.credentials.encode() if credentials else b""
-            if not hmac.compare_digest(given, request.app.state.token.encode()):
-                raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <the "
-                                         "server's token file>)", headers={"WWW-Authenticate": "Bearer"})
+        if refusal := _token_refusal(request.headers.get("authorization", ""), request.app.state.token):
+            raise refusal
         yield
 
 
@@ -536,6 +580,15 @@ class _SubmitRoute(_EarlyRoute):
         async with super().admitted(request):
             with request.app.state.jobs.admitting():
                 yield
+
+
+async def _one_of_each(request: Request) -> None:
+    """Refuse a form that repeats a field: which of two images, or two params, counts is anyone's guess.
+    (FastAPI has parsed the form before any dependency runs; this reads the parsed one.)"""
+    form = await request.form()
+    for name in ("image", "style", "params"):
+        if len(form.getlist(name)) > 1:
+            raise ApiError(422, f"the form has {len(form.getlist(name))} '{name}' fields; send one")
 
 
 _ERRORS = {status: {"description": text, "content": {"application/json": {"example": {"detail": text}}}}
@@ -570,6 +623,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"][1:]) or "request"
+        if where == "params" and error["type"] == "string_type":  # sent as a file part
+            return JSONResponse({"detail": "params: send it as a text field holding JSON, not a file"}, 422)
         return JSONResponse({"detail": f"{where}: {error['msg']}"}, 422)
 
     guarded = settings.token is not None  # the schema declares the token only when it is asked for
@@ -606,18 +661,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
         content_bytes = image.file.read()
         style_bytes = style.file.read() if style is not None else b""
         content = _decode(content_bytes, image.filename or "image", settings)
-        style_rgb = _decode(style_bytes, style.filename or "style", settings).rgb if style else None
-        request = build_request(parsed, content.rgb, style_rgb, settings)
+        style_image = _decode(style_bytes, style.filename or "style", settings) if style else None
+        request = build_request(parsed, content.rgb, style_image.rgb if style_image else None, settings)
         job = Job(id=parsed.id or uuid.uuid4().hex, request=request, alpha=content.alpha,
                   preset=parsed.preset, abandon_after=parsed.abandon_after,
                   fingerprint=_fingerprint(content_bytes, style_bytes, params.encode()),
-                  bits=content.source_metadata.bits)
+                  bits=content.source_metadata.bits,
+                  warnings=content.warnings + (style_image.warnings if style_image else ()))
         view, created = jobs.submit(job)
         if not created:
             response.status_code = 200
         return view
 
     api.add_api_route("/jobs", submit, methods=["POST"], route_class_override=_SubmitRoute,
+                      dependencies=[Depends(_one_of_each)],
                       response_model=JobView, status_code=202,
                       responses={200: {"description": "the same job was submitted before", "model": JobView},
                                  **{s: _ERRORS[s] for s in (400, 409, 413, 422, 429)}})
@@ -679,4 +736,6 @@ def serve(settings: ServerSettings, sock: socket.socket, warm: Result) -> None:
 
     app = create_app(settings)
     app.state.warm.update(device=warm.device, weights=warm.weights)
+    # The multipart parser logs what it made of a malformed body, which the client gets as a 400 anyway.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])

@@ -17,6 +17,7 @@ from PIL import Image
 
 from stylekit.pipeline.config import FolderConfig, WatchConfig, checked
 from stylekit.pipeline.status import Counts, count
+from stylekit.pipeline.stopping import Stopping
 from stylekit.pipeline.watcher import watch
 from stylekit.presets import user_presets_dir
 
@@ -107,7 +108,7 @@ def watching(config: WatchConfig) -> Iterator[threading.Event]:
 
     def run() -> None:
         try:
-            watch(config, stop)
+            watch(config, Stopping(stop))
         except BaseException as error:
             errors.append(error)
             stop.set()

@@ -102,6 +102,31 @@ def test_a_stop_signal_hands_back_the_current_image_and_exits_0(signum, boxes, w
     assert f"queued {len(names) - len(finished)}, processing 0" in capsys.readouterr().out
 
 
+def handles(pid: int, signum: int) -> bool:
+    """Whether a process has a handler of its own for a signal (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_it_starts_up_is_a_clean_stop_before_any_engine_loads(signum, boxes,
+                                                                                  weights_file, tmp_path):
+    inbox, outbox = boxes
+    drop_photos(inbox, 1, size=48)
+    log = tmp_path / "watch.log"
+    process = start(inbox, outbox, weights_file, log, steps=6)
+    try:  # Python itself catches SIGINT from the start; SIGTERM is caught once stylekit takes both
+        wait_for(lambda: process.poll() is not None or handles(process.pid, signal.SIGTERM), 60,
+                 "the signal handlers")
+    finally:
+        process.send_signal(signum)
+    assert process.wait(120) == 0, log.read_text()
+    assert [event["message"] for event in events(log, "stopped")] == ["stopped while starting"]
+    assert events(log, "engine") == [] and files(inbox / "done") == []
+
+
 def test_a_kill_mid_group_counts_against_none_of_its_images_but_a_kill_while_alone_does(
         boxes, weights_file, tmp_path):
     inbox, outbox = boxes

@@ -37,7 +37,7 @@ from stylekit.image import read_metadata
 from stylekit.pipeline import watcher
 from stylekit.pipeline.config import from_cli, load
 from stylekit.pipeline.folders import Layout, inspect
-from stylekit.pipeline.jobs import claim
+from stylekit.pipeline.jobs import ORPHAN_REASON, claim
 from stylekit.pipeline.status import count
 from stylekit.weights import IMAGENET_URLS
 
@@ -214,6 +214,17 @@ def test_a_stop_hands_back_recovered_jobs_that_had_not_started(boxes, weights_fi
         pass  # stopped while the first recovered job runs
     assert files(inbox / "processing") == []
     assert sorted(path.name for path in inbox.glob("*.png")) == ["p0.png", "p1.png", "p2.png"]
+
+
+def test_an_input_found_in_processing_without_its_record_is_logged_with_its_reason(boxes, weights_file,
+                                                                                 capsys):
+    inbox, outbox = boxes
+    Layout(inbox, outbox).create()
+    drop(inbox / "processing" / "stray.png")  # put there by hand while the watcher was down
+    with watching(config_for(inbox, outbox, weights_file)):
+        pass
+    assert re.search(rf"recovered +stray\.png: {ORPHAN_REASON} \(moved to failed/stray\.png\)$",
+                     capsys.readouterr().err, re.M)
 
 
 def test_name_collisions_get_suffixes_and_nothing_is_overwritten(boxes, weights_file):
@@ -538,6 +549,7 @@ def test_a_watcher_inside_another_watchers_inbox_is_refused(boxes, weights_file,
             pytest.raises(StylekitError, match=r"is inside .* which another stylekit watch"), \
             watching(config_for(inbox / "swirl", other_out, weights_file)):
         pass
+    assert files(inbox / "swirl") == []  # the refused watcher leaves no lock file of its own there
 
 
 def test_a_watcher_around_another_watchers_inbox_is_refused(boxes, weights_file, tmp_path_factory):

@@ -236,6 +236,7 @@ def test_resubmitting_the_same_id_returns_the_same_job(server):
     ({"seed": 10**23}, PAINTING, "bad seed"),
     ({"optimizer": "adam", "learning_rate": 1e300}, PAINTING, "bad learning_rate"),
     ({"content_layers": "relu4_2"}, PAINTING, "bad parameter 'content_layers'"),
+    ({"precision": "fp16"}, PAINTING, "precision fp16 needs a GPU"),  # the fixture's server runs on the CPU
 ])
 def test_bad_params_get_a_one_line_422(server, params, style, message):
     answer = post_job(server, params, style=style)
@@ -278,6 +279,35 @@ def test_bad_uploads_get_422(server):
     missing = server.post("/v1/jobs", data={"params": "{}"})
     assert missing.status_code == 422 and missing.json()["detail"] == "image: Field required"
     assert server.get("/v1/jobs/nope").status_code == 404
+
+
+@pytest.mark.parametrize("field", ["image", "params"])
+def test_a_form_repeating_a_field_gets_a_422(server, field):
+    files = [("image", ("a.png", PHOTO, "image/png")), ("style", ("b.png", PAINTING, "image/png"))]
+    if field == "image":
+        files.append(("image", ("c.png", PAINTING, "image/png")))
+    data = {"params": [json.dumps(FAST), json.dumps({**FAST, "id": "second"})] if field == "params"
+            else json.dumps(FAST)}
+    answer = server.post("/v1/jobs", files=files, data=data)
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == f"the form has 2 '{field}' fields; send one"
+
+
+def test_params_sent_as_a_file_get_a_422_saying_to_send_text(server):
+    answer = server.post("/v1/jobs", files={"image": ("a.png", PHOTO), "params": ("p.json", b"{}")})
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == "params: send it as a text field holding JSON, not a file"
+
+
+def test_what_decoding_an_upload_said_is_in_its_jobs_report(server):
+    frames = [Image.fromarray((make_photo(seed=seed) * 255).astype(np.uint8)) for seed in (1, 2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    files = {"image": ("anim.gif", buffer.getvalue()), "style": ("b.png", PAINTING)}
+    answer = server.post("/v1/jobs", files=files, data={"params": json.dumps({**FAST, "id": "animated"})})
+    assert answer.status_code == 202
+    view = wait_for(server, "animated", ("done", "failed"))
+    assert "image 'anim.gif' has 2 frames: only the first is used" in view["report"]["warnings"]
 
 
 def test_a_damaged_compressed_16_bit_tiff_upload_gets_a_422_naming_it(server):
@@ -374,6 +404,20 @@ def test_a_wrong_token_is_refused_before_the_upload_is_read(raw_server):
     address = raw_server(ServerSettings(token=TOKEN))
     status, detail = answer_to_a_partial_upload(address, b"Authorization: Bearer nope\r\n")
     assert status == 401 and "bearer token" in detail
+
+
+def test_an_oversized_upload_without_the_token_gets_the_401_not_the_limit(raw_server):
+    address = raw_server(ServerSettings(token=TOKEN, max_upload_bytes=SMALL_LIMIT))
+    assert refused_then_closed(address, 2**40, UPLOAD_HEAD) == (401, b"")
+
+
+def test_an_upload_that_stalls_is_answered_408_and_gives_its_place_back(raw_server):
+    host, port = raw_server(ServerSettings(max_queue=1, upload_idle_seconds=0.5))
+    status, detail = answer_to_a_partial_upload((host, port))
+    assert status == 408 and detail == "the upload stalled: nothing arrived for 0.5 s"
+    with httpx.Client(base_url=f"http://{host}:{port}") as client:
+        assert client.get("/v1/health").json()["arriving"] == 0
+        assert post_job(client, FAST).status_code == 202
 
 
 def test_a_full_queue_is_refused_before_the_upload_is_read(raw_server):
