@@ -371,22 +371,24 @@ def run_local(recipe: Recipe, items: Sequence[Item]) -> Iterator[Outcome]:
 
 
 def write_failures(out: Path, ended: Sequence[Item], failures: Sequence[Outcome]) -> None:
-    """Replace the failure record's entries for the inputs that ended (atomically, under a lock: other
-    batches may share OUT and keep theirs); once it has no entries there is none. Without entries to
-    add or take out it is left alone: a finished batch's OUT may be read-only."""
+    """Replace the failure record's entries for the inputs that ended, and drop those of inputs that
+    are gone (atomically, under a lock: other batches may share OUT and keep theirs); once it has no
+    entries there is none. Without entries to add or take out it is left alone: a finished batch's OUT
+    may be read-only."""
     path = out / FAILED_FILE
     inputs = {os.path.abspath(item.source) for item in ended}
 
-    def ours(row: dict) -> bool:
-        return os.path.abspath(str(row.get("input"))) in inputs
+    def outdated(row: dict) -> bool:
+        source = os.path.abspath(str(row.get("input")))
+        return source in inputs or not os.path.lexists(source)
 
-    if not failures and not any(map(ours, _failure_rows(path))):
+    if not failures and not any(map(outdated, _failure_rows(path))):
         return
     lock = out / f".{FAILED_FILE}.lock"
     fd = _lock(lock, wait=True)
     assert fd is not None
     try:
-        rows = [row for row in _failure_rows(path) if not ours(row)]
+        rows = [row for row in _failure_rows(path) if not outdated(row)]
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rows += [{"input": os.path.abspath(o.item.source), "output": str(o.item.output), "reason": o.reason,
                   "attempts": o.attempts, "worker": o.worker, "time": stamp} for o in failures]

@@ -25,11 +25,12 @@ from .loopback import is_loopback
 from .pipeline.config import FORMATS as OUTPUT_FORMATS
 from .pipeline.config import FolderConfig
 from .presets import add_preset, get_preset, list_presets, load_preset_file, preset_request, remove_preset
-from .progress import json_lines, progress_bar
+from .progress import json_lines, progress_bar, write_line
 from .request import (
     BACKBONE_NAMES,
     COLOR_MODES,
     DEVICES,
+    MIN_SIDE,
     OPTIMIZERS,
     POOLINGS,
     PRECISIONS,
@@ -62,7 +63,7 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
     them (presets add); --init offers a FILE only where the command can use one (init_file).
     The defaults their help names are stylekit's own: a preset brings its own, which flags override."""
     decorators = [
-        click.option("--size", type=click.IntRange(min=16),
+        click.option("--size", type=click.IntRange(min=MIN_SIDE),
                      help="Long side of the output in pixels (default: the content's, at most 512)."),
         click.option("--steps", type=click.IntRange(min=1),
                      help="Loss evaluations at full size (default 200); coarser scales get half."),
@@ -80,8 +81,8 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
         click.option("--content-layers", help="Comma-separated layer names, e.g. relu4_2."),
         click.option("--style-layers", help="Comma-separated, e.g. relu1_1,relu2_1,relu3_1."),
         click.option("--style-layer-weights", help="One weight per style layer, comma-separated."),
-        click.option("--style-blend", help="One weight per style image (--style's, or the preset's), "
-                                             "e.g. 0.7,0.3."),
+        click.option("--style-blend", help="One weight per style image, in their order (the preset's, or "
+                                             "apply's --style images), e.g. 0.7,0.3."),
         click.option("--style-scale", type=click.FloatRange(*STYLE_SCALES),
                      help="Size of the style's strokes: its image's long side relative to the "
                           "output's (default 1)."),
@@ -205,7 +206,8 @@ def _check_writable(target: Path, what: str, inputs: list[str]) -> None:
     """Refuse a file to write that would replace an input, or whose folder is missing or read-only,
     before any work: finding out after minutes of optimisation would waste them."""
     if not target.parent.is_dir():
-        raise StylekitError(f"{what} folder '{target.parent}' does not exist")
+        problem = "is not a folder" if target.parent.exists() else "does not exist"
+        raise StylekitError(f"{what} folder '{target.parent}' {problem}")
     for source in inputs:
         if _same_path(target, source):
             raise StylekitError(f"{what} '{target}' is the input '{source}'; choose another name")
@@ -307,12 +309,14 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     from .engine import output_long_side, stylize
     height, width = picture.rgb.shape[:2]
     long_side = output_long_side(width, height, request.options.size)
-    if "size" not in changes and long_side < max(width, height):  # before the work: Ctrl-C costs nothing
+    keeps = min(width, height) >= MIN_SIDE  # so that --size (its long side) works
+    if "size" not in changes and long_side < max(width, height) and keeps:  # before the work: Ctrl-C is free
         _say("note", f"the output will be {long_side} px on its long side, smaller than the {width}×{height} "
                      f"photo ({_size_rule(request.options.size, preset)}); --size {max(width, height)} "
                      "keeps its size")
     if progress_mode == "json":
-        result = stylize(request, progress=json_lines(sys.stdout))
+        result = stylize(request, progress=json_lines(sys.stdout, lambda: _warn(
+            "nothing reads the progress events any more (stdout is closed); styling goes on without them")))
     else:
         with progress_bar() if progress_mode == "bar" else nullcontext(None) as bar:
             result = stylize(request, progress=bar)
@@ -323,9 +327,13 @@ def apply(content: Path, styles: tuple[str, ...], preset: str | None, output: Pa
     save_image(output, result.image, picture.alpha, metadata=metadata, quality=quality,
                source_metadata=picture.source_metadata)
     if report is not None:
-        write_json(report, {"output": str(output), **result.report()})
-    if progress_mode == "json":
-        click.echo(json.dumps({"event": "done", "output": str(output), **result.report()}))
+        try:
+            write_json(report, {"output": str(output), **result.report()})
+        except OSError as exc:  # the image is safe: say so, and what failed
+            raise StylekitError(f"cannot write the report '{report}' ({exc.strerror or exc}); the image is "
+                                f"written: '{output}'") from None
+    if progress_mode == "json":  # a reader gone (stdout closed) misses it: the image is written
+        write_line(sys.stdout, json.dumps({"event": "done", "output": str(output), **result.report()}))
     else:
         click.echo(f"wrote {output} ({result.width}×{result.height}, {result.iterations} iterations, "
                    f"{result.seconds:.1f} s on {result.device})", err=True)

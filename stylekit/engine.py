@@ -21,6 +21,7 @@ from .features import FeatureExtractor, backbone_spec
 from .gradients import gradient_function
 from .onnx_features import CUDA_PROVIDER, gpu_provider_installed, onnx_targets
 from .request import (
+    MIN_SIDE,
     Progress,
     ProgressCallback,
     Result,
@@ -48,7 +49,6 @@ COARSE_SHARE = 0.5  # coarse scales get this share of --steps: they only have to
 # (a third took 5% less time on tubingen × starry_night, 5% more on golden_gate × shipwreck; a
 # quarter, ~15% less on an H100 with tubingen, left golden_gate at 3.14 instead of 2.67 on a CPU)
 DRAFT_SHARE = 2 / 3  # with bf16 gradients on a CPU, this share of a coarse scale runs its forward in bf16 too
-MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
 MIN_COARSE_SIDE = 32  # a coarse scale smaller than this teaches the finer ones nothing
 SHORT_RUN_STEPS = 100  # a run of at most this many steps starts at a quarter of the size, not half
 # (three scales, not two: at 50 / 100 steps 2.48 / 1.66 against 2.66 / 1.70 on tubingen × starry_night
@@ -85,8 +85,11 @@ def scale_sizes(width: int, height: int, long_side: int, scales: int | None,
         if index == 0 or min(size) >= MIN_COARSE_SIDE:
             sizes.append(size)
     if min(sizes[-1]) < MIN_SIDE:
+        enough = math.ceil(MIN_SIDE * max(width, height) / min(width, height))  # rounds to ≥ MIN_SIDE
+        fits = _fitted_size(height, width, enough)
         raise StylekitError(f"image too small: the output would be {sizes[-1][0]}×{sizes[-1][1]} px, "
-                            f"and at least {MIN_SIDE} px on each side are needed")
+                            f"and at least {MIN_SIDE} px on each side are needed (a long side of "
+                            f"{enough} px makes it {fits[0]}×{fits[1]})")
     return sizes
 
 

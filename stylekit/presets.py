@@ -208,8 +208,8 @@ def list_presets() -> list[Preset]:
             presets.append(load_preset_file(file))
         except StylekitError as exc:
             overrides = file.parent != builtin_presets_dir() and (builtin_presets_dir() / file.name).is_file()
-            log.warning("skipping %s%s", exc,
-                        f" (the built-in '{name}' it overrides is not used either)" if overrides else "")
+            log.warning("%s; skipped%s", exc,
+                        f" (and the built-in '{name}' it overrides is not used either)" if overrides else "")
     return presets
 
 
@@ -261,10 +261,12 @@ def add_preset(name: str, style_files: Sequence[str | os.PathLike[str]], options
     options = dict(options)
     blend = options.pop(BLEND_OPTION, None) or tuple(1.0 for _ in sources)
     if len(blend) != len(sources):
-        raise StylekitError(f"--style-blend needs {len(sources)} weights, one per --style image")
+        weights, images = (f"{n} {what}{'s' if n != 1 else ''}"
+                           for n, what in ((len(blend), "weight"), (len(sources), "--style image")))
+        raise StylekitError(f"--style-blend has {weights} for {images} (one weight each)")
+    validate(StyleOptions().replace(**options, style_blend=blend))  # in the flags' words, not a file's
     if sum(blend) <= 0:
         raise StylekitError("--style-blend weights are all 0")
-    validate(StyleOptions().replace(**options, style_blend=blend))  # in the flags' words, not a file's
     if names_a_file(options.get("weights", "auto")):  # saved whole: a run may start in any folder
         if not Path(options["weights"]).is_file():
             raise StylekitError(f"weights file '{options['weights']}' not found")

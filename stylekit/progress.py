@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import TextIO
 
 from tqdm import tqdm
@@ -22,11 +23,31 @@ def progress_event(progress: Progress) -> dict[str, object]:
             "elapsed": round(progress.elapsed, 3)}
 
 
-def json_lines(stream: TextIO = sys.stdout) -> ProgressCallback:
-    """A callback printing one JSON event per loss evaluation, flushed so readers see it at once."""
-    def callback(progress: Progress) -> None:
-        stream.write(json.dumps(progress_event(progress)) + "\n")
+def write_line(stream: TextIO | None, line: str) -> bool:
+    """Write one line and flush it; False when nobody reads the stream any more (no stdout at all, a
+    closed pipe such as `| head -1`), which then points at /dev/null so that exiting cannot fail on it."""
+    if stream is None:
+        return False
+    try:
+        stream.write(line + "\n")
         stream.flush()
+        return True
+    except (BrokenPipeError, ValueError):  # ValueError: the stream itself was closed
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return False
+
+
+def json_lines(stream: TextIO | None, on_gone: Callable[[], None]) -> ProgressCallback:
+    """A callback printing one JSON event per loss evaluation, flushed so readers see it at once. A
+    reader that goes away ends the events, not the work (on_gone is told, once)."""
+    reading = True
+
+    def callback(progress: Progress) -> None:
+        nonlocal reading
+        if reading and not write_line(stream, json.dumps(progress_event(progress))):
+            reading = False
+            on_gone()
     return callback
 
 

@@ -130,6 +130,9 @@ def _check_weights(name: str, values: Sequence[float]) -> None:
             raise StylekitError(f"bad {name} {value} (must be a finite number ≥ 0)")
 
 
+MIN_SIDE = 16  # VGG pools four times before relu5_1: anything smaller has no deep features
+
+
 def validate(options: StyleOptions) -> None:
     """Refuse impossible option values up front, with a message naming the option."""
     choices = {"optimizer": OPTIMIZERS, "init": INITS, "preserve_color": COLOR_MODES,
@@ -158,6 +161,9 @@ def validate(options: StyleOptions) -> None:
     for name, value in positive.items():
         if not 0 < value <= FLOAT32_MAX:
             raise StylekitError(f"bad {name} {value} (must be a finite number greater than 0)")
+    if options.size is not None and options.size < MIN_SIDE:  # a preset's too: the CLI's own range
+        raise StylekitError(f"bad size {options.size} (the output's long side in pixels: at least "
+                            f"{MIN_SIDE})")
     if not 0 < options.learning_rate <= 1:  # larger crosses the whole [0, 1] range per step (and overflows)
         raise StylekitError(f"bad learning_rate {options.learning_rate} (Adam's step in pixel units of a "
                             "[0, 1] image: greater than 0 and at most 1)")

@@ -49,6 +49,7 @@ from .image import LoadedImage, encode_png, load_image
 from .presets import get_preset, list_presets, preset_request
 from .progress import progress_event
 from .request import (
+    MIN_SIDE,
     STYLE_SCALES,
     WARM_UP_SIDE,
     Progress,
@@ -67,7 +68,7 @@ FINISHED = ("done", "failed", "cancelled")
 KEEP_FINISHED = 64  # finished jobs (and their PNGs) kept for clients to fetch; older ones are dropped
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _OPTION_BOUNDS = {  # keep one job's compute finite; the CLI's own ranges where it has them
-    "size": Field(None, ge=16), "steps": Field(None, ge=1, le=100_000),
+    "size": Field(None, ge=MIN_SIDE), "steps": Field(None, ge=1, le=100_000),
     "scales": Field(None, ge=1, le=8), "style_scale": Field(None, ge=STYLE_SCALES[0], le=STYLE_SCALES[1]),
     "min_scale": Field(None, ge=16, le=4096)}
 

@@ -148,7 +148,7 @@ def download_imagenet(backbone: str, progress: bool = True) -> Path:
         raise StylekitError(
             f"ImageNet {backbone} weights are not cached and could not be downloaded "
             f"({one_line(exc, 120)}); "
-            f"copy {imagenet_file_name(backbone)} here and run `stylekit weights import FILE`, "
+            f"copy {imagenet_file_name(backbone)} onto this machine and run `stylekit weights import FILE`, "
             "or use --weights random") from exc
     finally:
         socket.setdefaulttimeout(previous)

@@ -472,6 +472,16 @@ def test_a_run_keeps_the_failure_records_of_other_inputs(batch, tmp_path):
     assert not (tmp_path / "out" / FAILED_FILE).exists()
 
 
+def test_a_run_drops_the_failure_records_of_inputs_that_are_gone(batch, tmp_path):
+    make_inputs(tmp_path / "in1", 2)
+    (tmp_path / "in1" / "img1.png").write_bytes(b"not a png")
+    assert batch(tmp_path / "in1")[0] == 1
+    (tmp_path / "in1" / "img1.png").unlink()  # the user deleted the broken input
+    make_inputs(tmp_path / "in2", 1)
+    assert batch(tmp_path / "in2")[0] == 0
+    assert not (tmp_path / "out" / FAILED_FILE).exists()
+
+
 def test_a_running_watchers_done_folder_can_be_batched(batch, tmp_path):
     make_inputs(tmp_path / "inbox" / "done", 1)
     with locked(Layout(tmp_path / "inbox", tmp_path / "outbox")):  # what a running watcher holds

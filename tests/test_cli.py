@@ -1,5 +1,6 @@
 """`stylekit apply`: the main job, its options, and how it treats bad input."""
 
+import errno
 import hashlib
 import json
 import os
@@ -69,6 +70,37 @@ def test_json_progress_prints_one_event_per_line(apply):
     steps = [e["iteration"] for e in events if e["event"] == "progress" and e["stage"] == "optimise"]
     assert steps == [1, 2, 3]
     assert events[-1]["event"] == "done" and events[-1]["iterations"] == 3
+
+
+def apply_command(photo_path: Path, painting_path: Path, weights_file: Path, out: Path) -> list[str]:
+    """`stylekit apply` as a process, with JSON progress (for the tests of a stdout nobody reads)."""
+    return [str(Path(sys.executable).parent / "stylekit"), "apply", str(photo_path), "--style",
+            str(painting_path), "-o", str(out), "--weights", str(weights_file), "--steps", "10",
+            "--progress", "json"]
+
+
+def test_json_progress_whose_reader_goes_away_still_writes_the_image(photo_path, painting_path, weights_file,
+                                                                      tmp_path):
+    out = tmp_path / "out.png"
+    command = apply_command(photo_path, painting_path, weights_file, out)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert json.loads(process.stdout.readline())["event"] == "progress"
+        process.stdout.close()  # as `| head -1` does
+        err = process.stderr.read()
+    assert process.returncode == 0 and out.exists(), err
+    assert err.splitlines()[0] == ("warning: nothing reads the progress events any more (stdout is closed); "
+                                   "styling goes on without them")
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_json_progress_without_any_stdout_still_writes_the_image(photo_path, painting_path, weights_file,
+                                                                  tmp_path):
+    out = tmp_path / "out.png"
+    command = apply_command(photo_path, painting_path, weights_file, out)
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=300,
+                            preexec_fn=lambda: os.close(1))  # as `>&-` does
+    assert result.returncode == 0 and out.exists(), result.stderr
+    assert "styling goes on without them" in result.stderr and "Error" not in result.stderr
 
 
 @pytest.mark.parametrize("option", [
@@ -202,6 +234,15 @@ def test_the_size_note_leaves_json_progress_pure_json(apply, tmp_path):
     assert all(isinstance(json.loads(line), dict) for line in out.splitlines())
 
 
+def test_a_photo_too_thin_at_any_size_gets_no_size_note_and_an_error_naming_a_size_that_works(apply,
+                                                                                                 tmp_path):
+    thin = save_png(tmp_path / "thin.png", make_photo(1000, 8))
+    code, _, err, _ = apply(content=thin)
+    assert code == 1 and err.splitlines() == [
+        "stylekit: error: image too small: the output would be 512×4 px, and at least 16 px on each side "
+        "are needed (a long side of 2000 px makes it 2000×16)"]
+
+
 def bad_content(tmp_path, kind):
     path = tmp_path / f"bad-{kind}.png"
     if kind == "empty":
@@ -281,6 +322,24 @@ def test_a_report_naming_the_input_is_refused_and_the_input_kept(apply, photo_pa
 def test_a_report_naming_the_output_is_refused(apply, tmp_path):
     code, _, err, out = apply("--report", str(tmp_path / "out.png"))
     assert code == 1 and "is the output image too" in err and not out.exists()
+
+
+def test_a_report_the_disk_refuses_after_the_work_names_it_and_the_image_written(apply, tmp_path,
+                                                                                 monkeypatch):
+    def full_disk(path, data):  # the disk filled up while the image was styled
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr("stylekit.cli.write_json", full_disk)
+    report = tmp_path / "report.json"
+    code, _, err, out = apply("--report", str(report))
+    assert code == 1 and out.exists() and err.splitlines()[-1] == (
+        f"stylekit: error: cannot write the report '{report}' (No space left on device); the image is "
+        f"written: '{out}'")
+
+
+def test_an_output_under_a_file_is_refused_naming_it_not_a_folder(apply, photo_path):
+    code, _, err, _ = apply(output="photo.png/out.png")
+    assert code == 1
+    assert err.splitlines() == [f"stylekit: error: output folder '{photo_path}' is not a folder"]
 
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys (unwritable even as root)")

@@ -287,6 +287,8 @@ def test_add_refuses_bad_options_before_writing_anything(painting_path):
 @pytest.mark.parametrize(("options", "message"), [
     ({"content_layers": ("relu9_9",)}, "unknown layer 'relu9_9'"),
     ({"style_blend": (0.0,)}, "--style-blend weights are all 0"),
+    ({"style_blend": (-1.0,)}, r"bad style_blend -1.0 \(must be a finite number ≥ 0\)"),
+    ({"style_blend": (0.5, 0.5)}, r"--style-blend has 2 weights for 1 --style image \(one weight each\)"),
 ])
 def test_add_names_a_bad_flag_in_its_own_words_not_as_a_file_error(painting_path, options, message):
     with pytest.raises(StylekitError, match=message) as error:
@@ -433,7 +435,7 @@ def test_presets_list_prints_a_skipped_file_as_a_warning_like_the_clis_own(capsy
     write_preset(user_presets_dir(), "broken", minimal("broken", "[options]\nsteps = 'many'\n"))
     code, out, err = run(capsys, "presets", "list")
     assert code == 0 and "broken" not in out
-    assert err.startswith("warning: skipping preset file '") and "broken.toml" in err
+    assert err.startswith("warning: preset file '") and "broken.toml" in err and err.endswith("; skipped\n")
 
 
 def test_presets_add_then_remove_from_the_command_line(capsys, painting_path):
@@ -456,6 +458,14 @@ def test_apply_refuses_a_path_as_a_preset_name_in_one_line(capsys, tmp_path, pho
     code, _, err = run(capsys, "apply", str(photo_path), "--preset", "../x", "-o", str(tmp_path / "o.png"))
     assert code == 1 and err == "stylekit: error: bad preset name '../x' (use 1–64 lowercase letters, " \
                                "digits and '-')\n"
+
+
+def test_a_preset_file_with_a_size_under_the_smallest_output_is_refused(painting_path):
+    path = painting_path.parent / "tiny.toml"
+    path.write_text(f'name = "tiny"\ntitle = "Tiny"\n[[style]]\nimage = "{painting_path.name}"\n'
+                    '[options]\nsize = 15\n', encoding="utf-8")
+    with pytest.raises(StylekitError, match=r"bad size 15 \(the output's long side in pixels: at least 16\)"):
+        load_preset_file(path)
 
 
 def test_presets_validate_reports_ok_or_the_problem(capsys, tmp_path):

@@ -250,7 +250,8 @@ def test_an_image_too_small_for_the_network_is_refused_at_submit():
     answer = post_job(client, {**FAST, "preset": "ink-wash"}, image=tiny, style=None)
     assert answer.status_code == 422
     assert answer.json()["detail"] == (f"image too small: the output would be {MIN_SIDE + 4}×{MIN_SIDE - 1} "
-                                       f"px, and at least {MIN_SIDE} px on each side are needed")
+                                       f"px, and at least {MIN_SIDE} px on each side are needed (a long "
+                                       "side of 22 px makes it 22×16)")
 
 
 def test_a_small_image_enlarged_by_size_is_accepted():
