@@ -195,11 +195,16 @@ class Watcher:
             self.log("skipped", reason, file=path.relative_to(hot.layout.inbox).as_posix())
 
     def _settled(self, path: Path) -> None:
-        """A settled path becomes a drop waiting to be claimed, unless it is not ours."""
+        """A settled path becomes a drop waiting to be claimed, unless it is not ours, or it looked
+        unfinished and has not changed since, for less than `rescan` seconds (a rescan brings it back)."""
         hot = self._owner(path)
         drop = inspect(hot.layout, path) if hot else None
-        if hot and drop:
-            self.ready[path] = (hot, drop)
+        if not (hot and drop):
+            return
+        failed = hot.unfinished.get(drop.rel.as_posix())
+        if failed and failed[0] == stamp(path) and time.monotonic() - failed[1] < self.config.rescan:
+            return
+        self.ready[path] = (hot, drop)
 
     def _owner(self, path: Path) -> Hotfolder | None:
         """The configured inbox a path lies in."""

@@ -23,7 +23,7 @@ from stylekit import __version__, ray_engine
 from stylekit.batch import JPEG_ALPHA_WARNING, failure_reason
 from stylekit.engine import MIN_SIDE, output_long_side, pick_runtime, stylize, stylize_batch
 from stylekit.errors import Cancelled, NotEnoughMemory, StylekitError, disk_refusal
-from stylekit.image import LoadedImage, load_image, output_format, output_suffix, save_image
+from stylekit.image import IncompleteImage, LoadedImage, load_image, output_format, output_suffix, save_image
 from stylekit.presets import Preset, get_preset, preset_request
 from stylekit.request import Progress, ProgressCallback, Result, StyleOptions, StyleRequest, warm_up_request
 
@@ -31,6 +31,7 @@ from .config import FolderConfig, WatchConfig
 from .folders import Drop, Layout, free_name
 from .jobs import Job, claim, claimed_path, finish, hand_back, output_temp, publish, save
 from .log import EventLog
+from .settle import Stamp, stamp
 from .stopping import Stopping
 
 SHRINK = 0.7  # each out-of-memory retry makes the long side this much smaller
@@ -49,6 +50,10 @@ class Hotfolder:
     layout: Layout
     live: dict[str, Job] = field(default_factory=dict)
     paused_until: float = 0.0  # time.monotonic() before which nothing is claimed (its outbox refused)
+    # Inputs empty, cut short or unrecognisable, by where they were dropped: their file's stamp then, and
+    # when. One may still be written by a writer that paused longer than --settle: it waits, and fails
+    # if it is unchanged then.
+    unfinished: dict[str, tuple[Stamp | None, float]] = field(default_factory=dict)
 
     def taken(self) -> set[Path]:
         """Output names reserved by jobs still running, so two inputs never get the same one."""
@@ -291,6 +296,8 @@ class Worker:
             try:
                 picture = self._load(hot, job)
                 work.append((job, picture, self._request(preset, hot, job, picture)))
+            except IncompleteImage as error:
+                self._unfinished(hot, job, str(error))
             except StylekitError as error:
                 self.fail(hot, job, str(error))
             except OSError as error:
@@ -310,7 +317,22 @@ class Worker:
         path = claimed_path(hot.layout, job)
         if not stat.S_ISREG(os.lstat(path).st_mode):
             raise StylekitError("not a regular file (symlinks are not accepted)")
-        return load_image(path, name=job.name)
+        picture = load_image(path, name=job.name)
+        hot.unfinished.pop(job.source, None)
+        return picture
+
+    def _unfinished(self, hot: Hotfolder, job: Job, reason: str) -> None:
+        """Fail an input that is empty, cut short or unrecognisable, unless this is news: a writer that
+        paused longer than --settle leaves such a file, so it goes back to wait in the inbox, and fails
+        only once it failed again unchanged (the watcher holds it back for `rescan` seconds meanwhile)."""
+        now = stamp(claimed_path(hot.layout, job))
+        before = hot.unfinished.pop(job.source, None)
+        if before is not None and before[0] == now:
+            self.fail(hot, job, reason)
+            return
+        hot.unfinished[job.source] = (now, time.monotonic())
+        self.hand_back(hot, [job], f"{reason}; it waits {self.pause:g} s in case it is still being written, "
+                                   "and fails if it is unchanged then")
 
     def _request(self, preset: Preset, hot: Hotfolder, job: Job, picture: LoadedImage) -> StyleRequest:
         """The preset's request with the folder's options, at the smaller size of an out-of-memory retry."""

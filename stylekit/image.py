@@ -74,6 +74,11 @@ class ImageError(StylekitError):
     """An image could not be read or written; the message names the file."""
 
 
+class IncompleteImage(ImageError):
+    """An image that is empty, cut short or not recognisable: what a file still being written looks
+    like too, so a hot folder gives it time before it calls it broken."""
+
+
 @dataclass(frozen=True)
 class SourceMetadata:
     """The input's own metadata that save_image carries to its output: camera EXIF, resolution, depth."""
@@ -242,7 +247,7 @@ def _open_stream(source: str | os.PathLike[str] | bytes, label: str) -> Iterator
     """Open the raw bytes of a source, turning missing/folder/empty/unreadable into ImageError."""
     if isinstance(source, bytes):
         if not source:
-            raise ImageError(f"image {label} is empty (0 bytes)")
+            raise IncompleteImage(f"image {label} is empty (0 bytes)")
         yield io.BytesIO(source)
         return
     path = Path(source)
@@ -256,7 +261,7 @@ def _open_stream(source: str | os.PathLike[str] | bytes, label: str) -> Iterator
         raise ImageError(f"cannot read image {label}: {e.strerror or e}") from e
     with stream:
         if os.fstat(stream.fileno()).st_size == 0:
-            raise ImageError(f"image {label} is empty (0 bytes)")
+            raise IncompleteImage(f"image {label} is empty (0 bytes)")
         yield stream
 
 
@@ -293,8 +298,8 @@ def _open_image(
         except UnidentifiedImageError:
             stream.seek(0)
             if _is_heif(stream.read(12)):  # Pillow opens a HEIF's structure: here it is cut short or broken
-                raise ImageError(f"image {label} is truncated or corrupt") from None
-            raise ImageError(f"{label} is not an image stylekit can read") from None
+                raise IncompleteImage(f"image {label} is truncated or corrupt") from None
+            raise IncompleteImage(f"{label} is not an image stylekit can read") from None
         except Image.DecompressionBombError as e:
             limit = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
             raise _too_many_pixels(label, _bomb_pixels(e), limit) from None
@@ -304,7 +309,7 @@ def _open_image(
 
 def _corrupt(label: str, error: Exception) -> ImageError:
     """One message for a file whose decoding failed, whichever decoder said so."""
-    return ImageError(f"image {label} is truncated or corrupt ({one_line(error)})")
+    return IncompleteImage(f"image {label} is truncated or corrupt ({one_line(error)})")
 
 
 def _is_heif(head: bytes) -> bool:

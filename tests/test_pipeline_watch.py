@@ -121,7 +121,8 @@ def test_bad_files_land_in_failed_with_their_reason(boxes, weights_file):
     (inbox / "cut.png").write_bytes((inbox / "good.png").read_bytes()[:200])
     (inbox / "huge.png").write_bytes(png_header(10_000, 6_000))
     (inbox / "empty.png").write_bytes(b"")
-    with watching(config_for(inbox, outbox, weights_file)):  # all waiting before start: the scan takes them
+    config = dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)  # how long they wait
+    with watching(config):  # all waiting before start: the scan takes them
         wait_for(lambda: settled(inbox, 5), what="every file to be done or failed")
     assert files(outbox) == ["good.png"]
     failed = inbox / "failed"
@@ -134,6 +135,39 @@ def test_bad_files_land_in_failed_with_their_reason(boxes, weights_file):
     record = error_of(failed / "notes.jpg")
     assert record["preset"] == PRESET and record["attempts"] == 1 and record["file"] == "notes.jpg"
     assert record["time"]
+
+
+def test_a_file_whose_writer_paused_past_the_settle_time_waits_and_comes_out_once_finished(
+        boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    data = photo_png(seed=3, size=48)
+    err: list[str] = []
+
+    def logged(text: str) -> bool:
+        err.append(capsys.readouterr().err)
+        return text in "".join(err)
+
+    with watching(dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)):
+        with open(inbox / "slow.png", "wb") as writer:
+            writer.write(data[:len(data) // 2])
+            writer.flush()
+            wait_for(lambda: logged("slow.png handed back as slow.png: image 'slow.png' is truncated"),
+                     what="the half-written file to be taken and handed back")
+            writer.write(data[len(data) // 2:])  # the writer goes on, into the file back in the inbox
+        wait_for(lambda: settled(inbox, 1), what="the finished file to be done")
+    assert files(inbox / "done") == ["slow.png"] and (inbox / "done" / "slow.png").read_bytes() == data
+    assert files(outbox) == ["slow.png"] and files(inbox / "failed") == []
+
+
+def test_a_cut_short_file_that_stays_unchanged_fails_after_waiting_once(boxes, weights_file, capsys):
+    inbox, outbox = boxes
+    (inbox / "cut.png").write_bytes(photo_png(size=48)[:300])
+    with watching(dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)):
+        wait_for(lambda: settled(inbox, 1), what="the cut file to fail")
+    err = capsys.readouterr().err
+    assert err.count("cut.png handed back as cut.png") == 1 and "fails if it is unchanged then" in err
+    assert files(inbox / "failed") == ["cut.png", "cut.png.error.json"]
+    assert "truncated or corrupt" in error_of(inbox / "failed" / "cut.png")["error"]
 
 
 def test_fifty_files_dropped_at_once_come_out_exactly_once(boxes, weights_file):
@@ -162,7 +196,7 @@ def test_a_file_name_that_is_not_utf8_is_styled_like_any_other(boxes, weights_fi
 def test_a_name_too_long_for_its_error_record_fails_under_a_shortened_name(boxes, weights_file):
     inbox, outbox = boxes
     name = "a" * 247 + ".jpg"  # 251 bytes: with ".error.json" over the file system's 255
-    with watching(config_for(inbox, outbox, weights_file)):
+    with watching(dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)):
         (inbox / name).write_bytes(b"not an image")
         wait_for(lambda: settled(inbox, 1), what="the file to fail")
     kept = next(path for path in (inbox / "failed").iterdir() if path.suffix == ".jpg")
@@ -414,13 +448,13 @@ def test_status_counts_and_the_status_command(boxes, weights_file, capsys):
     inbox, outbox = boxes
     save_png(inbox / "a.png", make_photo())
     (inbox / "b.jpg").write_bytes(b"junk")
-    config = config_for(inbox, outbox, weights_file)
+    config = dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)
     with watching(config):
         wait_for(lambda: settled(inbox, 2), what="both files")
         assert main(["watch", "--status", str(inbox)]) == 0
         running = capsys.readouterr().out
         data = wait_for(lambda: (d := json.loads(config.status_file.read_text()))["folders"][0]["done"] == 1
-                        and d, what="the status file to catch up")
+                        and d["folders"][0]["failed"] == 1 and d, what="the status file to catch up")
     assert "queued 0, processing 0, done 1, failed 1; watcher running (pid" in running
     assert data["folders"][0]["failed"] == 1 and data["state"] == "running"
     assert json.loads(config.status_file.read_text())["state"] == "stopped"
@@ -494,7 +528,7 @@ def test_a_removed_processing_folder_is_made_again(boxes, weights_file):
 
 def test_an_image_it_cannot_move_is_left_in_processing_and_the_watcher_goes_on(boxes, weights_file, capsys):
     inbox, outbox = boxes
-    with watching(config_for(inbox, outbox, weights_file)):
+    with watching(dataclasses.replace(config_for(inbox, outbox, weights_file), rescan=0.5)):
         (inbox / "failed").rmdir()
         (inbox / "failed").write_bytes(b"")  # a file where the folder should be: nothing moves in
         (inbox / "notes.jpg").write_bytes(b"this is not an image")
