@@ -127,29 +127,32 @@ def load_image(
                        source_metadata=kept, warnings=tuple(said))
 
 
-class _ThreadsWarnings(logging.Handler):
-    """Collects the messages of the warnings one thread logs."""
+class _ThreadsWarnings(logging.Filter):
+    """Notes the messages of the warnings one thread logs, and lets every record through (a filter,
+    not a handler: a handler would keep logging's last resort from printing them where nothing else is
+    set up)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__()
         self.thread = threading.get_ident()
         self.messages: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self.thread and record.levelno >= logging.WARNING:
             self.messages.append(record.getMessage())
+        return True
 
 
 @contextlib.contextmanager
 def _logged_here() -> Iterator[list[str]]:
     """The warnings this thread logs from this module while the block runs (they are logged as well):
     a server loads several uploads at once, and each job reports only its own."""
-    handler = _ThreadsWarnings()
-    log.addHandler(handler)
+    noted = _ThreadsWarnings()
+    log.addFilter(noted)
     try:
-        yield handler.messages
+        yield noted.messages
     finally:
-        log.removeHandler(handler)
+        log.removeFilter(noted)
 
 
 def output_format(path: str | os.PathLike[str]) -> str:

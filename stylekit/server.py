@@ -474,7 +474,7 @@ class _Body:
                 message = await asyncio.wait_for(self.receive(), self.idle_seconds)
             else:
                 message = await self.receive()
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             self.pending, self.stalled = False, True
             raise _Stalled from None
         self.read_any = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import logging
 import os
@@ -960,6 +961,16 @@ def test_an_animation_or_multi_page_file_warns_that_only_its_first_frame_is_used
         f"image '{path}' has 3 {kind}: only the first is used"
     ]
     np.testing.assert_allclose(rgb[0, 0], [1.0, 0.0, 0.0], atol=0.01)
+
+
+def test_a_loads_warnings_come_with_its_image_and_only_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "several.gif"
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "green")]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # as a server loads uploads
+        several, still = pool.map(load_image, [path, _png_bytes(Image.new("RGB", (32, 32)))])
+    assert several.warnings == (f"image '{path}' has 2 frames: only the first is used",)
+    assert still.warnings == ()
 
 
 def test_a_heic_holding_several_images_uses_its_primary_one_and_says_so(
