@@ -116,12 +116,30 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _split_command(text: str) -> list[str]:
-    """--command as the argument list the plug-in will run."""
+def _split_command(text: str, url: str) -> list[str]:
+    """--command as the argument list the plug-in will run; a `stylekit serve` on another port than
+    the local --url is refused (the plug-in would wait for it at the URL, then fail to start another)."""
     try:
-        return shlex.split(text)
+        command = shlex.split(text)
     except ValueError as exc:
         raise click.BadParameter(f"{text!r}: {exc}", param_hint="--command") from None
+    parts = urlsplit(url)
+    serves = next((index for index, word in enumerate(command[:-1])
+                   if Path(word).name.startswith("stylekit") and command[index + 1] == "serve"), None)
+    if serves is None or not is_loopback(parts.hostname):
+        return command
+    port = str(urlsplit(DEFAULT_URL).port)
+    for index, word in enumerate(command[serves + 2:], start=serves + 2):
+        if word == "--port" and index + 1 < len(command):
+            port = command[index + 1]
+        elif word.startswith("--port="):
+            port = word.partition("=")[2]
+    wanted = str(parts.port or 80)
+    if port != wanted:
+        raise click.BadParameter(f"{text!r} serves on port {port}, but the plug-in looks for the server at "
+                                 f"{url}: give both the same port (e.g. --port {wanted})",
+                                 param_hint="--command")
+    return command
 
 
 @click.group()
@@ -150,7 +168,7 @@ def install_command(gimp_dir: Path | None, url: str, command_text: str | None,
         if not folder.is_dir():  # GIMP imports 2.10's settings only into a profile folder it creates
             raise StylekitError(f"no GIMP 3 profile folder at '{folder}': start GIMP 3 once (it creates "
                                 "the folder, importing GIMP 2.10's settings), then install again")
-        command = _split_command(command_text) if command_text else server_command(url, folder)
+        command = _split_command(command_text, url) if command_text else server_command(url, folder)
         target = install(folder, url, command, token)
         click.echo(f"installed the GIMP plug-in in {target}")
         click.echo(f"  server: {url}" + (" (with bearer token)" if token else ""))

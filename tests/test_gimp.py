@@ -277,6 +277,19 @@ def test_a_layer_in_a_group_gets_its_result_in_that_group_right_above_it(gimp_ru
     assert result.startswith("Ink wash") and source == "inner"  # "Ink wash #2": GIMP keeps names unique
 
 
+def test_a_selection_missing_the_layer_and_a_floating_selection_are_refused_adding_nothing(gimp_run):
+    missed, floating = gimp_run["calls"][9:11]
+    assert missed["status"] == "calling-error" and "does not touch this layer" in missed["message"]
+    assert floating["status"] == "calling-error" and "Anchor the floating selection" in floating["message"]
+    assert gimp_run["layers_after_refusals"][0] == "small"  # nothing added above it
+
+
+def test_the_result_is_seen_the_way_its_source_is_with_its_opacity_and_blend_mode(gimp_run):
+    assert gimp_run["calls"][11] == {"status": "success", "message": None}
+    name, opacity, mode = gimp_run["result_look"]
+    assert name != "small" and opacity == pytest.approx(40.0) and mode == "multiply"
+
+
 def test_a_servers_warning_is_shown_as_a_gimp_message(gimp_constrained_run):
     # gimp-console prints a plug-in's messages headed with its name; the GUI shows them in a dialog
     assert "Style Transfer-Warning: ImageNet weights unavailable" in gimp_constrained_run["output"]

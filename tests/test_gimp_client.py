@@ -122,9 +122,26 @@ def test_a_layer_is_sent_at_the_size_the_server_works_at():
     assert client.working_size(40, 30, 1024) == (40, 30)
 
 
-def test_a_layer_too_small_to_style_is_refused_before_sending():
-    with pytest.raises(client.ClientError, match="at least 16 on each side"):
+def test_a_layer_too_small_to_style_at_any_size_is_refused_saying_to_use_a_larger_one():
+    with pytest.raises(client.ClientError) as refusal:
         client.working_size(200, 12, 1024)
+    assert str(refusal.value) == ("The layer is 200×12 pixels: Style Transfer needs at least 16 on each "
+                                  "side. Use a larger layer.")
+
+
+def test_a_layer_too_thin_at_the_size_limit_is_refused_naming_a_limit_that_works():
+    with pytest.raises(client.ClientError, match=r"at 64×3 pixels: .* so a size limit of at least 300\.$"):
+        client.working_size(300, 16, 64)
+
+
+def test_a_layer_over_the_servers_pixel_limit_is_sent_within_it():
+    width, height = client.working_size(400, 300, 1024, max_pixels=10_000)
+    assert width * height <= 10_000 and (width, height) == (115, 86)
+
+
+def test_a_layer_too_thin_for_the_servers_pixel_limit_says_so():
+    with pytest.raises(client.ClientError, match=r"a stylekit server allowing more than 1,000 pixels"):
+        client.working_size(300, 20, 1024, max_pixels=1000)
 
 
 @pytest.mark.parametrize(("host", "local"), [("127.0.0.2", True), ("::1", True), ("localhost", True),
@@ -170,6 +187,13 @@ def test_another_program_on_the_port_is_named_as_not_a_stylekit_server():
     url = serve_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     with pytest.raises(client.ClientError, match="is not a stylekit server"):
         client.Client(client.Config(url=url)).health()
+
+
+def test_a_web_server_without_stylekits_health_call_is_named_as_not_a_stylekit_server():
+    url = serve_raw(b"HTTP/1.1 404 File not found\r\nContent-Length: 0\r\n\r\n")
+    with pytest.raises(client.ClientError, match="is not a stylekit server") as refusal:
+        client.Client(client.Config(url=url)).health()
+    assert not isinstance(refusal.value, client.NotFound)
 
 
 def test_each_user_gets_a_server_log_of_their_own(tmp_path):
@@ -336,7 +360,7 @@ def test_an_upload_over_the_servers_limit_is_advice_not_a_server_gone_away(app_s
     server = client.Client(client.Config(url=url))
     noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 4), dtype=np.uint8)  # 4 MB, incompressible
     params = {**client.job_params("ink-wash", 1.0, "fast", False, 1024, 1024), "steps": 1}
-    with pytest.raises(client.ClientError, match=r"over the stylekit server's upload limit of 1\.0 MB: lower "
+    with pytest.raises(client.ClientError, match=r"over the stylekit server's upload limit of 1 MB: lower "
                                                  "the size limit"):
         client.run_job(server, client.encode_png(1024, 1024, noise.tobytes()), params, None,
                        lambda fraction, message: None)
@@ -367,6 +391,15 @@ def test_ensure_server_explains_start_failures(tmp_path, monkeypatch):
     crashing = client.Client(client.Config(url=url, command=crash))
     with pytest.raises(client.ClientError, match="stopped while starting: boom"):
         client.ensure_server(crashing)
+    monkeypatch.setattr(client, "START_SECONDS", 1)
+    asleep = [sys.executable, "-c", "import time; time.sleep(60)"]  # runs, but serves nothing there
+    silent = client.Client(client.Config(url=url, command=asleep))
+    started = []
+    monkeypatch.setattr(client, "start_server", lambda config, start=client.start_server: started.append(
+        start(config)) or started[-1])
+    with pytest.raises(client.ClientError, match=r"did not answer at .* within 1 s \(does 'command'"):
+        client.ensure_server(silent)
+    assert started[0][0].wait(10) is not None  # given up on: not left running
     monkeypatch.setattr(client, "HTTP_TIMEOUT", 0.5)
     remote = client.Client(client.Config(url=f"http://192.0.2.1:{port}", command=["never-run"]))
     with pytest.raises(client.ServerDown, match="No stylekit server answers"):  # not started: not local

@@ -143,6 +143,23 @@ def test_installing_loads_neither_torch_nor_the_server(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize(("url", "command"), [
+    ("http://127.0.0.1:9000", "/opt/stylekit/bin/stylekit serve --port 8794"),
+    ("http://127.0.0.1:9000", "stylekit serve --weights imagenet"),  # serve's own port, 8765
+    ("http://127.0.0.1:8765", "stylekit serve --port=8794"),
+])
+def test_install_refuses_a_local_server_command_on_another_port_than_the_url(tmp_path, capsys, url, command):
+    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", url, "--command", command]) == 2
+    err = capsys.readouterr().err
+    assert "serves on port" in err and f"looks for the server at {url}" in err and "\n" not in err.strip()
+    assert not (tmp_path / "plug-ins").exists()
+
+
+def test_install_takes_a_local_server_command_on_the_urls_port(tmp_path):
+    assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--url", "http://127.0.0.1:9000",
+                 "--command", "stylekit serve --weights imagenet --port 9000"]) == 0
+
+
 def test_install_names_the_option_of_a_command_it_cannot_split(tmp_path, capsys):
     assert main(["gimp", "install", "--gimp-dir", str(tmp_path), "--command", 'stylekit "serve']) == 2
     err = capsys.readouterr().err

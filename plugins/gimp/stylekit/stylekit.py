@@ -118,6 +118,9 @@ def choose_style(config):
     if style_file is None:
         return config.get_property("preset"), None
     path = style_file.get_path()
+    if path is None:  # a remote place (https://, sftp://): the server is sent bytes read here
+        raise client.ClientError(f"The style image must be a file on this computer, not "
+                                 f"{style_file.get_uri()}: copy it here first.")
     try:
         with open(path, "rb") as handle:
             return "", (os.path.basename(path), handle.read())
@@ -150,12 +153,15 @@ def insert_result(image, source, png, source_rgba, bits, name):
 
 
 def finish_layer(image, source, layer, source_rgba, bits):
-    """Give the inserted result the source's size, offsets and alpha, and its mask; select it."""
+    """Give the inserted result the source's size, offsets, alpha, opacity and mode, and its mask;
+    select it."""
     width, height = source.get_width(), source.get_height()
     _, x, y = source.get_offsets()
     if (layer.get_width(), layer.get_height()) != (width, height):
         layer.scale(width, height, False)
     layer.set_offsets(x, y)
+    layer.set_opacity(source.get_opacity())  # it stands in for the source: seen the way the source is
+    layer.set_mode(source.get_mode())
     if not layer.has_alpha():
         layer.add_alpha()
     pixels = bytearray(read_rgba(layer, bits))
@@ -165,6 +171,16 @@ def finish_layer(image, source, layer, source_rgba, bits):
     write_rgba(layer, bytes(pixels), bits)
     add_mask(image, source, layer)
     image.set_selected_layers([layer])
+
+
+def selection_touches(image, layer):
+    """Whether the selection, if there is one, overlaps the layer (else its result would be masked
+    away entirely)."""
+    _, selected, x1, y1, x2, y2 = Gimp.Selection.bounds(image)
+    if not selected:
+        return True
+    _, x, y = layer.get_offsets()
+    return x1 < x + layer.get_width() and x < x2 and y1 < y + layer.get_height() and y < y2
 
 
 def add_mask(image, source, layer):
@@ -188,9 +204,17 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
         return fail(procedure, "Style Transfer works on RGB images: choose Image ▸ Mode ▸ RGB, then run "
                                "it again.", Gimp.PDBStatusType.CALLING_ERROR)
     source = drawables[0]
+    if source.is_floating_sel():
+        return fail(procedure, "Anchor the floating selection first (Layer ▸ Anchor Layer), or make it a "
+                               "layer of its own (Layer ▸ To New Layer).", Gimp.PDBStatusType.CALLING_ERROR)
+    if not selection_touches(image, source):
+        return fail(procedure, "The selection does not touch this layer, so the result would be hidden: "
+                               "select part of the layer, or Select ▸ None.",
+                    Gimp.PDBStatusType.CALLING_ERROR)
     server = client.Client(client.load_config(HERE))
     Gimp.progress_init("Style Transfer: connecting to the stylekit server")
     client.ensure_server(server, on_wait=Gimp.progress_pulse)
+    max_pixels = server.health().get("max_pixels")
     presets = server.presets()
     if run_mode == Gimp.RunMode.INTERACTIVE and not show_dialog(procedure, config, presets):
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, None)
@@ -203,7 +227,7 @@ def stylize_layer(procedure, run_mode, image, drawables, config):
         return fail(procedure, f"The stylekit server has no preset '{preset}'; it offers: "
                                f"{', '.join(titles) or 'none'}.", Gimp.PDBStatusType.CALLING_ERROR)
     width, height = client.working_size(source.get_width(), source.get_height(),
-                                        config.get_property("max-size"))
+                                        config.get_property("max-size"), max_pixels)
     params = client.job_params(preset, config.get_property("strength"), config.get_property("quality"),
                                config.get_property("preserve-colors"), width, height)
     Gimp.progress_set_text("Style Transfer: waiting for the server")

@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import ipaddress
 import json
+import math
 import os
 import struct
 import subprocess
@@ -140,12 +141,19 @@ class Client:
         try:
             return json.loads(self._call(method, path, body, content_type).decode("utf-8"))
         except ValueError:  # UnicodeDecodeError too
-            raise ClientError(f"What answers at {self.config.url} is not a stylekit server; check 'url' "
-                              f"in {self.config.path or CONFIG_NAME}.") from None
+            raise self._not_stylekit() from None
+
+    def _not_stylekit(self):
+        return ClientError(f"What answers at {self.config.url} is not a stylekit server; check 'url' "
+                           f"in {self.config.path or CONFIG_NAME}.")
 
     def health(self):
-        """The server's health answer (raises ServerDown when nothing answers)."""
-        return self._json("GET", "/v1/health")
+        """The server's health answer (raises ServerDown when nothing answers); a server without it
+        (a 404: another web server on that port) is not stylekit's."""
+        try:
+            return self._json("GET", "/v1/health")
+        except NotFound:
+            raise self._not_stylekit() from None
 
     def presets(self):
         """The presets the server offers: [{name, title, ...}]."""
@@ -161,8 +169,8 @@ class Client:
         limit = self.health().get("max_upload_bytes", len(body))
         if len(body) > limit:
             raise ClientError(f"The layer at this size{' with the style image' if style else ''} is "
-                              f"{len(body) / 2**20:.1f} MB to send, over the stylekit server's upload limit "
-                              f"of {limit / 2**20:.1f} MB: lower the size limit"
+                              f"{len(body) / 2**20:.3g} MB to send, over the stylekit server's upload limit "
+                              f"of {limit / 2**20:.3g} MB: lower the size limit"
                               f"{', or use a smaller style image' if style else ''}.")
         return self._json("POST", "/v1/jobs", body, content_type)
 
@@ -203,7 +211,10 @@ def ensure_server(client, on_wait=lambda: None):
             raise ClientError("The stylekit server stopped while starting: " + _tail(log_path)
                               + f" (full log: {log_path}).")
         time.sleep(0.5)
-    raise ClientError(f"The stylekit server did not answer within {START_SECONDS} s; see {log_path}.")
+    process.terminate()  # given up on: not left running (on another port, it would block the next try)
+    raise ClientError(f"The stylekit server did not answer at {client.config.url} within {START_SECONDS} s "
+                      f"(does 'command' in {client.config.path or CONFIG_NAME} serve that port?); see "
+                      f"{log_path}.")
 
 
 def start_server(config):
@@ -239,15 +250,25 @@ def _tail(path, lines=3):
     return " / ".join(text[-lines:]) or "(empty log)"
 
 
-def working_size(width, height, max_size):
-    """The layer's size as the server works on it, long side at most max_size: the layer is sent at
-    that size, so a photo over the server's pixel limit still goes and no upload is larger than needed."""
-    scale = min(1.0, int(max_size) / max(width, height))
+def working_size(width, height, max_size, max_pixels=None):
+    """The layer's size as the server works on it: long side at most max_size, and within the
+    server's pixel limit. The layer is sent at that size, so a photo over either still goes and no
+    upload is larger than needed."""
+    if min(width, height) < MIN_SIDE:
+        raise ClientError(f"The layer is {width}×{height} pixels: Style Transfer needs at least {MIN_SIDE} "
+                          "on each side. Use a larger layer.")
+    by_size = min(1.0, int(max_size) / max(width, height))
+    by_pixels = (max_pixels / (width * height)) ** 0.5 if max_pixels else 1.0
+    scale = min(by_size, by_pixels)
     size = max(1, round(width * scale)), max(1, round(height * scale))
+    if max_pixels and size[0] * size[1] > max_pixels:  # rounded up past the limit
+        size = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
     if min(size) < MIN_SIDE:
-        raise ClientError(f"The layer is too small for Style Transfer at {size[0]}×{size[1]} pixels: it "
-                          f"needs at least {MIN_SIDE} on each side (raise the size limit, or use a "
-                          "larger layer).")
+        enough = math.ceil(MIN_SIDE * max(width, height) / min(width, height))
+        needs = (f"a size limit of at least {enough}" if by_size <= by_pixels else
+                 f"a stylekit server allowing more than {max_pixels:,} pixels (stylekit serve --max-pixels)")
+        raise ClientError(f"The layer is too thin for Style Transfer at {size[0]}×{size[1]} pixels: it needs "
+                          f"at least {MIN_SIDE} on each side, so {needs}.")
     return size
 
 

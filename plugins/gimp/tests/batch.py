@@ -117,6 +117,26 @@ if PROCEDURE is not None:
         inner.set_name("inner")
         report["calls"].append(call(image, inner, preset=SPEC["preset"], quality="fast"))
         report["in_group"] = [layer.get_name() for layer in group.get_children()]
+
+        # 8. a selection that misses the layer, and a floating selection: refused, nothing added
+        small = Gimp.Layer.new(image, "small", 20, 20, Gimp.ImageType.RGBA_IMAGE, 100, Gimp.LayerMode.NORMAL)
+        image.insert_layer(small, None, 0)
+        small.set_offsets(0, 0)
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, image.get_width() - 4, image.get_height() - 4, 3, 3)
+        report["calls"].append(call(image, small, preset=SPEC["preset"], quality="fast"))
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, 0, 0, 16, 16)
+        floating = Gimp.Selection.float(image, [small], 2, 2)
+        report["calls"].append(call(image, floating, preset=SPEC["preset"], quality="fast"))
+        Gimp.floating_sel_anchor(floating)
+        Gimp.Selection.none(image)
+        report["layers_after_refusals"] = [layer.get_name() for layer in image.get_layers()]
+
+        # 9. the result is seen the way its source is: the source's opacity and blend mode
+        small.set_opacity(40.0)
+        small.set_mode(Gimp.LayerMode.MULTIPLY)
+        report["calls"].append(call(image, small, preset=SPEC["preset"], quality="fast"))
+        result = image.get_layers()[0]
+        report["result_look"] = [result.get_name(), result.get_opacity(), result.get_mode().value_nick]
     image.delete()
 
 with open(os.path.join(WORK, "report.json"), "w") as stream:
