@@ -81,8 +81,8 @@ def _engine_options(init_file: bool) -> Callable[[Callable], Callable]:
         click.option("--content-layers", help="Comma-separated layer names, e.g. relu4_2."),
         click.option("--style-layers", help="Comma-separated, e.g. relu1_1,relu2_1,relu3_1."),
         click.option("--style-layer-weights", help="One weight per style layer, comma-separated."),
-        click.option("--style-blend", help="One weight per style image, in their order (the preset's, or "
-                                             "apply's --style images), e.g. 0.7,0.3."),
+        click.option("--style-blend", help="One weight per style image, in order (those of --style where "
+                                             "the command takes it, else the preset's), e.g. 0.7,0.3."),
         click.option("--style-scale", type=click.FloatRange(*STYLE_SCALES),
                      help="Size of the style's strokes: its image's long side relative to the "
                           "output's (default 1)."),
@@ -456,7 +456,8 @@ def presets_add(name: str, styles: tuple[str, ...], title: str | None, force: bo
 @presets.command("remove")
 @click.argument("name")
 def presets_remove(name: str) -> None:
-    """Delete user preset NAME and its copied style images (built-ins cannot be removed)."""
+    """Delete user preset NAME; the style images it copied go an hour later, so a run that loaded it
+    still finishes (built-ins cannot be removed)."""
     path = remove_preset(name)
     click.echo(f"removed {path} (the style images it copied go with the next presets add or remove an "
                "hour from now or later: runs that loaded it still finish)")

@@ -526,26 +526,29 @@ def stylize(request: StyleRequest, progress: ProgressCallback | None = None) -> 
     return stylize_batch([request], progress)[0]
 
 
-def _check_batch(requests: Sequence[StyleRequest]) -> None:
+def _check_batch(requests: Sequence[StyleRequest], progress: ProgressCallback | None) -> None:
     """A batch shares options and content size (each image may have its own styles and init)."""
-    if not requests:
-        raise ValueError("stylize_batch needs at least one request")
+    if not isinstance(requests, list | tuple) or not requests:
+        raise StylekitError("stylize_batch needs a list of one or more requests")
+    if progress is not None and not callable(progress):
+        raise StylekitError(f"progress must be a function taking a stylekit.Progress, not "
+                            f"{type(progress).__name__}")
     for request in requests:
         check_request(request)
     first = requests[0]
     for request in requests[1:]:
         if request.options != first.options:
-            raise ValueError("requests in one batch must have the same options")
+            raise StylekitError("requests in one batch must have the same options")
         if request.content.shape != first.content.shape:
-            raise ValueError("requests in one batch must have contents of the same size")
+            raise StylekitError("requests in one batch must have contents of the same size")
 
 
 def _same_styles(a: StyleRequest, b: StyleRequest) -> bool:
     """Whether two requests can share style targets (then they are computed once)."""
     if a.options.preserve_color == "histogram":  # the style is recoloured to each content
         return a is b
-    if a.style_key is not None or b.style_key is not None:
-        return a.style_key == b.style_key
+    if a.style_key != b.style_key:  # a key names the styles: one key is no proof of one set of pixels
+        return False
     return len(a.styles) == len(b.styles) and all(
         x is y or np.array_equal(x, y) for x, y in zip(a.styles, b.styles, strict=True))
 
@@ -559,7 +562,7 @@ def stylize_batch(requests: Sequence[StyleRequest],
     shares one curvature history (the summed loss is minimised), so results differ slightly from
     single runs.
     """
-    _check_batch(requests)
+    _check_batch(requests, progress)
     options = requests[0].options
     started = time.perf_counter()
     runtime = pick_runtime(options.device, options.precision)

@@ -225,11 +225,10 @@ def preset_request(preset: Preset, content: np.ndarray,
                    overrides: dict[str, object] | None = None) -> StyleRequest:
     """A StyleRequest for the preset's styles and options, `overrides` (e.g. CLI flags) winning."""
     styles = [load_image(path).rgb for path in preset.style_paths]
-    try:
-        options = StyleOptions().replace(**preset.options, style_blend=preset.blend)
-        options = options.replace(**(overrides or {}))
-    except ValueError as exc:
-        raise StylekitError(str(exc)) from None
+    if not isinstance(preset, Preset):
+        raise StylekitError(f"preset_request takes a Preset (see get_preset), not {type(preset).__name__}")
+    options = StyleOptions().replace(**preset.options, style_blend=preset.blend)
+    options = options.replace(**(overrides or {}))
     return StyleRequest(content=content, styles=styles, options=options, style_key=preset.name)
 
 

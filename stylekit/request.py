@@ -67,7 +67,7 @@ class StyleOptions:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ValueError(f"unknown option '{unknown[0]}'")
+            raise StylekitError(f"unknown option '{unknown[0]}'")
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
     def as_dict(self) -> dict[str, object]:
@@ -271,13 +271,15 @@ class Result:
 
 def check_request(request: StyleRequest) -> None:
     """Refuse a request the engine cannot run, naming what is wrong: its options, its images, its blend."""
+    if not isinstance(request, StyleRequest):
+        raise StylekitError(f"a request must be a stylekit.StyleRequest, not {type(request).__name__}")
     if not isinstance(request.options, StyleOptions):
         raise StylekitError("options must be a stylekit.StyleOptions, not "
                             f"{type(request.options).__name__}")
     validate(request.options)  # first: the blend's weights are compared below
     if not isinstance(request.style_key, str | None):
         raise StylekitError(f"style_key must be a string, not {type(request.style_key).__name__}")
-    if isinstance(request.styles, np.ndarray) or not request.styles:
+    if not isinstance(request.styles, list | tuple) or not request.styles:
         raise StylekitError("at least one style image is needed, in a list")
     check_image(request.content, "the content image")
     for index, style in enumerate(request.styles, start=1):

@@ -154,6 +154,32 @@ def test_a_request_of_the_wrong_types_is_refused_by_name(changes, message):
         stylize(replace(StyleRequest(make_photo(), [make_painting()]), **changes))
 
 
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: stylize(None), "a request must be a stylekit.StyleRequest, not NoneType"),
+    (lambda: stylize(StyleRequest(make_photo(), (s for s in [make_painting()]))),
+     "at least one style image is needed, in a list"),
+    (lambda: stylize(StyleRequest(make_photo(), [make_painting()]), progress=5),
+     "progress must be a function taking a stylekit.Progress, not int"),
+    (lambda: stylize_batch([]), "stylize_batch needs a list of one or more requests"),
+    (lambda: stylize_batch(StyleRequest(make_photo(), [make_painting()])),
+     "stylize_batch needs a list of one or more requests"),
+    (lambda: StyleOptions().replace(colour=1), "unknown option 'colour'"),
+], ids=["not a request", "styles a generator", "progress not callable", "empty batch", "batch not a list",
+        "unknown option"])
+def test_library_calls_of_the_wrong_shape_get_a_stylekit_error_at_once(call, message):
+    with pytest.raises(StylekitError, match=f"^{re.escape(message)}$"):
+        call()
+
+
+def test_a_batch_styles_requests_sharing_a_style_key_with_their_own_styles(weights_file):
+    options = StyleOptions(weights=str(weights_file), steps=2, optimizer="adam", targets="torch")
+    alone = stylize(StyleRequest(make_photo(seed=2), [make_painting(seed=2)], options))
+    _, second = stylize_batch([  # one key for two sets of style images, as after a preset was replaced
+        StyleRequest(make_photo(seed=seed), [make_painting(seed=seed)], options, style_key="k")
+        for seed in (1, 2)])
+    np.testing.assert_allclose(second.image, alone.image, atol=1e-4)
+
+
 def test_a_read_only_image_is_styled_without_a_warning(run):
     content = make_photo()
     content.flags.writeable = False
@@ -428,7 +454,7 @@ def test_a_batch_can_mix_styles(weights_file):
 
 def test_a_batch_refuses_different_sizes(weights_file):
     options = StyleOptions(weights=str(weights_file), steps=1, targets="torch")
-    with pytest.raises(ValueError, match="same size"):
+    with pytest.raises(StylekitError, match="same size"):
         stylize_batch([StyleRequest(make_photo(48, 40), [make_painting()], options),
                        StyleRequest(make_photo(40, 40), [make_painting()], options)])
 
