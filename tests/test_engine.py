@@ -469,7 +469,8 @@ def test_scales_past_a_pixel_cost_nothing():
 
 
 def test_an_output_under_sixteen_pixels_is_refused(run):
-    with pytest.raises(StylekitError, match="too small"):
+    with pytest.raises(StylekitError, match=r"^bad size 12 \(the output's long side in pixels: at least "
+                                            r"16\)$"):
         run(size=12)
 
 
