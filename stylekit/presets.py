@@ -224,9 +224,9 @@ def get_preset(name: str) -> Preset:
 def preset_request(preset: Preset, content: np.ndarray,
                    overrides: dict[str, object] | None = None) -> StyleRequest:
     """A StyleRequest for the preset's styles and options, `overrides` (e.g. CLI flags) winning."""
-    styles = [load_image(path).rgb for path in preset.style_paths]
     if not isinstance(preset, Preset):
         raise StylekitError(f"preset_request takes a Preset (see get_preset), not {type(preset).__name__}")
+    styles = [load_image(path).rgb for path in preset.style_paths]
     options = StyleOptions().replace(**preset.options, style_blend=preset.blend)
     options = options.replace(**(overrides or {}))
     return StyleRequest(content=content, styles=styles, options=options, style_key=preset.name)

@@ -460,6 +460,11 @@ def test_apply_refuses_a_path_as_a_preset_name_in_one_line(capsys, tmp_path, pho
                                "digits and '-')\n"
 
 
+def test_preset_request_given_a_name_instead_of_a_preset_says_so():
+    with pytest.raises(StylekitError, match=r"^preset_request takes a Preset \(see get_preset\), not str$"):
+        preset_request("ink-wash", np.zeros((32, 32, 3), np.float32))
+
+
 def test_a_preset_file_with_a_size_under_the_smallest_output_is_refused(painting_path):
     path = painting_path.parent / "tiny.toml"
     path.write_text(f'name = "tiny"\ntitle = "Tiny"\n[[style]]\nimage = "{painting_path.name}"\n'
